@@ -1,0 +1,1 @@
+"""Model implementations. Importing a model package registers it with the HF Auto classes."""
