@@ -110,8 +110,7 @@ class Trajectory:
         """Interleave observation and action texts; ``len(observations)`` is ``len(actions)`` or one more."""
         if len(observations) not in (len(actions), len(actions) + 1):
             raise ValueError(
-                f"need len(observations) in (len(actions), len(actions)+1), "
-                f"got {len(observations)} and {len(actions)}"
+                f"need len(observations) in (len(actions), len(actions)+1), got {len(observations)} and {len(actions)}"
             )
         units: list[Unit] = []
         for t, obs in enumerate(observations):

@@ -1,0 +1,164 @@
+"""Unit-level mask sampling for any-order training.
+
+A sampler looks only at the kinds of a trajectory's units (``"obs"`` / ``"act"``, in order) and assigns
+each unit a role: ``VISIBLE`` (in the input as is), ``TARGET`` (in the input as mask tokens, predicted)
+or ``DROPPED`` (removed from the input). Whole units are the granularity: a unit is never half masked.
+
+Every mode returns at least one target. Bernoulli modes condition on "at least one target" exactly
+(first target drawn from the truncated geometric law, the rest independently), which has the same
+distribution as resampling until a target appears but needs no retry loop, so a tiny ``mask_prob`` on a
+short trajectory cannot stall a data loader.
+
+New modes are one method plus one ``_DISPATCH`` entry (see ``AnyOrderMaskSampler``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+
+import numpy as np
+
+__all__ = ["AnyOrderMaskSampler", "MaskMode", "UnitRole"]
+
+
+class UnitRole(StrEnum):
+    """What happens to one unit in the model input."""
+
+    VISIBLE = "visible"
+    TARGET = "target"
+    DROPPED = "dropped"
+
+
+class MaskMode(StrEnum):
+    """Training objectives, as unit-level masking schedules."""
+
+    CAUSAL = "causal"
+    PREFIX = "prefix"
+    ANY_ORDER = "any_order"
+    OBS_ONLY = "obs_only"
+    ACT_ONLY = "act_only"
+    MIXTURE = "mixture"
+
+    @classmethod
+    def parse(cls, value: str | MaskMode) -> MaskMode:
+        """Like ``MaskMode(value)`` but the error names the allowed values."""
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown masking mode {value!r}; allowed: {allowed}") from None
+
+
+_KINDS = ("obs", "act")
+
+
+class AnyOrderMaskSampler:
+    """Draws a fresh unit-role assignment on every ``sample`` call (multi-epoch resampling).
+
+    Args:
+        mode: one of ``MaskMode`` (plain strings accepted).
+        mask_prob: per-unit target probability for ``any_order`` / ``obs_only`` / ``act_only``, in (0, 1].
+        seed: seeds a ``numpy.random.Generator``; same seed and call sequence ⇒ same masks.
+        mixture_range: ``(low, high)`` with ``0 < low <= high <= 1``; ``mixture`` draws ``mask_prob``
+            uniformly from it on every call.
+    """
+
+    def __init__(
+        self,
+        mode: str | MaskMode,
+        mask_prob: float = 0.5,
+        seed: int | None = None,
+        mixture_range: tuple[float, float] = (0.05, 1.0),
+    ) -> None:
+        self.mode = MaskMode.parse(mode)
+        mask_prob = float(mask_prob)
+        if not 0.0 < mask_prob <= 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1], got {mask_prob}")
+        low, high = (float(x) for x in mixture_range)
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"mixture_range must satisfy 0 < low <= high <= 1, got {mixture_range}")
+        self.mask_prob = mask_prob
+        self.mixture_range = (low, high)
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+
+    def __repr__(self) -> str:
+        return (
+            f"AnyOrderMaskSampler(mode={self.mode.value!r}, mask_prob={self.mask_prob}, seed={self.seed}, "
+            f"mixture_range={self.mixture_range})"
+        )
+
+    def sample(self, kinds: Sequence[str]) -> tuple[UnitRole, ...]:
+        """One role per unit of ``kinds`` (``"obs"`` / ``"act"`` in trajectory order); ≥1 ``TARGET``."""
+        kinds = tuple(kinds)
+        if not kinds:
+            raise ValueError("cannot sample a mask for an empty trajectory (no units)")
+        bad = sorted({k for k in kinds if k not in _KINDS})
+        if bad:
+            raise ValueError(f"unit kinds must be one of {_KINDS}, got {bad}")
+        return self._DISPATCH[self.mode](self, kinds)
+
+    # --- one method per mode -------------------------------------------------------------------
+
+    def _sample_causal(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
+        acts = [i for i, k in enumerate(kinds) if k == "act"]
+        if not acts:
+            raise ValueError("causal masking needs at least one action unit, got none")
+        target = acts[self._rng.integers(len(acts))]
+        return tuple(
+            UnitRole.VISIBLE if i < target else UnitRole.TARGET if i == target else UnitRole.DROPPED
+            for i in range(len(kinds))
+        )
+
+    def _sample_prefix(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
+        # Only cuts with an observation after them can yield a target; drawing uniformly among those is
+        # exactly "draw any cut, resample while it has no target".
+        cuts = [i for i, k in enumerate(kinds) if k == "act" and "obs" in kinds[i + 1 :]]
+        if not cuts:
+            raise ValueError("prefix masking needs an observation after some action, got none")
+        cut = cuts[self._rng.integers(len(cuts))]
+        return tuple(UnitRole.TARGET if i > cut and k == "obs" else UnitRole.VISIBLE for i, k in enumerate(kinds))
+
+    def _sample_any_order(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
+        return self._bernoulli(kinds, range(len(kinds)), self.mask_prob)
+
+    def _sample_obs_only(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
+        eligible = [i for i, k in enumerate(kinds) if k == "obs"]
+        if not eligible:
+            raise ValueError("obs_only masking needs at least one observation unit, got none")
+        return self._bernoulli(kinds, eligible, self.mask_prob)
+
+    def _sample_act_only(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
+        eligible = [i for i, k in enumerate(kinds) if k == "act"]
+        if not eligible:
+            raise ValueError("act_only masking needs at least one action unit, got none")
+        return self._bernoulli(kinds, eligible, self.mask_prob)
+
+    def _sample_mixture(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
+        low, high = self.mixture_range
+        p = float(self._rng.uniform(low, high)) if high > low else low
+        # uniform() can return exactly `low` only when low > 0 (validated), so p stays in (0, 1].
+        return self._bernoulli(kinds, range(len(kinds)), p)
+
+    _DISPATCH: dict[MaskMode, Callable[[AnyOrderMaskSampler, tuple[str, ...]], tuple[UnitRole, ...]]] = {
+        MaskMode.CAUSAL: _sample_causal,
+        MaskMode.PREFIX: _sample_prefix,
+        MaskMode.ANY_ORDER: _sample_any_order,
+        MaskMode.OBS_ONLY: _sample_obs_only,
+        MaskMode.ACT_ONLY: _sample_act_only,
+        MaskMode.MIXTURE: _sample_mixture,
+    }
+
+    # --- shared primitive ------------------------------------------------------------------------
+
+    def _bernoulli(self, kinds: tuple[str, ...], eligible: Sequence[int], p: float) -> tuple[UnitRole, ...]:
+        """Independent Bernoulli(p) targets over ``eligible`` units, conditioned on at least one target."""
+        eligible = list(eligible)
+        n = len(eligible)
+        # P(first target is eligible[j] | >=1 target) = p (1-p)^j / (1 - (1-p)^n): truncated geometric.
+        weights = p * (1.0 - p) ** np.arange(n)
+        first = int(self._rng.choice(n, p=weights / weights.sum()))
+        rest = self._rng.random(n - first - 1) < p
+        targets = {eligible[first]} | {eligible[first + 1 + j] for j in np.flatnonzero(rest)}
+        return tuple(UnitRole.TARGET if i in targets else UnitRole.VISIBLE for i in range(len(kinds)))

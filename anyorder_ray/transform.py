@@ -1,0 +1,335 @@
+"""Trajectory -> token ids for any-order training and evaluation (one encoder for both).
+
+Layout (world tokenizer; other tokenizers use the text markers of ``UnitMarkers``)::
+
+    <|mission|> m1 m2 ... <|obs|> o1 o2 ... <|act|> a <|obs|> o1 ... <|eos|>
+
+* ``VISIBLE`` unit: its tokens as is, label -100.
+* ``TARGET`` unit: every token replaced by the mask token id, label = the original id.
+* ``DROPPED`` unit: absent (separator included).
+* Separators, the mission and eos are always visible (label -100): they say where units are and of which
+  kind, which is information the model is entitled to at both training and inference time.
+
+``encode_units`` takes explicit roles and is what the policy and the NLL evaluation call;
+``process_any_order_sft_example`` is ``encode_units`` with roles from a sampler. Sequences longer than
+``max_length`` keep the mission and the most recent units that fit (never a partial unit).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from anyorder_ray.masking import AnyOrderMaskSampler, UnitRole
+from anyorder_ray.tokenization import UnitMarkers, require_mask_token_id, unknown_words
+from anyorder_ray.trajectory import Trajectory, Unit
+
+__all__ = [
+    "IGNORE_INDEX",
+    "KIND_IDS",
+    "EncodedExample",
+    "UnitEncoder",
+    "bucket_by_length",
+    "collate",
+    "crop_window",
+    "encode_units",
+    "padding_waste",
+    "process_any_order_sft_example",
+]
+
+IGNORE_INDEX = -100
+KIND_IDS = {"obs": 0, "act": 1}
+_OTHER = -1  # unit_ids / unit_kinds value of mission, separator and eos tokens (and padding)
+
+UnknownPolicy = Literal["raise", "allow"]
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedExample:
+    """One encoded sequence; all per-token lists have the same length.
+
+    Attributes:
+        input_ids: token ids, target-unit tokens replaced by the mask id.
+        labels: original ids at target-unit tokens, ``IGNORE_INDEX`` elsewhere.
+        unit_ids: index (in the units passed in) of the unit each token belongs to; -1 for the mission,
+            separators and eos.
+        unit_kinds: 0 for observation tokens, 1 for action tokens, -1 otherwise.
+        roles: one role per unit passed in, as encoded: units removed by windowing are ``DROPPED`` here,
+            so a unit appears in ``input_ids`` iff its role is not ``DROPPED``.
+        num_targets: number of target tokens (labels != ``IGNORE_INDEX``).
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    unit_ids: list[int]
+    unit_kinds: list[int]
+    roles: tuple[UnitRole, ...]
+    num_targets: int
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_target_units(self) -> int:
+        return sum(1 for r in self.roles if r is UnitRole.TARGET)
+
+
+class UnitEncoder:
+    """A tokenizer plus its ``UnitMarkers`` and an LRU cache of unit-text token ids.
+
+    The trainer and the eval actors encode the same observation and action texts over and over; the cache
+    turns that into dict look-ups. Picklable (the cache is dropped on pickling, e.g. when sent to Ray).
+
+    Args:
+        tokenizer: any HF tokenizer with a mask token.
+        on_unknown: ``"raise"`` (default) refuses a unit or mission containing the unknown token, naming
+            the words; ``"allow"`` encodes them as the unknown token.
+        cache_size: maximum number of distinct texts kept.
+    """
+
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, on_unknown: UnknownPolicy = "raise", cache_size: int = 65536
+    ) -> None:
+        if on_unknown not in ("raise", "allow"):
+            raise ValueError(f"on_unknown must be 'raise' or 'allow', got {on_unknown!r}")
+        self.tokenizer = tokenizer
+        self.mask_id = require_mask_token_id(tokenizer)
+        self.markers = UnitMarkers.for_tokenizer(tokenizer)
+        self.on_unknown = on_unknown
+        self.cache_size = cache_size
+        self._unk_id = tokenizer.unk_token_id
+        self._cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()
+        return state
+
+    def encode_text(self, text: str) -> tuple[int, ...]:
+        """Token ids of one unit or mission text (without separators), cached."""
+        ids = self._cache.get(text)
+        if ids is not None:
+            self._cache.move_to_end(text)
+            return ids
+        ids = tuple(self.tokenizer.encode(self.markers.text_prefix + text, add_special_tokens=False))
+        if not ids:
+            raise ValueError(f"text {text!r} encodes to no tokens; units and the mission must be non-empty")
+        if self.on_unknown == "raise" and self._unk_id is not None and self._unk_id in ids:
+            words = unknown_words(self.tokenizer, self.markers.text_prefix + text)
+            raise ValueError(
+                f"text {text!r} contains words outside the tokenizer's vocabulary: {words}; extend the "
+                f"vocabulary (build_world_tokenizer(words=...)) or pass on_unknown='allow'"
+            )
+        self._cache[text] = ids
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return ids
+
+
+# One encoder per tokenizer object, so callers may pass a bare tokenizer without losing the cache.
+_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _as_encoder(tokenizer: PreTrainedTokenizerBase | UnitEncoder) -> UnitEncoder:
+    if isinstance(tokenizer, UnitEncoder):
+        return tokenizer
+    try:
+        enc = _ENCODERS.get(tokenizer)
+        if enc is None:
+            enc = _ENCODERS[tokenizer] = UnitEncoder(tokenizer)
+        return enc
+    except TypeError:  # not weak-referenceable / hashable: no shared cache
+        return UnitEncoder(tokenizer)
+
+
+def encode_units(
+    mission: str,
+    units: Sequence[Unit],
+    roles: Sequence[UnitRole | str],
+    tokenizer: PreTrainedTokenizerBase | UnitEncoder,
+    max_length: int,
+) -> EncodedExample:
+    """Encode ``mission`` and ``units`` under explicit ``roles``: the one encoder of training and eval.
+
+    If the non-dropped units do not fit in ``max_length`` tokens, the window keeps the mission plus the
+    most recent units that fit; if that window holds no target, it ends at the last target unit instead
+    (so a target always survives when there is one).
+
+    Raises:
+        ValueError: mismatched lengths, an unknown role, or ``max_length`` too small for the mission plus
+            one unit (the message names both lengths).
+    """
+    enc = _as_encoder(tokenizer)
+    if len(roles) != len(units):
+        raise ValueError(f"need one role per unit, got {len(roles)} roles for {len(units)} units")
+    try:
+        roles = tuple(UnitRole(r) for r in roles)
+    except ValueError:
+        raise ValueError(f"roles must be among {[r.value for r in UnitRole]}, got {list(roles)}") from None
+    markers = enc.markers
+
+    head = markers.mission + enc.encode_text(mission)
+    fixed = len(head) + len(markers.eos)
+    kept = [i for i, r in enumerate(roles) if r is not UnitRole.DROPPED]
+    bodies = {i: enc.encode_text(units[i].text) for i in kept}
+    sizes = {i: len(markers.for_kind(units[i].kind)) + len(bodies[i]) for i in kept}
+
+    window = _fit_window(kept, sizes, roles, budget=max_length - fixed, fixed=fixed, max_length=max_length)
+
+    input_ids = list(head)
+    unit_ids = [_OTHER] * len(head)
+    unit_kinds = [_OTHER] * len(head)
+    labels = [IGNORE_INDEX] * len(head)
+    for i in window:
+        unit = units[i]
+        sep = markers.for_kind(unit.kind)
+        body = bodies[i]
+        input_ids += sep
+        labels += [IGNORE_INDEX] * len(sep)
+        unit_ids += [_OTHER] * len(sep)
+        unit_kinds += [_OTHER] * len(sep)
+        if roles[i] is UnitRole.TARGET:
+            input_ids += [enc.mask_id] * len(body)
+            labels += body
+        else:
+            input_ids += body
+            labels += [IGNORE_INDEX] * len(body)
+        unit_ids += [i] * len(body)
+        unit_kinds += [KIND_IDS[unit.kind]] * len(body)
+    input_ids += markers.eos
+    labels += [IGNORE_INDEX] * len(markers.eos)
+    unit_ids += [_OTHER] * len(markers.eos)
+    unit_kinds += [_OTHER] * len(markers.eos)
+
+    in_window = set(window)
+    final_roles = tuple(r if i in in_window else UnitRole.DROPPED for i, r in enumerate(roles))
+    num_targets = sum(len(bodies[i]) for i in window if roles[i] is UnitRole.TARGET)
+    return EncodedExample(input_ids, labels, unit_ids, unit_kinds, final_roles, num_targets)
+
+
+def _fit_window(
+    kept: list[int],
+    sizes: dict[int, int],
+    roles: tuple[UnitRole, ...],
+    *,
+    budget: int,
+    fixed: int,
+    max_length: int,
+) -> list[int]:
+    """Units of the window: the longest suffix of ``kept`` within ``budget`` that holds a target if any can."""
+    if budget < 0:
+        raise ValueError(f"max_length={max_length} is too small: the mission and eos alone need {fixed} tokens")
+    if sum(sizes.values()) <= budget:
+        return kept
+    window = _suffix(kept, sizes, budget)
+    last_unit = kept[-1]
+    targets = [k for k, i in enumerate(kept) if roles[i] is UnitRole.TARGET]
+    if targets and not any(roles[i] is UnitRole.TARGET for i in window):
+        window = _suffix(kept[: targets[-1] + 1], sizes, budget)
+        last_unit = kept[targets[-1]]
+    if not window:
+        needed = fixed + sizes[last_unit]
+        raise ValueError(f"max_length={max_length} is too small: the mission, eos and one unit need {needed} tokens")
+    return window
+
+
+def _suffix(units: list[int], sizes: dict[int, int], budget: int) -> list[int]:
+    total, start = 0, len(units)
+    while start > 0 and total + sizes[units[start - 1]] <= budget:
+        start -= 1
+        total += sizes[units[start]]
+    return units[start:]
+
+
+def process_any_order_sft_example(
+    trajectory: Trajectory,
+    sampler: AnyOrderMaskSampler,
+    tokenizer: PreTrainedTokenizerBase | UnitEncoder,
+    max_length: int,
+) -> EncodedExample:
+    """Sample fresh roles for ``trajectory`` and encode it (crop long episodes first with ``crop_window``)."""
+    roles = sampler.sample(trajectory.kinds)
+    return encode_units(trajectory.mission, trajectory.units, roles, tokenizer, max_length)
+
+
+def crop_window(trajectory: Trajectory, max_steps: int, rng: np.random.Generator) -> Trajectory:
+    """A random contiguous window holding at most ``max_steps`` actions, for training on long episodes.
+
+    The window ends at a unit boundary drawn uniformly among those that leave at least one action in it,
+    and starts at the earliest observation that keeps ``max_steps`` actions or fewer, so it may end with
+    the observation that follows its last action. Episodes with ``max_steps`` actions or fewer are
+    returned unchanged. Steps are renumbered from 0; ``meta["window_start_step"]`` records the offset.
+    """
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    n = len(trajectory.units)
+    if trajectory.num_actions <= max_steps:
+        return trajectory
+    # Units [start, end): end in 2..n (units[1] is act_0, so end >= 2 always includes an action).
+    end = int(rng.integers(2, n + 1))
+    # Back up 2*max_steps units from the end, one more when the window ends with an observation (odd
+    # `end`): obs, act, ..., act, obs still holds max_steps actions and keeps the start on an observation.
+    start = max(0, end - 2 * max_steps - end % 2)
+    offset = start // 2
+    units = tuple(Unit(u.kind, u.text, u.step - offset) for u in trajectory.units[start:end])
+    meta = {**trajectory.meta, "window_start_step": offset}
+    return Trajectory(trajectory.mission, trajectory.level, trajectory.seed, units, trajectory.success, meta)
+
+
+def collate(
+    examples: Sequence[EncodedExample], pad_id: int, pad_to_multiple_of: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Right-pad a batch into ``[batch, length]`` long tensors.
+
+    Returns ``input_ids`` (``pad_id`` at padding), ``labels`` (``IGNORE_INDEX`` at padding),
+    ``attention_mask`` (1 real, 0 padding), ``unit_ids`` and ``unit_kinds`` (-1 at padding).
+    """
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    length = max(len(e) for e in examples)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    fields = {"input_ids": pad_id, "labels": IGNORE_INDEX, "unit_ids": _OTHER, "unit_kinds": _OTHER}
+    out = {name: torch.full((len(examples), length), fill, dtype=torch.long) for name, fill in fields.items()}
+    out["attention_mask"] = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex)
+        for name in fields:
+            out[name][row, :n] = torch.tensor(getattr(ex, name), dtype=torch.long)
+        out["attention_mask"][row, :n] = 1
+    return out
+
+
+def bucket_by_length(
+    examples: Sequence[EncodedExample], batch_size: int, rng: np.random.Generator
+) -> list[list[EncodedExample]]:
+    """Group examples of similar length into batches (in random batch order) to keep padding low.
+
+    Sorts a random permutation by length (ties stay random), cuts consecutive runs of ``batch_size``
+    (the last batch may be smaller) and shuffles the batches.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    perm = rng.permutation(len(examples))
+    order = sorted(perm.tolist(), key=lambda i: len(examples[i]))
+    batches = [[examples[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def padding_waste(batches: Sequence[Sequence[EncodedExample]], pad_to_multiple_of: int | None = None) -> float:
+    """Fraction of padded positions over all positions when each batch is padded by ``collate``."""
+    real = padded = 0
+    for batch in batches:
+        length = max(len(e) for e in batch)
+        if pad_to_multiple_of:
+            length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+        real += sum(len(e) for e in batch)
+        padded += length * len(batch)
+    return 0.0 if padded == 0 else 1.0 - real / padded

@@ -1,0 +1,195 @@
+"""AnyOrderMaskSampler: mode semantics, validation, reproducibility, statistical properties."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anyorder_ray.masking import AnyOrderMaskSampler, MaskMode, UnitRole
+
+V, T, D = UnitRole.VISIBLE, UnitRole.TARGET, UnitRole.DROPPED
+
+
+def alternating(n: int) -> tuple[str, ...]:
+    """Kinds of a trajectory with n units: obs, act, obs, ..."""
+    return tuple("obs" if i % 2 == 0 else "act" for i in range(n))
+
+
+# Trajectories as the project produces them: start with an observation, at least one action.
+traj_kinds = st.integers(min_value=2, max_value=40).map(alternating)
+seeds = st.integers(min_value=0, max_value=2**32 - 1)
+probs = st.floats(min_value=0.01, max_value=1.0)
+PROP = settings(max_examples=150, deadline=None)
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+
+def test_unknown_mode_names_allowed_values() -> None:
+    with pytest.raises(ValueError, match="causal.*prefix.*any_order.*obs_only.*act_only.*mixture"):
+        AnyOrderMaskSampler("random")
+
+
+@pytest.mark.parametrize("p", [0.0, -0.1, 1.0001, 2.0, float("nan")])
+def test_mask_prob_outside_unit_interval_rejected(p: float) -> None:
+    with pytest.raises(ValueError, match=r"mask_prob must be in \(0, 1\]"):
+        AnyOrderMaskSampler("any_order", mask_prob=p)
+
+
+@pytest.mark.parametrize("rng", [(0.0, 0.5), (0.6, 0.5), (0.2, 1.2)])
+def test_bad_mixture_range_rejected(rng: tuple[float, float]) -> None:
+    with pytest.raises(ValueError, match="mixture_range"):
+        AnyOrderMaskSampler("mixture", mixture_range=rng)
+
+
+def test_strings_and_enums_accepted_and_exposed() -> None:
+    s = AnyOrderMaskSampler("obs_only", mask_prob=1.0)
+    assert s.mode is MaskMode.OBS_ONLY and s.mask_prob == 1.0
+    assert AnyOrderMaskSampler(MaskMode.PREFIX).mode is MaskMode.PREFIX
+
+
+@pytest.mark.parametrize(
+    ("mode", "kinds", "match"),
+    [
+        ("causal", ("obs",), "at least one action"),
+        ("prefix", ("obs", "act"), "observation after some action"),
+        ("prefix", ("act", "act"), "observation after some action"),
+        ("obs_only", ("act",), "at least one observation"),
+        ("act_only", ("obs",), "at least one action"),
+        ("any_order", (), "empty"),
+        ("any_order", ("obs", "reward"), "must be one of"),
+    ],
+)
+def test_impossible_inputs_raise(mode: str, kinds: tuple[str, ...], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        AnyOrderMaskSampler(mode, seed=0).sample(kinds)
+
+
+# --- reproducibility -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(MaskMode))
+def test_seeded_reproducible_and_fresh_each_call(mode: MaskMode) -> None:
+    kinds = alternating(21)
+    a, b = AnyOrderMaskSampler(mode, seed=7), AnyOrderMaskSampler(mode, seed=7)
+    draws_a = [a.sample(kinds) for _ in range(30)]
+    assert draws_a == [b.sample(kinds) for _ in range(30)]
+    # Each call draws a fresh mask: 30 draws of one trajectory are not all the same.
+    assert len(set(draws_a)) > 1
+    assert draws_a != [AnyOrderMaskSampler(mode, seed=8).sample(kinds) for _ in range(30)]
+
+
+# --- properties --------------------------------------------------------------------------------------
+
+
+@PROP
+@given(mode=st.sampled_from(list(MaskMode)), kinds=traj_kinds, seed=seeds, p=probs)
+def test_every_mode_yields_a_target(mode: MaskMode, kinds: tuple[str, ...], seed: int, p: float) -> None:
+    if mode is MaskMode.PREFIX and len(kinds) < 3:
+        return  # obs, act: nothing after the only cut (covered by test_impossible_inputs_raise)
+    roles = AnyOrderMaskSampler(mode, mask_prob=p, seed=seed).sample(kinds)
+    assert len(roles) == len(kinds)
+    assert T in roles
+
+
+@PROP
+@given(kinds=traj_kinds, seed=seeds)
+def test_causal_keeps_nothing_after_its_target(kinds: tuple[str, ...], seed: int) -> None:
+    roles = AnyOrderMaskSampler("causal", seed=seed).sample(kinds)
+    (t,) = [i for i, r in enumerate(roles) if r is T]
+    assert kinds[t] == "act"
+    assert all(r is V for r in roles[:t])
+    assert all(r is D for r in roles[t + 1 :])  # no unit after the target is in the input
+
+
+@PROP
+@given(kinds=st.integers(min_value=3, max_value=40).map(alternating), seed=seeds)
+def test_prefix_targets_exactly_observations_after_cut(kinds: tuple[str, ...], seed: int) -> None:
+    roles = AnyOrderMaskSampler("prefix", seed=seed).sample(kinds)
+    assert D not in roles
+    first = roles.index(T)
+    cut = first - 1  # the cut sits right after an action, so the first target follows it
+    assert kinds[cut] == "act"
+    assert all(r is V for r in roles[: cut + 1])
+    assert [i for i, r in enumerate(roles) if r is T] == [i for i in range(cut + 1, len(kinds)) if kinds[i] == "obs"]
+
+
+@PROP
+@given(mode=st.sampled_from(["obs_only", "act_only"]), kinds=traj_kinds, seed=seeds, p=probs)
+def test_kind_restricted_modes_never_target_other_kind(mode: str, kinds: tuple[str, ...], seed: int, p: float) -> None:
+    roles = AnyOrderMaskSampler(mode, mask_prob=p, seed=seed).sample(kinds)
+    own = mode.removesuffix("_only")
+    assert all(kinds[i] == own for i, r in enumerate(roles) if r is T)
+    assert D not in roles
+
+
+@pytest.mark.parametrize("p", [0.15, 0.3, 0.5, 0.9])
+@pytest.mark.parametrize("n", [1, 4, 40])
+def test_any_order_target_fraction_matches_p(p: float, n: int) -> None:
+    """Empirical fraction vs. Bernoulli(p) conditioned on >= 1 target: p / (1 - (1-p)^n)."""
+    draws = 4000
+    sampler = AnyOrderMaskSampler("any_order", mask_prob=p, seed=1234)
+    kinds = alternating(n)
+    count = sum(sampler.sample(kinds).count(T) for _ in range(draws))
+    expected = p / (1 - (1 - p) ** n)
+    # Per-unit variance is at most p(1-p)/(1-(1-p)^n); 5 standard errors of the mean (units are positively
+    # correlated only through the >=1 conditioning, which lowers variance for small n).
+    se = math.sqrt(expected * (1 - min(expected, 1.0)) / (draws * n)) + 1e-9
+    assert abs(count / (draws * n) - expected) <= 5 * se + 1e-3
+
+
+def test_any_order_conditioning_on_one_target_exact_small_case() -> None:
+    # Two units, p = 0.5: P(both | >= 1) = 0.25 / 0.75 = 1/3; each single pattern 1/3.
+    sampler = AnyOrderMaskSampler("any_order", mask_prob=0.5, seed=3)
+    n = 6000
+    counts: dict[tuple[UnitRole, ...], int] = {}
+    for _ in range(n):
+        r = sampler.sample(("obs", "act"))
+        counts[r] = counts.get(r, 0) + 1
+    assert set(counts) == {(T, T), (T, V), (V, T)}
+    for c in counts.values():
+        assert abs(c / n - 1 / 3) < 5 * math.sqrt((1 / 3) * (2 / 3) / n)
+
+
+def test_mask_prob_one_targets_everything_eligible() -> None:
+    kinds = alternating(9)
+    assert AnyOrderMaskSampler("any_order", mask_prob=1.0, seed=0).sample(kinds) == (T,) * 9
+    obs = AnyOrderMaskSampler("obs_only", mask_prob=1.0, seed=0).sample(kinds)
+    assert obs == tuple(T if k == "obs" else V for k in kinds)
+    act = AnyOrderMaskSampler("act_only", mask_prob=1.0, seed=0).sample(kinds)
+    assert act == tuple(T if k == "act" else V for k in kinds)
+
+
+def test_causal_and_prefix_choices_are_uniform() -> None:
+    kinds = alternating(9)  # actions at 1, 3, 5, 7; prefix cuts after acts 1, 3, 5, 7 all have a later obs
+    draws = 4000
+    for mode in ("causal", "prefix"):
+        sampler = AnyOrderMaskSampler(mode, seed=5)
+        firsts = [sampler.sample(kinds).index(T) for _ in range(draws)]
+        expected_positions = [1, 3, 5, 7] if mode == "causal" else [2, 4, 6, 8]
+        assert sorted(set(firsts)) == expected_positions
+        for pos in expected_positions:
+            assert abs(firsts.count(pos) / draws - 0.25) < 5 * math.sqrt(0.25 * 0.75 / draws)
+
+
+def test_mixture_draws_mask_prob_from_its_range() -> None:
+    kinds = alternating(60)
+    low = AnyOrderMaskSampler("mixture", seed=0, mixture_range=(0.05, 0.1))
+    high = AnyOrderMaskSampler("mixture", seed=0, mixture_range=(0.9, 1.0))
+    low_frac = [low.sample(kinds).count(T) / 60 for _ in range(300)]
+    high_frac = [high.sample(kinds).count(T) / 60 for _ in range(300)]
+    assert max(low_frac) < 0.3 and min(high_frac) > 0.7
+    # Wide range: per-call fractions spread far more than a fixed p would allow.
+    wide = AnyOrderMaskSampler("mixture", seed=0, mixture_range=(0.05, 1.0))
+    fracs = [wide.sample(kinds).count(T) / 60 for _ in range(300)]
+    assert min(fracs) < 0.2 and max(fracs) > 0.85
+
+
+def test_mixture_with_degenerate_range_is_any_order() -> None:
+    kinds = alternating(15)
+    mix = AnyOrderMaskSampler("mixture", seed=11, mixture_range=(0.3, 0.3))
+    ao = AnyOrderMaskSampler("any_order", mask_prob=0.3, seed=11)
+    assert [mix.sample(kinds) for _ in range(20)] == [ao.sample(kinds) for _ in range(20)]
