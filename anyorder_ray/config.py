@@ -1,0 +1,494 @@
+"""Typed, grouped, validated experiment configuration.
+
+One frozen dataclass per concern; ``ExperimentConfig`` groups them. YAML files in ``tune_configs/``
+load into it, and CLI overrides (``train.lr=1e-3``) apply on top. Every problem in a file is
+reported at once, naming the file, the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+MASK_MODES = ("causal", "prefix", "any_order", "obs_only", "act_only", "mixture")
+P_MODES = ("any_order", "obs_only", "act_only")  # modes whose mask_prob matters
+
+
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+class ConfigError(ValueError):
+    """Raised for an invalid config; the message lists every problem found."""
+
+
+def _check(problems: list[str], ok: bool, msg: str) -> None:
+    if not ok:
+        problems.append(msg)
+
+
+def _raise(name: str, problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(f"invalid {name} config: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Which world the agent lives in."""
+
+    level: str = "BabyAI-GoToRedBallGrey-v0"
+    """Registered BabyAI level id (short names like ``GoToLocal`` are accepted)."""
+    max_episode_steps: int | None = None
+    """Cap on episode length; None uses the level's own limit."""
+    obs_encoding: str = "grid"
+    """How observations are written as text (see ``envs.babyai``)."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.max_episode_steps is None or self.max_episode_steps > 0, "max_episode_steps must be > 0")
+        _raise("env", p)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How trajectories become training sequences."""
+
+    max_seq_len: int = 256
+    """Maximum tokens per sequence; longer windows keep the mission and the most recent units."""
+    window_steps: int = 3
+    """Steps (obs, act) per randomly cropped training window; history seen by the policy is window_steps - 1."""
+    regime: Literal["fixed", "streaming"] = "fixed"
+    """``fixed``: exactly ``num_demos`` unique successful demos; ``streaming``: actors keep producing."""
+    num_demos: int = 1000
+    """Demo budget for the fixed regime."""
+    buffer_capacity: int = 20000
+    """Trajectories the buffer keeps; the oldest are evicted past it (streaming)."""
+    min_buffer_size: int = 64
+    """Training starts once the buffer holds this many trajectories."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.max_seq_len >= 16, f"max_seq_len must be >= 16, got {self.max_seq_len}")
+        _check(p, self.window_steps >= 1, f"window_steps must be >= 1, got {self.window_steps}")
+        _check(p, self.regime in ("fixed", "streaming"), f"regime must be 'fixed' or 'streaming', got {self.regime!r}")
+        _check(p, self.num_demos >= 1, f"num_demos must be >= 1, got {self.num_demos}")
+        _check(p, self.buffer_capacity >= 1, "buffer_capacity must be >= 1")
+        _check(p, 1 <= self.min_buffer_size <= self.buffer_capacity, "need 1 <= min_buffer_size <= buffer_capacity")
+        if self.regime == "fixed":
+            _check(
+                p,
+                self.num_demos <= self.buffer_capacity,
+                f"fixed regime: num_demos ({self.num_demos}) must fit in buffer_capacity ({self.buffer_capacity})",
+            )
+        _raise("data", p)
+
+    def start_size(self) -> int:
+        """Trajectories needed before training starts."""
+        return min(self.min_buffer_size, self.num_demos) if self.regime == "fixed" else self.min_buffer_size
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Rollout actors running the expert bot."""
+
+    num_actors: int = 1
+    num_cpus_per_actor: float = 0.25
+    episodes_per_batch: int = 32
+    """Trajectories put into the object store per batch."""
+    seed_start: int = 0
+    """Training seeds are ``[seed_start, seed_start + 10**8)``, split evenly among actors."""
+    max_restarts: int = 3
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.num_actors >= 1, "num_actors must be >= 1")
+        _check(p, self.num_cpus_per_actor > 0, "num_cpus_per_actor must be > 0")
+        _check(p, self.episodes_per_batch >= 1, "episodes_per_batch must be >= 1")
+        _check(p, 0 <= self.seed_start < 10**9 - 10**8, "seed_start must be in [0, 9e8) (eval seeds start at 1e9)")
+        _raise("rollout", p)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to train (dFactory key names where the concept is the same)."""
+
+    preset: str = "tiny"
+    """``tiny`` (CPU), ``mini`` or ``flash`` (released sizes); ignored when ``model_path`` is set."""
+    model_path: str | None = None
+    """Local folder with a LLaDA2.0 checkpoint (config.json + safetensors) to start from."""
+    tokenizer_path: str | None = None
+    """Local tokenizer folder; None builds the word-level world tokenizer (or uses model_path's)."""
+    attn_implementation: str = "sdpa"
+    overrides: dict = field(default_factory=dict)
+    """Config fields to override on the preset, e.g. ``{num_hidden_layers: 2}``."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(
+            p, self.preset in ("tiny", "mini", "flash"), f"preset must be one of tiny, mini, flash, got {self.preset!r}"
+        )
+        _check(p, self.attn_implementation in ("sdpa", "eager"), "attn_implementation must be 'sdpa' or 'eager'")
+        _raise("model", p)
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    """The mask distribution: the training mode of a trial."""
+
+    mode: str = "any_order"
+    """One of causal, prefix, any_order, obs_only, act_only, mixture."""
+    mask_prob: float = 0.5
+    """Target probability per unit (any_order, obs_only, act_only)."""
+    mixture_range: tuple[float, float] = (0.05, 1.0)
+    """Range mask_prob is drawn from per example in ``mixture`` mode."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mixture_range", tuple(self.mixture_range))
+        p: list[str] = []
+        _check(p, self.mode in MASK_MODES, f"mode {self.mode!r} is unknown; allowed: {', '.join(MASK_MODES)}")
+        _check(p, 0.0 < self.mask_prob <= 1.0, f"mask_prob must be in (0, 1], got {self.mask_prob}")
+        lo, hi = self.mixture_range
+        _check(p, 0.0 < lo <= hi <= 1.0, f"mixture_range must satisfy 0 < low <= high <= 1, got {self.mixture_range}")
+        _raise("masking", p)
+
+    def label(self) -> str:
+        """Short arm name for tables: ``causal``, ``any_order@0.3``."""
+        return f"{self.mode}@{self.mask_prob:g}" if self.mode in P_MODES else self.mode
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the TorchTrainer (dFactory key names where the concept is the same)."""
+
+    lr: float = 2e-3
+    lr_warmup_ratio: float = 0.05
+    lr_decay_style: Literal["cosine", "constant", "linear"] = "cosine"
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    global_batch_size: int = 32
+    micro_batch_size: int = 32
+    max_steps: int = 600
+    num_workers: int = 1
+    """Ray Train workers (DDP over gloo on CPU, NCCL on GPU)."""
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    torch_threads: int = 2
+    """Intra-op threads per worker on CPU."""
+    enable_mixed_precision: bool = False
+    """bf16 autocast; only sensible on GPU (bf16 matmul is ~100x slower than fp32 on this CPU)."""
+    enable_gradient_checkpointing: bool = False
+    data_parallel_mode: Literal["ddp", "fsdp2"] = "ddp"
+    report_every: int = 25
+    """Steps between ``ray.train.report`` calls."""
+    checkpoint_every: int = 200
+    """Steps between HF-format checkpoints (0: only the final one)."""
+    seed: int = 0
+    output_dir: str = "runs"
+    """Where sweeps write their results (absolute, or relative to the working directory)."""
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(p, 0 <= self.lr_warmup_ratio < 1, "lr_warmup_ratio must be in [0, 1)")
+        _check(p, self.lr_decay_style in ("cosine", "constant", "linear"), "lr_decay_style: cosine, constant, linear")
+        _check(p, self.weight_decay >= 0, "weight_decay must be >= 0")
+        _check(p, self.max_grad_norm > 0, "max_grad_norm must be > 0")
+        _check(p, self.num_workers >= 1, "num_workers must be >= 1")
+        _check(p, self.micro_batch_size >= 1, "micro_batch_size must be >= 1")
+        per_step = self.micro_batch_size * self.num_workers
+        _check(
+            p,
+            self.global_batch_size >= per_step and self.global_batch_size % per_step == 0,
+            f"global_batch_size ({self.global_batch_size}) must be a multiple of micro_batch_size x num_workers "
+            f"({self.micro_batch_size} x {self.num_workers})",
+        )
+        _check(p, self.max_steps >= 1, "max_steps must be >= 1")
+        _check(p, self.cpus_per_worker > 0, "cpus_per_worker must be > 0")
+        _check(p, self.torch_threads >= 1, "torch_threads must be >= 1")
+        _check(p, self.data_parallel_mode in ("ddp", "fsdp2"), "data_parallel_mode must be 'ddp' or 'fsdp2'")
+        _check(p, self.report_every >= 1, "report_every must be >= 1")
+        _check(p, self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+        _raise("train", p)
+
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+    def warmup_steps(self) -> int:
+        return int(self.lr_warmup_ratio * self.max_steps)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Asynchronous evaluation in the live environment and on held-out trajectories."""
+
+    num_actors: int = 1
+    num_cpus_per_actor: float = 0.5
+    every_steps: int = 100
+    """Training steps between pushing weights to the eval actor (it skips stale ones)."""
+    episodes: int = 64
+    """Episodes per evaluation while training."""
+    final_episodes: int = 200
+    """Episodes of the final evaluation of a trial."""
+    heldout_trajectories: int = 64
+    """Bot trajectories for world-model / action NLL."""
+    batch_envs: int = 64
+    """Environments stepped in lockstep per batched forward."""
+    seed_start: int = 1_000_000_000
+    """Evaluation seeds start here: disjoint from every rollout seed."""
+    history_steps: int | None = None
+    """Past steps the policy sees; None derives it from data.window_steps - 1."""
+    max_restarts: int = 3
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, self.num_actors >= 0, "num_actors must be >= 0")
+        _check(p, self.num_cpus_per_actor > 0, "num_cpus_per_actor must be > 0")
+        _check(p, self.every_steps >= 1, "every_steps must be >= 1")
+        _check(p, self.episodes >= 1 and self.final_episodes >= 1, "episodes and final_episodes must be >= 1")
+        _check(p, self.heldout_trajectories >= 1, "heldout_trajectories must be >= 1")
+        _check(p, self.batch_envs >= 1, "batch_envs must be >= 1")
+        _check(p, self.seed_start >= 10**9, "seed_start must be >= 1e9 so eval seeds never meet rollout seeds")
+        _raise("eval", p)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The Ray Tune search over training arms."""
+
+    name: str = "anyorder"
+    arms: tuple[dict, ...] = ({"mode": "any_order", "mask_prob": 0.5},)
+    """Masking arms, each a partial ``masking`` section, e.g. ``{mode: any_order, mask_prob: 0.3}``."""
+    seeds: tuple[int, ...] = (0,)
+    """Training seeds; each arm runs once per seed."""
+    search: Literal["grid", "random"] = "grid"
+    """``grid`` runs every arm; ``random`` also samples mask_prob of p-modes from ``mask_prob_range``."""
+    mask_prob_range: tuple[float, float] = (0.1, 0.6)
+    num_samples: int = 1
+    """Tune samples per grid point (random search)."""
+    scheduler: Literal["none", "asha"] = "none"
+    asha_grace_period: int = 4
+    """Reports before ASHA may stop a trial."""
+    max_concurrent_trials: int = 1
+    storage_path: str | None = None
+    """Tune storage (shared path on clusters); None uses ``train.output_dir``."""
+    trial_cpus: float = 0.01
+    """CPU share of each trial's driver function (the workers hold the real resources)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arms", tuple(dict(a) for a in self.arms))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        object.__setattr__(self, "mask_prob_range", tuple(self.mask_prob_range))
+        p: list[str] = []
+        _check(p, len(self.arms) >= 1, "arms must list at least one arm")
+        for i, arm in enumerate(self.arms):
+            try:
+                MaskingConfig(**arm)
+            except TypeError as e:
+                p.append(f"arms[{i}] {arm}: {e}; allowed keys: {[f.name for f in fields(MaskingConfig)]}")
+            except ConfigError as e:
+                p.append(f"arms[{i}] {arm}: {e}")
+        _check(p, len(self.seeds) >= 1, "seeds must list at least one seed")
+        _check(p, self.search in ("grid", "random"), f"search must be 'grid' or 'random', got {self.search!r}")
+        lo, hi = self.mask_prob_range
+        _check(p, 0 < lo <= hi <= 1, f"mask_prob_range must satisfy 0 < low <= high <= 1, got {self.mask_prob_range}")
+        _check(p, self.num_samples >= 1, "num_samples must be >= 1")
+        _check(p, self.scheduler in ("none", "asha"), f"scheduler must be 'none' or 'asha', got {self.scheduler!r}")
+        _check(p, self.max_concurrent_trials >= 1, "max_concurrent_trials must be >= 1")
+        _check(p, 0 < self.trial_cpus <= 1, "trial_cpus must be in (0, 1]")
+        _raise("sweep", p)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one sweep needs; components receive only their own section."""
+
+    env: EnvConfig = field(default_factory=EnvConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+    def history_steps(self) -> int:
+        """Past steps in the policy's query: as many as a training window holds before its last step."""
+        return self.eval.history_steps if self.eval.history_steps is not None else self.data.window_steps - 1
+
+    def replace(self, **sections: Any) -> ExperimentConfig:
+        return dataclasses.replace(self, **sections)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "env": EnvConfig,
+    "data": DataConfig,
+    "rollout": RolloutConfig,
+    "model": ModelConfig,
+    "masking": MaskingConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "sweep": SweepConfig,
+}
+
+
+def _did_you_mean(key: str, allowed: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Loose runtime check of YAML values against the dataclass annotations."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation is dict or origin is dict:
+        return isinstance(value, Mapping)
+    if origin is tuple or annotation is tuple:
+        return isinstance(value, Sequence) and not isinstance(value, str)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> ExperimentConfig:
+    """Build an ``ExperimentConfig`` from nested mappings, reporting every problem at once."""
+    problems: list[str] = []
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: top level must be a mapping of sections {sorted(_SECTION_TYPES)}")
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _SECTION_TYPES:
+            problems.append(
+                f"{source}: unknown section {name!r}{_did_you_mean(name, _SECTION_TYPES)}; "
+                f"allowed: {', '.join(_SECTION_TYPES)}"
+            )
+            continue
+        cls = _SECTION_TYPES[name]
+        if value is None:
+            value = {}
+        if not isinstance(value, Mapping):
+            problems.append(f"{source}: section {name!r} must be a mapping, got {type(value).__name__}")
+            continue
+        hints = typing.get_type_hints(cls)
+        allowed = [f.name for f in fields(cls)]
+        kwargs = {}
+        for key, v in value.items():
+            if key not in allowed:
+                problems.append(
+                    f"{source}: unknown key {name}.{key}{_did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}"
+                )
+            elif not _type_ok(v, hints[key]):
+                problems.append(f"{source}: {name}.{key} = {v!r} has the wrong type; expected {_type_name(hints[key])}")
+            else:
+                kwargs[key] = float(v) if hints[key] is float and isinstance(v, int) else v
+        try:
+            sections[name] = cls(**kwargs)
+        except ConfigError as e:
+            problems.append(f"{source}: {e}")
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in config:\n  - " + "\n  - ".join(problems))
+    return ExperimentConfig(**sections)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``train.lr=1e-3`` -> (["train", "lr"], 0.001); values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=1e-3)")
+    key, _, value = item.partition("=")
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"override key {key!r} must be section.key (e.g. masking.mask_prob)")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {e}") from e
+    # YAML reads 1e-3 as a string (it wants 1.0e-3); accept the common float spelling.
+    if isinstance(parsed, str) and _FLOAT_RE.match(parsed):
+        parsed = float(parsed)
+    return path, parsed
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``section.key=value`` overrides to a raw (YAML-shaped) dict, returning a new dict."""
+    out = {k: dict(v or {}) for k, v in raw.items()}
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML config file with errors that name the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return _coerce_floats(raw)
+
+
+def _coerce_floats(obj: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string; turn such scientific-notation strings into floats."""
+    if isinstance(obj, dict):
+        return {k: _coerce_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_coerce_floats(v) for v in obj]
+    if isinstance(obj, str) and _FLOAT_RE.match(obj):
+        return float(obj)
+    return obj
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load a YAML experiment config (or the defaults) and apply CLI overrides."""
+    raw = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source += " + overrides"
+    return config_from_dict(raw, source)
+
+
+def default_config_path() -> Path:
+    """The default sweep shipped in ``tune_configs/sweep.yaml`` (next to the package, or in the CWD)."""
+    here = Path(__file__).resolve().parent.parent / "tune_configs" / "sweep.yaml"
+    return here if here.exists() else Path("tune_configs/sweep.yaml")
