@@ -1,0 +1,40 @@
+"""Shared fixtures: a small, isolated local Ray for the tests that need one; slow tests run last."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+# Before any Ray import in this process: no usage stats, no token auth for the local test cluster.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Quick unit tests first, slow end-to-end ones last (stable order inside each group).
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 2 CPUs and a 256 MiB object store, in its own temp dir; shut down at the end."""
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    tmp = tempfile.mkdtemp(prefix="aoray-test-")
+    ray.init(
+        num_cpus=2,
+        object_store_memory=256 * 1024 * 1024,
+        include_dashboard=False,
+        _temp_dir=tmp,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
