@@ -1,0 +1,174 @@
+"""Turn a Tune ``ResultGrid`` into the results table (CSV + Markdown) and plots (PNG).
+
+Pure formatting over plain rows, so it is tested without Ray: ``results_rows`` is the only function that
+reads the grid.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    "trial",
+    "arm",
+    "mode",
+    "mask_prob",
+    "seed",
+    "success",
+    "success_low",
+    "success_high",
+    "episodes",
+    "world_model_nll",
+    "action_nll",
+    "train_steps",
+    "train_tokens",
+    "wall_s",
+    "checkpoint",
+    "status",
+)
+P_MODES = ("any_order", "obs_only", "act_only")
+
+
+def _num(metrics: dict, key: str) -> float:
+    v = metrics.get(key)
+    return float(v) if isinstance(v, int | float) else math.nan
+
+
+def make_row(trial: str, params: dict, metrics: dict, status: str) -> dict[str, Any]:
+    arm = dict(params.get("arm") or {})
+    mode = arm.get("mode", "any_order")
+    p = params.get("mask_prob", arm.get("mask_prob", 0.5)) if mode in P_MODES else math.nan
+    return {
+        "trial": trial,
+        "arm": f"{mode}@{p:g}" if mode in P_MODES else mode,
+        "mode": mode,
+        "mask_prob": p,
+        "seed": params.get("seed", 0),
+        "success": _num(metrics, "eval/success_rate"),
+        "success_low": _num(metrics, "eval/success_low"),
+        "success_high": _num(metrics, "eval/success_high"),
+        "episodes": _num(metrics, "eval/episodes"),
+        "world_model_nll": _num(metrics, "eval/world_model_nll"),
+        "action_nll": _num(metrics, "eval/action_nll"),
+        "train_steps": _num(metrics, "train/step"),
+        "train_tokens": _num(metrics, "train/total_tokens"),
+        "wall_s": _num(metrics, "time_total_s"),
+        "checkpoint": metrics.get("checkpoint_path", ""),
+        "status": status,
+    }
+
+
+def results_rows(grid: Any) -> list[dict[str, Any]]:
+    rows = []
+    for result in grid:
+        metrics = dict(result.metrics or {})
+        trial = str(metrics.get("trial_id") or Path(result.path).name)
+        status = "ok" if result.error is None and metrics.get("eval/final") else "error" if result.error else "partial"
+        rows.append(make_row(trial, dict(result.config or {}), metrics, status))
+    return sorted(rows, key=lambda r: (r["mode"], _nan_last(r["mask_prob"]), r["seed"]))
+
+
+def _nan_last(x: float) -> float:
+    return math.inf if math.isnan(x) else x
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "–"
+        return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    cols = ["arm", "seed", "success [95% CI]", "episodes", "world-model NLL", "action NLL", "steps", "train tokens",
+            "wall s", "status"]  # fmt: skip
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        ci = f"{_fmt(r['success'])} [{_fmt(r['success_low'])}, {_fmt(r['success_high'])}]"
+        vals = [r["arm"], r["seed"], ci, r["episodes"], r["world_model_nll"], r["action_nll"], r["train_steps"],
+                r["train_tokens"], r["wall_s"], r["status"]]  # fmt: skip
+        lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def write_tables(rows: list[dict[str, Any]], run_dir: Path) -> str:
+    run_dir = Path(run_dir)
+    with (run_dir / "results.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    md = markdown_table(rows)
+    (run_dir / "results.md").write_text(md + "\n")
+    return md
+
+
+def success_curves(grid: Any) -> dict[str, tuple[list[float], list[float]]]:
+    """trial label -> (training steps, success rates) from each trial's reported history."""
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    for result in grid:
+        df = result.metrics_dataframe
+        if df is None or "eval/success_rate" not in df or "eval/step" not in df:
+            continue
+        df = df.dropna(subset=["eval/success_rate", "eval/step"]).drop_duplicates(subset=["eval/step"])
+        label = make_row("", dict(result.config or {}), {}, "")["arm"] + f" s{(result.config or {}).get('seed', 0)}"
+        curves[label] = (df["eval/step"].astype(float).tolist(), df["eval/success_rate"].astype(float).tolist())
+    return curves
+
+
+def write_plots(grid: Any, rows: list[dict[str, Any]], run_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (steps, success) in sorted(success_curves(grid).items()):
+        ax.plot(steps, success, marker="o", label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("success rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Success while training")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(run_dir / "success_vs_step.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    by_arm: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_arm[r["arm"]].append(r)
+    arms = list(by_arm)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    for ax, key, title in zip(axes, ("success", "world_model_nll", "action_nll"),
+                              ("final success", "world-model NLL", "action NLL"), strict=True):  # fmt: skip
+        means = [_mean([r[key] for r in by_arm[a]]) for a in arms]
+        ax.bar(range(len(arms)), means, color="tab:blue")
+        if key == "success":
+            lows = [_mean([r["success_low"] for r in by_arm[a]]) for a in arms]
+            highs = [_mean([r["success_high"] for r in by_arm[a]]) for a in arms]
+            err = [[max(0.0, m - lo) for m, lo in zip(means, lows, strict=True)],
+                   [max(0.0, hi - m) for m, hi in zip(means, highs, strict=True)]]  # fmt: skip
+            ax.errorbar(range(len(arms)), means, yerr=err, fmt="none", ecolor="black", capsize=3)
+            ax.set_ylim(0, 1.02)
+        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    paths.append(run_dir / "final_per_arm.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return sum(xs) / len(xs) if xs else math.nan

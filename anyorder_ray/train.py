@@ -1,0 +1,388 @@
+"""The Ray Train role: each TorchTrainer worker draws trajectories from the buffer, masks them afresh on
+every draw, and trains the LLaDA2 model with the masked objective.
+
+``train_loop_per_worker`` is short orchestration; the pieces it calls (``BufferSource``, ``BatchMaker``,
+``train_step``, ``EvalClient``) are small and each does one thing. Only rank 0 writes checkpoints and talks
+to the eval actor; every rank reports metrics (Ray Train V2 expects a report from every worker).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import torch
+
+from anyorder_ray.checkpointing import (
+    TrainingState,
+    capture_rng,
+    load_training_state,
+    load_weights_into,
+    restore_rng,
+    save_checkpoint,
+    unwrap,
+)
+from anyorder_ray.config import DataConfig, ExperimentConfig, MaskingConfig
+from anyorder_ray.factory import build_model, build_tokenizer
+from anyorder_ray.masking import AnyOrderMaskSampler
+from anyorder_ray.objective import data_parallel_normaliser, masked_cross_entropy
+from anyorder_ray.optim import make_optimizer
+from anyorder_ray.trajectory import Trajectory
+from anyorder_ray.transform import (
+    EncodedExample,
+    UnitEncoder,
+    bucket_by_length,
+    collate,
+    crop_window,
+    process_any_order_sft_example,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class BufferSource:
+    """A worker-local view of the ``TrajectoryBuffer``: batches are fetched once, then sampled locally.
+
+    ``refresh`` picks up new batches and forgets evicted ones; between refreshes sampling never waits on
+    the bot or on the buffer actor.
+    """
+
+    def __init__(self, buffer: Any, rng: np.random.Generator) -> None:
+        self._buffer = buffer
+        self._rng = rng
+        self._cache: dict[Any, list[Trajectory]] = {}
+        self._entries: list[tuple[list[Trajectory], int, int]] = []
+        self._cum = np.zeros(0, dtype=np.int64)
+
+    @property
+    def size(self) -> int:
+        return int(self._cum[-1]) if len(self._cum) else 0
+
+    def refresh(self) -> int:
+        snapshot = ray.get(self._buffer.snapshot.remote())
+        new = [ref for ref, _, _ in snapshot if ref not in self._cache]
+        if new:
+            for ref, batch in zip(new, ray.get(new), strict=True):
+                self._cache[ref] = batch
+        live = {ref for ref, _, _ in snapshot}
+        for ref in [r for r in self._cache if r not in live]:
+            del self._cache[ref]
+        self._entries = [(self._cache[ref], start, count) for ref, start, count in snapshot]
+        self._cum = np.cumsum([count for _, _, count in self._entries], dtype=np.int64)
+        return self.size
+
+    def wait_until(
+        self, min_size: int, producers: Sequence[Any] = (), timeout_s: float = 600.0, poll_s: float = 0.5
+    ) -> int:
+        """Block until the buffer holds ``min_size`` trajectories (progress logged every ~10 s).
+
+        ``producers`` are the rollout actors' ``run`` references: one that failed is raised here at once
+        instead of leaving training waiting for data that will never come.
+        """
+        start = last_log = time.monotonic()
+        while self.refresh() < min_size:
+            done, _ = ray.wait(list(producers), num_returns=len(producers), timeout=0) if producers else ([], [])
+            for ref in done:
+                ray.get(ref)  # raises the rollout actor's error
+            if producers and len(done) == len(producers) and self.refresh() < min_size:
+                raise RuntimeError(
+                    f"all rollout actors finished but the buffer holds only {self.size} of the {min_size} "
+                    "trajectories training needs (seed range exhausted, or the bot fails on this level?)"
+                )
+            now = time.monotonic()
+            if now - start > timeout_s:
+                raise TimeoutError(
+                    f"buffer holds {self.size} trajectories after {timeout_s:.0f} s, training needs {min_size}; "
+                    "are the rollout actors running (enough CPUs for them)?"
+                )
+            if now - last_log > 10:
+                print(f"[train] waiting for data: {self.size}/{min_size} trajectories in the buffer", flush=True)
+                last_log = now
+            time.sleep(poll_s)
+        return self.size
+
+    def sample(self, n: int) -> list[Trajectory]:
+        if self.size == 0:
+            raise RuntimeError("BufferSource.sample before any data arrived; call wait_until first")
+        picks = self._rng.integers(0, self.size, size=n)
+        which = np.searchsorted(self._cum, picks, side="right")
+        out = []
+        for pick, w in zip(picks, which, strict=True):
+            batch, start, count = self._entries[int(w)]
+            out.append(batch[start + int(pick - (self._cum[w] - count))])
+        return out
+
+
+class BatchMaker:
+    """Crop, mask (fresh roles on every draw) and encode trajectories into padded micro-batches."""
+
+    def __init__(self, data: DataConfig, masking: MaskingConfig, encoder: UnitEncoder, pad_id: int, seed: int) -> None:
+        self.data = data
+        self.encoder = encoder
+        self.pad_id = pad_id
+        self.rng = np.random.default_rng([seed, 1])
+        self.sampler = AnyOrderMaskSampler(
+            masking.mode, masking.mask_prob, seed=int(self.rng.integers(2**31)), mixture_range=masking.mixture_range
+        )
+        self._queue: list[list[EncodedExample]] = []
+
+    def example(self, trajectory: Trajectory) -> EncodedExample:
+        # A crop can lack what a mode needs (prefix: an observation after an action); draw another crop
+        # a few times, then fall back to the whole episode, which always has one.
+        for _ in range(8):
+            window = crop_window(trajectory, self.data.window_steps, self.rng)
+            try:
+                return process_any_order_sft_example(window, self.sampler, self.encoder, self.data.max_seq_len)
+            except ValueError as e:
+                if "masking needs" not in str(e):
+                    raise
+        return process_any_order_sft_example(trajectory, self.sampler, self.encoder, self.data.max_seq_len)
+
+    def micro_batch(self, trajectories: Sequence[Trajectory]) -> dict[str, torch.Tensor]:
+        return collate([self.example(t) for t in trajectories], self.pad_id)
+
+    def bucketed(self, source: BufferSource, batch_size: int, pool_batches: int = 8) -> dict[str, torch.Tensor]:
+        """Next micro-batch from a pool of ``pool_batches`` batches grouped by length (low padding)."""
+        if not self._queue:
+            pool = [self.example(t) for t in source.sample(batch_size * pool_batches)]
+            self._queue = bucket_by_length(pool, batch_size, self.rng)
+        return collate(self._queue.pop(), self.pad_id)
+
+    def generators(self) -> dict[str, np.random.Generator]:
+        return {"batch": self.rng, "sampler": self.sampler._rng}
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: float
+    grad_norm: float
+    tokens: int
+    padded_tokens: int
+    target_tokens: int
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    max_grad_norm: float,
+    device: torch.device,
+) -> StepStats:
+    """One optimizer step over ``micro_batches``: exact token-mean over the step's global targets."""
+    model.train()
+    normaliser = data_parallel_normaliser([mb["labels"] for mb in micro_batches])
+    total = 0.0
+    for i, mb in enumerate(micro_batches):
+        ids = mb["input_ids"].to(device)
+        mask = mb["attention_mask"].to(device)
+        labels = mb["labels"].to(device)
+        sync = i == len(micro_batches) - 1
+        ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _nullcontext()
+        with ctx:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = masked_cross_entropy(logits, labels, num_targets=normaliser.to(device))
+            loss.backward()
+        total += float(loss.detach())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+    padded = sum(mb["attention_mask"].numel() for mb in micro_batches)
+    targets = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+    return StepStats(total, float(grad_norm), tokens, padded, targets)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class EvalClient:
+    """Rank 0's side of the eval actor: submit weights without waiting, collect results when ready.
+
+    At most one evaluation is in flight; a request made while one runs is skipped (the actor would only
+    evaluate stale weights), so training never blocks on evaluation until the final one.
+    """
+
+    def __init__(self, actor: Any | None, episodes: int) -> None:
+        self.actor = actor
+        self.episodes = episodes
+        self.pending: Any | None = None
+        self.latest: dict[str, float] = {}
+        self.submitted = 0
+        self.skipped = 0
+        self.failures = 0
+
+    def submit(self, model: torch.nn.Module, step: int, episodes: int | None = None) -> bool:
+        if self.actor is None:
+            return False
+        self.poll()
+        if self.pending is not None:
+            self.skipped += 1
+            return False
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+        ref = ray.put(weights)
+        # The ref goes nested in a list so the actor receives the reference and fetches it itself.
+        self.pending = self.actor.evaluate.remote([ref], step, episodes or self.episodes)
+        self.submitted += 1
+        return True
+
+    def poll(self, timeout: float = 0.0) -> dict[str, float]:
+        if self.pending is not None:
+            ready, _ = ray.wait([self.pending], timeout=timeout)
+            if ready:
+                try:
+                    self.latest = ray.get(ready[0])
+                except ray.exceptions.RayError as e:  # the actor died for good; training goes on
+                    self.failures += 1
+                    logger.warning("evaluation failed: %s", e)
+                self.pending = None
+        return self.latest
+
+    def final(self, model: torch.nn.Module, step: int, episodes: int, timeout: float = 1800.0) -> dict[str, float]:
+        """Blocking evaluation of the final weights (the trial's reported result)."""
+        if self.actor is None:
+            return {}
+        self.poll(timeout=timeout)
+        self.pending = None
+        self.submit(model, step, episodes)
+        return self.poll(timeout=timeout)
+
+
+def _loop_settings(loop_config: dict) -> tuple[ExperimentConfig, Any, Any, list]:
+    return loop_config["cfg"], loop_config["buffer"], loop_config.get("evaluator"), loop_config.get("producers", [])
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Entry point of every TorchTrainer worker."""
+    cfg, buffer, evaluator, producers = _loop_settings(loop_config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not cfg.train.use_gpu:
+        torch.set_num_threads(cfg.train.torch_threads)
+    seed = cfg.train.seed * 1000 + rank
+    torch.manual_seed(cfg.train.seed)  # same init on every rank (DDP also broadcasts it)
+    np.random.seed(seed)
+    device = ray.train.torch.get_device()
+
+    tokenizer = build_tokenizer(cfg.model)
+    encoder = UnitEncoder(tokenizer)
+    model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    if cfg.train.enable_gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = ray.train.torch.prepare_model(model)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    optimizer, scheduler = make_optimizer(model, cfg.train)
+    source = BufferSource(buffer, np.random.default_rng([seed, 0]))
+    batches = BatchMaker(cfg.data, cfg.masking, encoder, tokenizer.pad_token_id, seed)
+    generators = {"source": source._rng, **batches.generators()}
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            load_weights_into(model, d)
+            state = load_training_state(d)
+        optimizer.load_state_dict(state.optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        restore_rng(state.rng["per_rank"].get(rank, state.rng["per_rank"][0]), generators)
+        step = state.step
+        print(f"[train] rank {rank}: resumed from step {step}", flush=True)
+
+    source.wait_until(cfg.data.start_size(), producers)
+    full = cfg.data.regime == "fixed" and source.size >= cfg.data.num_demos
+    eval_client = EvalClient(evaluator if rank == 0 else None, cfg.eval.episodes)
+    accum = cfg.train.grad_accum_steps()
+    mbs = cfg.train.micro_batch_size
+    window = {"tokens": 0, "padded": 0, "targets": 0, "loss": 0.0, "steps": 0, "t0": time.perf_counter()}
+    total_tokens = 0
+
+    while step < cfg.train.max_steps:
+        if not full and step % 20 == 0:
+            source.refresh()
+            full = cfg.data.regime == "fixed" and source.size >= cfg.data.num_demos
+        micro = [batches.bucketed(source, mbs) for _ in range(accum)]
+        stats = train_step(model, optimizer, scheduler, micro, cfg.train.max_grad_norm, device)
+        step += 1
+        total_tokens += stats.tokens
+        window["tokens"] += stats.tokens
+        window["padded"] += stats.padded_tokens
+        window["targets"] += stats.target_tokens
+        window["loss"] += stats.loss
+        window["steps"] += 1
+        if rank == 0 and step % cfg.eval.every_steps == 0 and step < cfg.train.max_steps:
+            eval_client.submit(model, step)
+        last = step == cfg.train.max_steps
+        if step % cfg.train.report_every == 0 or last:
+            elapsed = time.perf_counter() - window["t0"]
+            metrics: dict[str, Any] = {
+                "train/step": step,
+                "train/loss": window["loss"] / window["steps"],
+                "train/grad_norm": stats.grad_norm,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/tokens_per_s": window["tokens"] * world / max(elapsed, 1e-9),
+                "train/target_tokens": window["targets"] / window["steps"],
+                "train/padding_waste": 1.0 - window["tokens"] / max(window["padded"], 1),
+                "train/total_tokens": total_tokens * world,
+            }
+            if rank == 0:
+                metrics.update(ray.get(buffer.stats.remote()).as_metrics())
+                if last:
+                    metrics.update(eval_client.final(model, step, cfg.eval.final_episodes))
+                    metrics["eval/final"] = 1
+                else:
+                    metrics.update(eval_client.poll())
+            want_ckpt = last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+            _report(metrics, model, tokenizer, optimizer, scheduler, step, generators, rank, world, bool(want_ckpt))
+            window.update(tokens=0, padded=0, targets=0, loss=0.0, steps=0, t0=time.perf_counter())
+
+
+def _report(
+    metrics: dict,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    generators: dict[str, np.random.Generator],
+    rank: int,
+    world: int,
+    with_checkpoint: bool,
+) -> None:
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    # Every rank's RNG state goes into the checkpoint so a restored run continues each rank's stream.
+    rng = capture_rng(generators)
+    gathered = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(gathered, rng)
+    else:
+        gathered = [rng]
+    with tempfile.TemporaryDirectory(prefix="aoray-ckpt-") as tmp:
+        checkpoint = None
+        if rank == 0:
+            state = TrainingState(
+                step=step,
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                rng={"per_rank": dict(enumerate(gathered))},
+                extra={"metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}},
+            )
+            path = save_checkpoint(Path(tmp) / "checkpoint", model, tokenizer, state)
+            checkpoint = ray.train.Checkpoint.from_directory(str(path))
+        ray.train.report(metrics, checkpoint=checkpoint)
