@@ -1,0 +1,99 @@
+"""Buffer bookkeeping (pure) and the rollout -> buffer path on a real local Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from anyorder_ray.buffer import BufferState
+from anyorder_ray.config import EvalConfig, RolloutConfig
+from anyorder_ray.seeds import eval_episode_seeds, heldout_trajectory_seeds, rollout_seed_range
+
+
+def test_eviction_keeps_the_newest_trajectories():
+    state = BufferState(capacity=5)
+    for batch in range(3):
+        state.add(f"b{batch}", 3, worker=0)
+    stats = state.stats()
+    assert (stats.size, stats.produced, stats.evicted) == (5, 9, 4)
+    # b0 fully gone, one trajectory of b1 evicted from its front, all of b2 kept.
+    assert state.snapshot() == [("b1", 1, 2), ("b2", 0, 3)]
+
+
+def test_sampling_is_uniform_over_held_trajectories_only():
+    state = BufferState(capacity=6, seed=0)
+    state.add("old", 4)
+    state.add("new", 4)  # evicts 2 of "old"
+    picks = state.sample(20000)
+    held = {("old", 2), ("old", 3)} | {("new", i) for i in range(4)}
+    assert set(picks) == held
+    counts = np.array([picks.count(k) for k in sorted(held)])
+    assert counts.min() > 20000 / 6 * 0.9 and counts.max() < 20000 / 6 * 1.1
+    assert state.stats().sampled == 20000
+
+
+def test_fixed_budget_holds_exactly_the_target_and_stops_producers():
+    state = BufferState(capacity=100, target=10)
+    assert state.add("a", 4) is True
+    assert state.add("b", 4) is True
+    assert state.add("c", 4) is False  # trimmed to 2, target reached
+    assert state.stats().size == 10 and state.stats().produced == 10
+    assert state.snapshot()[-1] == ("c", 0, 2)
+    assert state.add("d", 4) is False and state.stats().size == 10
+
+
+def test_resume_seed_survives_for_a_restarted_producer():
+    state = BufferState(capacity=10)
+    assert state.resume_seed(1) is None
+    state.add("a", 2, worker=1, next_seed=132)
+    state.add("b", 2, worker=0, next_seed=40)
+    assert state.resume_seed(1) == 132 and state.resume_seed(0) == 40
+
+
+def test_empty_buffer_samples_nothing_and_bad_capacity_is_refused():
+    assert BufferState(capacity=3).sample(5) == []
+    with pytest.raises(ValueError, match="capacity"):
+        BufferState(capacity=0)
+    with pytest.raises(ValueError, match="target"):
+        BufferState(capacity=3, target=4)
+
+
+@pytest.mark.parametrize("num_actors", [1, 2, 3, 7])
+def test_rollout_and_eval_seeds_never_overlap(num_actors):
+    cfg = RolloutConfig(num_actors=num_actors, seed_start=123)
+    ranges = [rollout_seed_range(cfg, i) for i in range(num_actors)]
+    for a in range(num_actors):
+        for b in range(a + 1, num_actors):
+            assert ranges[a].stop <= ranges[b].start
+    ev = EvalConfig()
+    top = max(r.stop for r in ranges)
+    assert top <= eval_episode_seeds(ev, 10_000).start
+    assert eval_episode_seeds(ev, 10_000).stop <= heldout_trajectory_seeds(ev, 10_000).start
+
+
+@pytest.mark.slow
+def test_rollout_actors_fill_a_fixed_budget_with_unique_demos(ray_local):
+    ray = ray_local
+    from anyorder_ray.buffer import TrajectoryBuffer
+    from anyorder_ray.config import EnvConfig
+    from anyorder_ray.rollout import RolloutWorker
+
+    budget = 50
+    rollout = RolloutConfig(num_actors=2, num_cpus_per_actor=0.5, episodes_per_batch=8)
+    buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0).remote(100, seed=0, target=budget)
+    workers = [
+        ray.remote(RolloutWorker).options(num_cpus=0.5).remote(EnvConfig(), rollout, i, buffer) for i in range(2)
+    ]
+    reports = ray.get([w.run.remote() for w in workers], timeout=120)
+    assert all(r.trajectories > 0 for r in reports)
+    stats = ray.get(buffer.stats.remote())
+    assert stats.size == stats.produced == budget
+    held = []
+    for ref, start, count in ray.get(buffer.snapshot.remote()):
+        held += ray.get(ref)[start : start + count]
+    assert len(held) == budget
+    assert len({t.seed for t in held}) == budget  # unique demos
+    assert all(t.success for t in held)
+    for w in workers:
+        ray.kill(w)
+    ray.kill(buffer)

@@ -1,0 +1,116 @@
+"""End to end: the smoke sweep through `python -m anyorder_ray.sweep`, and through `ray job submit` on a
+real local head started (and stopped) by the test. Bounded in time; run last (marked slow)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "tune_configs" / "smoke.yaml"
+ARMS = {"causal", "prefix", "any_order@0.5"}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _check_smoke_results(run_dir: Path) -> None:
+    from anyorder_ray.checkpointing import load_training_state
+    from anyorder_ray.models.llada2_moe import LLaDA2MoeModelLM
+
+    with (run_dir / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["arm"] for r in rows} == ARMS and len(rows) == len(ARMS)  # a trial per arm
+    for r in rows:
+        assert r["status"] == "ok", r
+        for key in ("success", "success_low", "success_high", "world_model_nll", "action_nll", "train_tokens"):
+            assert math.isfinite(float(r[key])), (key, r)
+        assert 0.0 <= float(r["success_low"]) <= float(r["success"]) <= float(r["success_high"]) <= 1.0
+        assert float(r["episodes"]) >= 16 and float(r["train_steps"]) == 12
+        ckpt = Path(r["checkpoint"])
+        model = LLaDA2MoeModelLM.from_pretrained(ckpt)  # HF format, loadable
+        assert model.config.num_hidden_layers == 2
+        assert load_training_state(ckpt).step == 12
+    md = (run_dir / "results.md").read_text()
+    assert all(arm in md for arm in ARMS)
+    for png in ("success_vs_step.png", "final_per_arm.png"):
+        assert (run_dir / png).stat().st_size > 1000
+    events = list((run_dir / "tune").rglob("events.out.tfevents.*"))
+    assert len(events) >= len(ARMS)  # TensorBoard logs per trial
+
+
+@pytest.mark.slow
+def test_smoke_sweep_end_to_end(tmp_path):
+    cmd = [sys.executable, "-m", "anyorder_ray.sweep", "--config", str(SMOKE), "--name", "smoke-test",
+           "--num-cpus", "2", f"train.output_dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_dir = tmp_path / "smoke-test"
+    assert f"[sweep] run directory: {run_dir}" in proc.stdout
+    assert "| causal |" in proc.stdout  # the table is printed
+    _check_smoke_results(run_dir)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_smoke_sweep_through_ray_job_submit(tmp_path):
+    ray_bin = Path(sys.executable).with_name("ray")
+    port, dash = _free_port(), _free_port()
+    temp_dir = Path("/tmp") / f"aoray-head-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    env = _env(RAY_AUTH_MODE="disabled")
+    head = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--object-store-memory=300000000", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--temp-dir={temp_dir}", "--include-dashboard=true"],  # fmt: skip
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            probe = subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
+                                   capture_output=True, text=True, timeout=60)  # fmt: skip
+            if probe.returncode == 0:
+                break
+            assert head.poll() is None, head.stdout.read()
+            assert time.time() < deadline, probe.stderr
+            time.sleep(2)
+        cmd = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+               "python", "-m", "anyorder_ray.sweep", "--config", "tune_configs/smoke.yaml", "--name", "job",
+               f"train.output_dir={tmp_path}"]  # fmt: skip
+        while True:
+            submit = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
+            # The head's job agent comes up a few seconds after the dashboard answers.
+            if "No available agent" not in submit.stderr + submit.stdout or time.time() > deadline + 60:
+                break
+            time.sleep(2)
+        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
+        assert "succeeded" in submit.stdout
+        _check_smoke_results(tmp_path / "job")
+    finally:
+        # Stop only the head this test started: its whole process group (not `ray stop`, which stops every
+        # Ray process of the user on the machine).
+        with_group = os.getpgid(head.pid)
+        os.killpg(with_group, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(with_group, signal.SIGKILL)
