@@ -58,6 +58,27 @@ class EnvConfig:
         _raise("env", p)
 
 
+def validate_env(env: EnvConfig, source: str = "config") -> None:
+    """Check the keys only the environment package can judge: ``level`` and ``obs_encoding``.
+
+    Not part of ``EnvConfig.__post_init__`` because it imports minigrid (about a second) and configs are
+    rebuilt inside every trial; entry points call it once, before Ray starts, so a misspelt level fails
+    at once instead of inside every rollout actor.
+    """
+    from envs.babyai import ObsEncoding, normalize_level
+
+    p: list[str] = []
+    try:
+        normalize_level(env.level)
+    except ValueError as e:
+        p.append(f"{source}: env.level: {e}; set env.level to one of them")
+    allowed = [e.value for e in ObsEncoding]
+    _check(p, env.obs_encoding in allowed, f"{source}: env.obs_encoding {env.obs_encoding!r} is unknown; allowed: "
+           f"{', '.join(allowed)}")  # fmt: skip
+    if p:
+        raise ConfigError(f"{len(p)} problem(s) in config:\n  - " + "\n  - ".join(p))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """How trajectories become training sequences."""
@@ -196,6 +217,8 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs"
     """Where sweeps write their results (absolute, or relative to the working directory)."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint after a training worker dies (-1: no limit)."""
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -219,6 +242,7 @@ class TrainConfig:
         _check(p, self.data_parallel_mode in ("ddp", "fsdp2"), "data_parallel_mode must be 'ddp' or 'fsdp2'")
         _check(p, self.report_every >= 1, "report_every must be >= 1")
         _check(p, self.checkpoint_every >= 0, "checkpoint_every must be >= 0")
+        _check(p, self.max_failures >= -1, f"max_failures must be >= -1 (-1: no limit), got {self.max_failures}")
         _raise("train", p)
 
     def grad_accum_steps(self) -> int:

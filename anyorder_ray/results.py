@@ -1,14 +1,19 @@
 """Turn a Tune ``ResultGrid`` into the results table (CSV + Markdown) and plots (PNG).
 
 Pure formatting over plain rows, so it is tested without Ray: ``results_rows`` is the only function that
-reads the grid.
+reads the grid. Every file is written atomically (temp file in the same folder, then ``os.replace``): a
+crash or an error mid-write leaves the previous version of the file, never a truncated one.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
+import os
+import secrets
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,14 +102,36 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_tables(rows: list[dict[str, Any]], run_dir: Path) -> str:
+    """Write ``results.csv`` and ``results.md`` (each atomically) and return the Markdown table."""
     run_dir = Path(run_dir)
-    with (run_dir / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    # Format everything before touching the files, then swap each one in whole.
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
     md = markdown_table(rows)
-    (run_dir / "results.md").write_text(md + "\n")
+    atomic_write(run_dir / "results.csv", lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8", newline=""))
+    atomic_write(run_dir / "results.md", lambda tmp: tmp.write_text(md + "\n", encoding="utf-8"))
     return md
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a temp file next to ``path``, flush it to disk, then rename it over ``path``.
+
+    The temp file keeps the suffix (``savefig`` picks the format from it) and starts with a dot so a reader
+    listing the folder never takes it for a result; it is removed if anything fails. It is created with
+    ``os.open`` rather than ``tempfile.mkstemp`` so the result gets the usual umask permissions, not 0600.
+    """
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        write(tmp)
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def success_curves(grid: Any) -> dict[str, tuple[list[float], list[float]]]:
@@ -140,7 +167,7 @@ def write_plots(grid: Any, rows: list[dict[str, Any]], run_dir: Path) -> list[Pa
         ax.legend(fontsize=8)
     fig.tight_layout()
     paths.append(run_dir / "success_vs_step.png")
-    fig.savefig(paths[-1], dpi=120)
+    atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
     by_arm: dict[str, list[dict]] = defaultdict(list)
@@ -164,7 +191,7 @@ def write_plots(grid: Any, rows: list[dict[str, Any]], run_dir: Path) -> list[Pa
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     paths.append(run_dir / "final_per_arm.png")
-    fig.savefig(paths[-1], dpi=120)
+    atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     return paths
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,8 +27,9 @@ from anyorder_ray.config import (
     default_config_path,
     load_config,
     read_yaml,
+    validate_env,
 )
-from anyorder_ray.results import results_rows, write_plots, write_tables
+from anyorder_ray.results import atomic_write, results_rows, write_plots, write_tables
 
 RUN_CONFIG_FILE = "experiment.yaml"
 
@@ -56,6 +58,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(runtime_env={"env_vars": local_env_vars()})
         return
     ray.init(
+        # "local" always starts a new instance; None would join a cluster left by an earlier `ray start`.
+        address="local",
         num_cpus=num_cpus or os.cpu_count(),
         object_store_memory=512 * 1024 * 1024,
         runtime_env={"env_vars": local_env_vars()},
@@ -63,32 +67,47 @@ def init_ray(num_cpus: int | None = None) -> None:
     )
 
 
-def check_resources(cfg: ExperimentConfig) -> None:
-    """Fail fast when one trial asks for more than the cluster has (instead of a silent pending hang)."""
-    import ray
-
+def resource_problems(cfg: ExperimentConfig, have_cpus: float, have_gpus: float) -> list[str]:
+    """What one trial asks for beyond ``have_cpus`` / ``have_gpus``, each naming the keys to lower."""
     from anyorder_ray.trial import trial_cpus
 
-    have = ray.cluster_resources()
-    need_cpu = trial_cpus(cfg)
-    need_gpu = cfg.train.num_workers if cfg.train.use_gpu else 0
     problems = []
-    if need_cpu > have.get("CPU", 0) + 1e-9:
+    need_cpu = trial_cpus(cfg)
+    if need_cpu > have_cpus + 1e-9:
+        terms = [
+            ("train.num_workers x train.cpus_per_worker", cfg.train.num_workers, cfg.train.cpus_per_worker),
+            ("rollout.num_actors x rollout.num_cpus_per_actor", cfg.rollout.num_actors, cfg.rollout.num_cpus_per_actor),
+            ("eval.num_actors x eval.num_cpus_per_actor", cfg.eval.num_actors, cfg.eval.num_cpus_per_actor),
+        ]
+        parts = [f"{keys} = {n} x {c:g} = {n * c:g}" for keys, n, c in terms if n * c > 0]
+        parts.append(f"sweep.trial_cpus = {cfg.sweep.trial_cpus:g}")
         problems.append(
-            f"one trial needs {need_cpu:g} CPUs (sweep.trial_cpus + train.num_workers x train.cpus_per_worker + "
-            f"rollout.num_actors x rollout.num_cpus_per_actor + eval.num_actors x eval.num_cpus_per_actor) "
-            f"but the cluster has {have.get('CPU', 0):g}"
+            f"one trial needs {need_cpu:g} CPUs but the cluster has {have_cpus:g} ({'; '.join(parts)}): lower "
+            "these keys so they fit, or use a bigger cluster (a local Ray gets --num-cpus, default all cores)"
         )
-    if need_gpu > have.get("GPU", 0):
+    need_gpu = cfg.train.num_workers if cfg.train.use_gpu else 0
+    if need_gpu > have_gpus:
         problems.append(
-            f"train.use_gpu with {need_gpu} workers needs {need_gpu} GPUs, the cluster has {have.get('GPU', 0):g}"
+            f"train.use_gpu=true with train.num_workers={cfg.train.num_workers} needs {need_gpu} GPU(s) per trial "
+            f"but the cluster has {have_gpus:g}: set train.use_gpu=false or lower train.num_workers"
         )
-    if problems:
-        autoscaling = bool(os.environ.get("RAY_ADDRESS"))
-        msg = "; ".join(problems) + ". Lower the requests in the config or add resources."
-        if not autoscaling:
-            raise ConfigError(msg)
-        print(f"[sweep] warning: {msg} Waiting for the autoscaler.", flush=True)
+    return problems
+
+
+def check_resources(cfg: ExperimentConfig) -> None:
+    """Fail fast when one trial asks for more than the cluster has (instead of a silent pending hang).
+
+    On a cluster reached through ``RAY_ADDRESS`` an autoscaler may add nodes, so there it only warns.
+    """
+    import ray
+
+    have = ray.cluster_resources()
+    problems = resource_problems(cfg, have.get("CPU", 0.0), have.get("GPU", 0.0))
+    if not problems:
+        return
+    if not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError("; ".join(problems))
+    print(f"[sweep] warning: {'; '.join(problems)}. Waiting for the autoscaler.", flush=True)
 
 
 def build_tuner(cfg: ExperimentConfig, run_dir: Path):
@@ -123,48 +142,96 @@ def build_tuner(cfg: ExperimentConfig, run_dir: Path):
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    args = parse_args(argv)
-    try:
-        if args.resume is not None:
-            run_dir = args.resume.resolve()
-            if not (run_dir / RUN_CONFIG_FILE).is_file():
-                raise ConfigError(f"--resume {args.resume}: no {RUN_CONFIG_FILE} there; is it a sweep run directory?")
-            cfg = load_config(run_dir / RUN_CONFIG_FILE, args.overrides)
-        else:
-            cfg = load_config(args.config or default_config_path(), args.overrides)
-            root = Path(cfg.sweep.storage_path or cfg.train.output_dir).resolve()
-            run_dir = root / (args.name or f"{cfg.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            run_dir.mkdir(parents=True, exist_ok=False)
-            _write_config(cfg, run_dir / RUN_CONFIG_FILE)
-    except (ConfigError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
+def restore_tuner(cfg: ExperimentConfig, run_dir: Path):
+    """The Tuner of an interrupted sweep: finished trials are kept as they are (never rerun); unfinished
+    (RUNNING/PENDING when the driver died) and errored ones run again under their old trial ids, so each
+    trial's TorchTrainer finds its own run folder and continues from its latest checkpoint."""
     from ray import tune
 
     from anyorder_ray.trial import run_trial
 
-    init_ray(args.num_cpus)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=cfg, run_dir=str(run_dir)), {"cpu": cfg.sweep.trial_cpus}
+    )
+    return tune.Tuner.restore(
+        str(run_dir / "tune"), trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
+    )
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
+    """The validated config and run directory of this invocation. Creates nothing; raises ``ConfigError``."""
+    if args.resume is not None:
+        extra = [flag for flag, given in (("--config", args.config), ("--name", args.name)) if given is not None]
+        if extra or args.overrides:
+            given = ", ".join(extra + list(args.overrides))
+            raise ConfigError(
+                f"--resume continues a sweep with the config saved in its {RUN_CONFIG_FILE}; it takes no {given}. "
+                f"Start a new run with --config {args.resume / RUN_CONFIG_FILE} and the overrides instead."
+            )
+        run_dir = args.resume.resolve()
+        if not (run_dir / RUN_CONFIG_FILE).is_file():
+            raise ConfigError(
+                f"--resume {args.resume}: no {RUN_CONFIG_FILE} there, so it is not a sweep run directory; "
+                f"pass the directory printed as '[sweep] run directory: ...' by the run to continue"
+            )
+        cfg = load_config(run_dir / RUN_CONFIG_FILE)
+        validate_env(cfg.env, str(run_dir / RUN_CONFIG_FILE))
+        from ray import tune
+
+        if not tune.Tuner.can_restore(str(run_dir / "tune")):
+            raise ConfigError(
+                f"--resume {args.resume}: no Tune experiment state under {run_dir / 'tune'} (the sweep stopped "
+                f"before its first trial started); start it again with --config {run_dir / RUN_CONFIG_FILE}"
+            )
+        return cfg, run_dir
+    path = args.config or default_config_path()
+    cfg = load_config(path, args.overrides)
+    validate_env(cfg.env, str(path))
+    root = Path(cfg.sweep.storage_path or cfg.train.output_dir).resolve()
+    run_dir = root / (args.name or f"{cfg.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if run_dir.exists():
+        raise ConfigError(f"run directory {run_dir} already exists: pick another --name, or --resume it")
+    return cfg, run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # Tune snapshots its experiment state (which trials finished) at most every 10 s by default; a driver
+    # killed inside that window makes --resume rerun a trial that had finished. The state is a few KB.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    args = parse_args(argv)
+    # Every check that can fail runs before anything is written: a bad config or a cluster too small for
+    # one trial leaves no run directory behind.
     try:
-        check_resources(cfg)
+        cfg, run_dir = resolve_run(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    import ray
+
+    started_ray = not ray.is_initialized()
+    init_ray(args.num_cpus)
+    created = False
+    try:
+        check_resources(cfg)
+        if args.resume is None:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            created = True
+            _write_config(cfg, run_dir / RUN_CONFIG_FILE)
+    except (ConfigError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        if created:  # a run directory without its experiment.yaml could be neither resumed nor reused
+            shutil.rmtree(run_dir, ignore_errors=True)
+        if started_ray:
+            ray.shutdown()
         return 2
     arms = ", ".join(_arm_label(a) for a in cfg.sweep.arms)
     print(f"[sweep] run directory: {run_dir}", flush=True)
     print(f"[sweep] level {cfg.env.level}; arms: {arms}; seeds {list(cfg.sweep.seeds)}", flush=True)
     print(f"[sweep] TensorBoard: tensorboard --logdir {run_dir / 'tune'}", flush=True)
     start = time.time()
-    if args.resume is not None:
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=cfg, run_dir=str(run_dir)), {"cpu": cfg.sweep.trial_cpus}
-        )
-        tuner = tune.Tuner.restore(str(run_dir / "tune"), trainable=trainable, resume_errored=True)
-    else:
-        tuner = build_tuner(cfg, run_dir)
+    tuner = restore_tuner(cfg, run_dir) if args.resume is not None else build_tuner(cfg, run_dir)
     grid = tuner.fit()
     rows = results_rows(grid)
     table_md = write_tables(rows, run_dir)
@@ -189,12 +256,17 @@ def _write_config(cfg: ExperimentConfig, path: Path) -> None:
         for k, v in section.items():
             if isinstance(v, tuple):
                 section[k] = list(v)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    read_yaml(path)  # what we wrote must load back
+    text = yaml.safe_dump(raw, sort_keys=False)
+
+    def write_checked(tmp: Path) -> None:
+        tmp.write_text(text, encoding="utf-8")
+        read_yaml(tmp)  # what we write must load back, or --resume could not use it
+
+    atomic_write(path, write_checked)
 
 
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["build_tuner", "check_resources", "init_ray", "main"]
+__all__ = ["build_tuner", "check_resources", "init_ray", "main", "resolve_run", "resource_problems", "restore_tuner"]

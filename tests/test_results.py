@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import csv
 import math
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
-from anyorder_ray.results import COLUMNS, make_row, markdown_table, write_tables
+import pytest
+
+from anyorder_ray.results import COLUMNS, atomic_write, make_row, markdown_table, write_plots, write_tables
 
 
 def test_rows_name_the_arm_and_carry_the_final_metrics(tmp_path):
@@ -34,3 +41,77 @@ def test_rows_name_the_arm_and_carry_the_final_metrics(tmp_path):
 def test_sampled_mask_prob_overrides_the_arm_default():
     row = make_row("t", {"arm": {"mode": "obs_only"}, "mask_prob": 0.42, "seed": 2}, {}, "ok")
     assert row["arm"] == "obs_only@0.42"
+
+
+class _Unprintable:
+    """A value whose formatting fails, as a corrupted metric could: raised while the table is written."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("cannot format this value")
+
+
+def _row(trial: str, success: float) -> dict:
+    return make_row(trial, {"arm": {"mode": "causal"}, "seed": 0}, {"eval/success_rate": success}, "ok")
+
+
+def test_a_failure_mid_write_keeps_the_previous_tables(tmp_path):
+    write_tables([_row("t1", 0.5), _row("t2", 0.7)], tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"results.csv", "results.md"}
+    bad = [_row("t1", 0.6), {**_row("t2", 0.8), "checkpoint": _Unprintable()}]
+    with pytest.raises(RuntimeError, match="cannot format"):
+        write_tables(bad, tmp_path)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}  # no temp files left either
+    assert after == before
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("old\n")
+
+    def half_then_fail(tmp: Path) -> None:
+        tmp.write_text("new, but only ha")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(path, half_then_fail)
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+    atomic_write(path, lambda tmp: tmp.write_text("new\n"))
+    assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # permissions follow the umask like any other file (a temp file's 0600 would not)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_a_process_killed_mid_write_leaves_the_previous_file(tmp_path):
+    path = tmp_path / "results.md"
+    path.write_text("| old table |\n")
+    # A real crash: the writer process dies (SIGKILL, no cleanup runs) after writing half of the new file.
+    code = f"""
+import os, signal
+from pathlib import Path
+from anyorder_ray.results import atomic_write
+
+def half_then_die(tmp):
+    with tmp.open("w") as f:
+        f.write("| new ta")
+        f.flush()
+        os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+atomic_write(Path({str(path)!r}), half_then_die)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert path.read_text() == "| old table |\n"
+    leftovers = [p.name for p in tmp_path.iterdir() if p != path]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".results.") and leftovers[0].endswith(".tmp.md")
+
+
+def test_plots_are_written_as_complete_pngs(tmp_path):
+    rows = [_row("t1", 0.5), make_row("t2", {"arm": {"mode": "any_order", "mask_prob": 0.3}}, {}, "error")]
+    paths = write_plots([], rows, tmp_path)
+    assert [p.name for p in paths] == ["success_vs_step.png", "final_per_arm.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no temp files left
+    for p in paths:
+        assert p.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and p.stat().st_size > 1000

@@ -1,0 +1,287 @@
+"""The sweep CLI on bad input (clear error, exit 2, nothing written) and `--resume` after the driver is killed.
+
+The fast tests call `sweep.main` in-process: every failure they provoke happens before Ray starts. The slow ones
+run the CLI in a subprocess with its own Ray temp folder and a marker in its environment, so every Ray process
+it started (raylet, GCS, workers) can be found and stopped by id afterwards, never other people's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from anyorder_ray import sweep
+from anyorder_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "tune_configs" / "smoke.yaml"
+ARMS = {"causal", "prefix", "any_order@0.5"}
+
+
+def _smoke_args(out: Path, *overrides: str) -> list[str]:
+    return ["--config", str(SMOKE), "--name", "run", f"train.output_dir={out}", *overrides]
+
+
+# ----------------------------------------------------------------------------------------- bad input, fast
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("env.level=GoToRedBal", ["env.level", "unknown BabyAI level 'GoToRedBal'", "BabyAI-GoToRedBall-v0"]),
+        ("env.level=BabyAI-Nowhere-v0", ["env.level", "unknown BabyAI level 'BabyAI-Nowhere-v0'"]),
+        ("env.obs_encoding=pixels", ["env.obs_encoding 'pixels' is unknown; allowed: grid"]),
+        ("train.mx_steps=3", ["unknown key train.mx_steps (did you mean 'max_steps'?)"]),
+        ("masking.mask_prob=0", ["mask_prob must be in (0, 1]"]),
+        ("masking.mode=sideways", ["mode 'sideways' is unknown"]),
+        ("train.lr=fast", ["train.lr = 'fast' has the wrong type; expected float"]),
+    ],
+)
+def test_config_errors_exit_2_before_anything_is_written(tmp_path, capsys, override, expected):
+    out = tmp_path / "runs"
+    assert sweep.main(_smoke_args(out, override)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    for fragment in expected:
+        assert fragment in err, err
+    assert not out.exists()  # no half-created run directory (nor its parent)
+
+
+def test_missing_config_file_is_named(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert sweep.main(["--config", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read config file {missing}" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_run_directory_is_left_alone(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "results.csv").write_text("keep me\n")
+    assert sweep.main(_smoke_args(tmp_path)) == 2
+    assert "already exists: pick another --name, or --resume it" in capsys.readouterr().err
+    assert [p.name for p in run_dir.iterdir()] == ["results.csv"]
+    assert (run_dir / "results.csv").read_text() == "keep me\n"
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("x")
+    assert sweep.main(["--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume {tmp_path}: no experiment.yaml there, so it is not a sweep run directory" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_resume_of_a_run_stopped_before_tune_started(tmp_path, capsys):
+    shutil.copy(SMOKE, tmp_path / sweep.RUN_CONFIG_FILE)
+    assert sweep.main(["--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no Tune experiment state" in err and f"--config {tmp_path / sweep.RUN_CONFIG_FILE}" in err
+    assert [p.name for p in tmp_path.iterdir()] == [sweep.RUN_CONFIG_FILE]
+
+
+def test_resume_takes_no_overrides_or_other_config(tmp_path, capsys):
+    shutil.copy(SMOKE, tmp_path / sweep.RUN_CONFIG_FILE)
+    assert sweep.main(["--resume", str(tmp_path), "train.max_steps=3"]) == 2
+    assert "it takes no train.max_steps=3" in capsys.readouterr().err
+    assert sweep.main(["--resume", str(tmp_path), "--config", str(SMOKE)]) == 2
+    assert "it takes no --config" in capsys.readouterr().err
+
+
+def test_resource_problems_name_the_keys_to_lower():
+    cfg = load_config(SMOKE, ["train.num_workers=4", "train.global_batch_size=32"])
+    (cpu,) = sweep.resource_problems(cfg, have_cpus=2, have_gpus=0)
+    assert "one trial needs 2.41 CPUs but the cluster has 2" in cpu
+    assert "train.num_workers x train.cpus_per_worker = 4 x 0.5 = 2" in cpu
+    assert "rollout.num_actors x rollout.num_cpus_per_actor = 1 x 0.2 = 0.2" in cpu
+    assert "sweep.trial_cpus = 0.01" in cpu
+    assert sweep.resource_problems(cfg, have_cpus=2.41, have_gpus=0) == []
+
+    gpu_cfg = cfg.replace(train=dataclasses.replace(cfg.train, use_gpu=True, num_workers=2, global_batch_size=16))
+    (gpu,) = sweep.resource_problems(gpu_cfg, have_cpus=8, have_gpus=1)
+    assert "train.use_gpu=true with train.num_workers=2 needs 2 GPU(s) per trial but the cluster has 1" in gpu
+    assert "set train.use_gpu=false or lower train.num_workers" in gpu
+    assert sweep.resource_problems(gpu_cfg, have_cpus=8, have_gpus=2) == []
+
+
+# ----------------------------------------------------------------------------------- subprocess helpers
+
+
+@dataclasses.dataclass
+class _RayScope:
+    """Environment for one CLI subprocess: an isolated Ray temp folder and a marker every child inherits."""
+
+    env: dict[str, str]
+    temp_dir: Path
+    tag: str
+
+    def leftover_pids(self) -> list[int]:
+        """Processes (ours, still alive) whose environment or command line carries this scope's marker."""
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                environ = (proc / "environ").read_bytes()
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:  # gone, or not ours
+                continue
+            if self.tag.encode() in environ or str(self.temp_dir).encode() in cmdline:
+                pids.append(int(proc.name))
+        return pids
+
+    def kill_leftovers(self) -> list[int]:
+        """SIGKILL what is left of the Ray this scope's CLI started (by pid); returns the pids it killed."""
+        pids = self.leftover_pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return pids
+
+
+@pytest.fixture
+def ray_scope() -> Iterator[_RayScope]:
+    tag = uuid.uuid4().hex[:12]
+    temp_dir = Path("/tmp") / f"aoray-cli-{tag}"  # short: Ray's socket paths have a length limit
+    temp_dir.mkdir()
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", RAY_TMPDIR=str(temp_dir), AORAY_TEST_SCOPE=tag)
+    scope = _RayScope(env, temp_dir, tag)
+    try:
+        yield scope
+    finally:
+        scope.kill_leftovers()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "anyorder_ray.sweep", "--num-cpus", "2", *args]
+
+
+def _run(cmd: list[str], scope: _RayScope, timeout: float) -> subprocess.CompletedProcess:
+    """Run the CLI in its own process group; on timeout kill the whole group and fail."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=scope.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+# ------------------------------------------------------------------------------- resources, slow (Ray)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.num_workers=4", "train.global_batch_size=32"],
+         ["one trial needs 2.41 CPUs but the cluster has 2", "train.num_workers x train.cpus_per_worker = 4 x 0.5"]),
+        (["train.use_gpu=true"], ["train.use_gpu=true with train.num_workers=1 needs 1 GPU(s)", "cluster has 0"]),
+    ],
+    ids=["cpu", "gpu"],
+)  # fmt: skip
+def test_a_trial_bigger_than_the_local_cluster_fails_fast(tmp_path, ray_scope, overrides, expected):
+    out = tmp_path / "runs"
+    proc = _run(_cli(*_smoke_args(out, *overrides)), ray_scope, timeout=180)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for fragment in expected:
+        assert fragment in proc.stderr, proc.stderr[-3000:]
+    assert not out.exists()  # refused before the run directory was created
+
+
+# ------------------------------------------------------------------------------------- --resume, slow
+
+
+def _trial_states(tune_dir: Path) -> dict[str, str]:
+    """trial id -> status from Tune's newest experiment state snapshot ({} until there is one)."""
+    # One snapshot file per driver session, named by its start time; a resumed session copies the old one
+    # back too (so modification times do not tell them apart), the names do.
+    snapshots = sorted(tune_dir.glob("experiment_state-*.json"))
+    if not snapshots:
+        return {}
+    try:
+        state = json.loads(snapshots[-1].read_text())
+    except (OSError, json.JSONDecodeError):  # caught mid-rewrite
+        return {}
+    trials = (json.loads(trial_json) for trial_json, _ in state["trial_data"])
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
+def _trial_dir(tune_dir: Path, trial_id: str) -> Path:
+    (path,) = [p for p in tune_dir.iterdir() if p.is_dir() and trial_id in p.name]
+    return path
+
+
+def _reported_final(result_json: bytes) -> bool:
+    """Whether a trial's ``result.json`` (one JSON object per report) ends with the final evaluation."""
+    lines = result_json.decode().strip().splitlines()
+    return bool(lines) and bool(json.loads(lines[-1]).get("eval/final"))
+
+
+@pytest.mark.slow
+def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(tmp_path, ray_scope):
+    out = tmp_path / "runs"
+    run_dir, tune_dir = out / "run", out / "run" / "tune"
+    log = (tmp_path / "first.log").open("w")
+    driver = subprocess.Popen(
+        _cli(*_smoke_args(out, "sweep.max_concurrent_trials=1")), cwd=ROOT, env=ray_scope.env, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        # Wait for one trial finished (as Tune's state on disk records it) and the next one running.
+        deadline = time.monotonic() + 240  # a hang guard, not a timing check
+        while True:
+            states = _trial_states(tune_dir)
+            done = [t for t, s in states.items() if s == "TERMINATED"]
+            if done and "RUNNING" in states.values():
+                break
+            assert "ERROR" not in states.values(), (tmp_path / "first.log").read_text()[-4000:]
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, (states, (tmp_path / "first.log").read_text()[-4000:])
+            time.sleep(0.5)
+        (finished,) = done
+        finished_result = (_trial_dir(tune_dir, finished) / "result.json").read_bytes()
+        assert _reported_final(finished_result)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything in its process group
+        driver.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        log.close()
+    # The killed driver's local Ray is gone (or is stopped here): the resumed run starts a fresh one.
+    ray_scope.kill_leftovers()
+    assert sorted(_trial_states(tune_dir).values()) != ["TERMINATED"] * len(ARMS)  # really interrupted
+
+    proc = _run(_cli("--resume", str(run_dir)), ray_scope, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"[sweep] run directory: {run_dir}" in proc.stdout
+
+    with (run_dir / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["arm"] for r in rows) == sorted(ARMS)  # one row per arm, none duplicated
+    assert all(r["status"] == "ok" and float(r["train_steps"]) == 12 for r in rows), rows
+    states = _trial_states(tune_dir)
+    assert len(states) == len(ARMS) and set(states.values()) == {"TERMINATED"}
+    # The trial that had finished was not run again: its reported results are byte for byte the same.
+    assert (_trial_dir(tune_dir, finished) / "result.json").read_bytes() == finished_result
+    for trial in set(states) - {finished}:
+        assert _reported_final((_trial_dir(tune_dir, trial) / "result.json").read_bytes())
