@@ -31,6 +31,8 @@ class BufferStats:
     sampled: int
     batches: int
     per_worker: dict[int, int] = field(default_factory=dict)
+    repeated: int = 0
+    """Batches dropped because they repeated seeds already acknowledged (a restarted producer's redo)."""
 
     def as_metrics(self) -> dict[str, float]:
         return {
@@ -64,6 +66,7 @@ class BufferState:
         self._evicted = 0
         self._sampled = 0
         self._batches = 0
+        self._repeated = 0
         self._per_worker: dict[int, int] = {}
         self._next_seed: dict[int, int] = {}
         self._stopped = False
@@ -75,9 +78,16 @@ class BufferState:
 
         In the fixed-budget regime a batch that would overshoot the target is trimmed, so the buffer
         holds exactly ``target`` trajectories (the surplus at the end of that batch is never sampled).
+
+        A batch whose ``next_seed`` does not go past the worker's acknowledged progress repeats seeds the
+        buffer already holds and is dropped. That happens when a producer dies with an ``add`` in flight:
+        its restarted self may read the resume seed before that ``add`` lands and redo the same seeds.
         """
         if count < 0:
             raise ValueError("count must be >= 0")
+        if next_seed is not None and next_seed <= self._next_seed.get(worker, -1):
+            self._repeated += 1
+            return self.wants_more()
         if self.target is not None:
             count = min(count, self.target - self._produced)
         if count > 0:
@@ -145,6 +155,7 @@ class BufferState:
             sampled=self._sampled,
             batches=self._batches,
             per_worker=dict(self._per_worker),
+            repeated=self._repeated,
         )
 
 

@@ -1,7 +1,8 @@
 """Training checkpoints in HF format plus the state needed to resume exactly.
 
 A checkpoint folder holds ``config.json`` + ``model.safetensors`` (``save_pretrained``), the tokenizer
-files, and ``training_state.pt`` (optimizer, LR schedule, step, RNG states). Folders are written under a
+files, and ``training_state.pt`` (optimizer, LR schedule, step, RNG states, each rank's data-pipeline
+position). Folders are written under a
 temporary name and renamed into place, so a crash mid-write never leaves a folder that looks complete;
 ``training_state.pt`` is written last and its presence marks a complete checkpoint.
 """
@@ -12,7 +13,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 TRAINING_STATE = "training_state.pt"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainingState:
     """What besides the weights a resumed run needs to continue the same trajectory of training."""
 
@@ -30,7 +31,12 @@ class TrainingState:
     optimizer: dict
     scheduler: dict
     rng: dict
+    """``{"per_rank": {rank: capture_rng(...)}}``."""
     extra: dict
+    """Informational (e.g. the metrics of the checkpoint's report); not needed to resume."""
+    pipeline: dict = field(default_factory=dict)
+    """``{"per_rank": {rank: {...}}}``: where each rank's data pipeline stands (pending batches, buffer view,
+    token count), so a resumed run draws exactly the batches the uninterrupted run would have drawn."""
 
 
 def capture_rng(generators: dict[str, np.random.Generator]) -> dict:
@@ -83,6 +89,7 @@ def save_checkpoint(
                 "scheduler": state.scheduler,
                 "rng": state.rng,
                 "extra": state.extra,
+                "pipeline": state.pipeline,
             },
             tmp / TRAINING_STATE,
         )
@@ -105,7 +112,9 @@ def load_training_state(directory: str | os.PathLike) -> TrainingState:
     if not is_complete_checkpoint(d):
         raise FileNotFoundError(f"{d} is not a complete checkpoint (needs config.json and {TRAINING_STATE})")
     raw = torch.load(d / TRAINING_STATE, map_location="cpu", weights_only=False)
-    return TrainingState(raw["step"], raw["optimizer"], raw["scheduler"], raw["rng"], raw.get("extra", {}))
+    return TrainingState(
+        raw["step"], raw["optimizer"], raw["scheduler"], raw["rng"], raw.get("extra", {}), raw.get("pipeline", {})
+    )
 
 
 def load_weights_into(model: torch.nn.Module, directory: str | os.PathLike) -> None:

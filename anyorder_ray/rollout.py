@@ -3,7 +3,8 @@
 Each batch goes to ``buffer.add`` by value and the buffer puts it into the object store, so the buffer
 owns it. Once the buffer acknowledged a batch, the data survives this actor's death; a restarted actor asks the buffer
 where it left off and continues from the next seed, so no acknowledged trajectory is lost and no seed
-is used twice.
+is used twice (should the dead actor's last ``add`` land after its successor read the resume seed, the
+buffer drops whichever copy of those seeds arrives second).
 """
 
 from __future__ import annotations

@@ -4,15 +4,24 @@ every draw, and trains the LLaDA2 model with the masked objective.
 ``train_loop_per_worker`` is short orchestration; the pieces it calls (``BufferSource``, ``BatchMaker``,
 ``train_step``, ``EvalClient``) are small and each does one thing. Only rank 0 writes checkpoints and talks
 to the eval actor; every rank reports metrics (Ray Train V2 expects a report from every worker).
+
+Resuming is exact: a checkpoint holds the weights, optimizer, LR schedule, step, every rank's RNG states and
+each rank's data-pipeline position (pending pre-bucketed batches, buffer view, token count), so a worker
+group restarted by ``FailureConfig`` reports the same metrics from the restore point on as a run that never
+failed (same seed, fixed data, deterministic kernels).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import random
+import signal
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +56,54 @@ from anyorder_ray.transform import (
 
 logger = logging.getLogger(__name__)
 
+METRICS_LOG = "metrics.jsonl"
+"""File name of the metrics log a trial keeps next to its checkpoints (see ``LoopSettings.metrics_log``)."""
+
+
+@dataclass(frozen=True)
+class KillOnce:
+    """Fault injection for tests: SIGKILL the worker process of ``rank`` once, right after step ``step``.
+
+    ``marker`` is a file created just before the kill; the restarted worker group finds it and goes on. It
+    simulates a crashed training worker from inside, at a chosen step. Production runs never set it.
+    """
+
+    step: int
+    marker: str
+    rank: int = 0
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step != self.step or rank != self.rank or os.path.exists(self.marker):
+            return
+        Path(self.marker).write_text(f"killed pid {os.getpid()} after step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What ``train_loop_per_worker`` receives (TorchTrainer passes a dict: ``LoopSettings.from_dict``)."""
+
+    cfg: ExperimentConfig
+    buffer: Any
+    """The trial's ``TrajectoryBuffer`` actor."""
+    evaluator: Any | None = None
+    """The eval actor (None: no evaluation)."""
+    producers: Sequence[Any] = ()
+    """The rollout actors' ``run`` references: a failed one stops the wait for data with its error."""
+    metrics_log: str | None = None
+    """JSONL file rank 0 appends every report's metrics to (Train V2 keeps no metrics history). A restart
+    appends a ``{"resumed_from_step": N}`` line and then the reports from step N on, again."""
+    fault_injection: KillOnce | None = None
+    """Test hook only (see ``KillOnce``)."""
+
+    @classmethod
+    def from_dict(cls, loop_config: Mapping[str, Any]) -> LoopSettings:
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(loop_config) - allowed)
+        if unknown:
+            raise ValueError(f"unknown train_loop_config keys {unknown}; allowed: {sorted(allowed)}")
+        return cls(**loop_config)
+
 
 class BufferSource:
     """A worker-local view of the ``TrajectoryBuffer``: batches are fetched once, then sampled locally.
@@ -66,8 +123,15 @@ class BufferSource:
     def size(self) -> int:
         return int(self._cum[-1]) if len(self._cum) else 0
 
-    def refresh(self) -> int:
+    def refresh(self, limit: int | None = None) -> int:
+        """Sync the view with the buffer; returns the trajectories in view.
+
+        ``limit`` keeps only the oldest ``limit`` trajectories: it restores a checkpointed view in the fixed
+        regime, where the buffer only appends, so an earlier view is always a prefix of the current one.
+        """
         snapshot = ray.get(self._buffer.snapshot.remote())
+        if limit is not None:
+            snapshot = _first_trajectories(snapshot, limit)
         new = [ref for ref, _, _ in snapshot if ref not in self._cache]
         if new:
             for ref, batch in zip(new, ray.get(new), strict=True):
@@ -158,6 +222,24 @@ class BatchMaker:
 
     def generators(self) -> dict[str, np.random.Generator]:
         return {"batch": self.rng, "sampler": self.sampler._rng}
+
+    def pending(self) -> list[list[EncodedExample]]:
+        """The pre-bucketed micro-batches not yet used (part of the checkpoint: their masks are drawn)."""
+        return [list(batch) for batch in self._queue]
+
+    def restore_pending(self, queue: Sequence[Sequence[EncodedExample]]) -> None:
+        self._queue = [list(batch) for batch in queue]
+
+
+def _first_trajectories(snapshot: list[tuple[Any, int, int]], limit: int) -> list[tuple[Any, int, int]]:
+    """The oldest ``limit`` trajectories of a buffer snapshot of (reference, first index, count) entries."""
+    out, left = [], limit
+    for ref, start, count in snapshot:
+        if left <= 0:
+            break
+        out.append((ref, start, min(count, left)))
+        left -= count
+    return out
 
 
 @dataclass(frozen=True)
@@ -262,13 +344,10 @@ class EvalClient:
         return self.poll(timeout=timeout)
 
 
-def _loop_settings(loop_config: dict) -> tuple[ExperimentConfig, Any, Any, list]:
-    return loop_config["cfg"], loop_config["buffer"], loop_config.get("evaluator"), loop_config.get("producers", [])
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Entry point of every TorchTrainer worker."""
-    cfg, buffer, evaluator, producers = _loop_settings(loop_config)
+    """Entry point of every TorchTrainer worker; ``loop_config`` holds the fields of ``LoopSettings``."""
+    settings = LoopSettings.from_dict(loop_config)
+    cfg, buffer = settings.cfg, settings.buffer
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not cfg.train.use_gpu:
@@ -276,6 +355,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     seed = cfg.train.seed * 1000 + rank
     torch.manual_seed(cfg.train.seed)  # same init on every rank (DDP also broadcasts it)
     np.random.seed(seed)
+    random.seed(seed)  # captured in checkpoints too: seeded, so a run is reproducible from its seed alone
     device = ray.train.torch.get_device()
 
     tokenizer = build_tokenizer(cfg.model)
@@ -291,25 +371,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batches = BatchMaker(cfg.data, cfg.masking, encoder, tokenizer.pad_token_id, seed)
     generators = {"source": source._rng, **batches.generators()}
 
-    step = 0
+    step, restored = 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            load_weights_into(model, d)
-            state = load_training_state(d)
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        restore_rng(state.rng["per_rank"].get(rank, state.rng["per_rank"][0]), generators)
-        step = state.step
+        step, restored = _resume(checkpoint, model, optimizer, scheduler, batches, generators, rank)
         print(f"[train] rank {rank}: resumed from step {step}", flush=True)
+        if rank == 0 and settings.metrics_log:
+            _append_jsonl(settings.metrics_log, {"resumed_from_step": step})
 
-    source.wait_until(cfg.data.start_size(), producers)
+    # The fixed regime's buffer only appends, so the checkpointed view is a prefix of it: restore exactly that
+    # view (later refreshes then see what the uninterrupted run saw). A streaming view may be evicted by now.
+    view_size = restored.get("view_size") if cfg.data.regime == "fixed" else None
+    source.wait_until(max(cfg.data.start_size(), view_size or 0), settings.producers)
+    if view_size:
+        source.refresh(limit=view_size)
     full = cfg.data.regime == "fixed" and source.size >= cfg.data.num_demos
-    eval_client = EvalClient(evaluator if rank == 0 else None, cfg.eval.episodes)
+    eval_client = EvalClient(settings.evaluator if rank == 0 else None, cfg.eval.episodes)
     accum = cfg.train.grad_accum_steps()
     mbs = cfg.train.micro_batch_size
     window = {"tokens": 0, "padded": 0, "targets": 0, "loss": 0.0, "steps": 0, "t0": time.perf_counter()}
-    total_tokens = 0
+    total_tokens = int(restored.get("tokens", 0))
 
     while step < cfg.train.max_steps:
         if not full and step % 20 == 0:
@@ -347,8 +428,43 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 else:
                     metrics.update(eval_client.poll())
             want_ckpt = last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
-            _report(metrics, model, tokenizer, optimizer, scheduler, step, generators, rank, world, bool(want_ckpt))
+            position = {"queue": batches.pending(), "view_size": source.size, "tokens": total_tokens}
+            _report(metrics, model, tokenizer, optimizer, scheduler, step, generators, position, rank, world,
+                    bool(want_ckpt))  # fmt: skip
+            if rank == 0 and settings.metrics_log:
+                _append_jsonl(settings.metrics_log, metrics)
             window.update(tokens=0, padded=0, targets=0, loss=0.0, steps=0, t0=time.perf_counter())
+        if settings.fault_injection is not None:
+            settings.fault_injection(step, rank)
+
+
+def _resume(
+    checkpoint: ray.train.Checkpoint,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    batches: BatchMaker,
+    generators: dict[str, np.random.Generator],
+    rank: int,
+) -> tuple[int, dict[str, Any]]:
+    """Load everything the checkpoint holds into this worker; returns the step and this rank's data position."""
+    with checkpoint.as_directory() as d:
+        load_weights_into(model, d)
+        state = load_training_state(d)
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    rngs = state.rng["per_rank"]
+    restore_rng(rngs.get(rank, rngs[0]), generators)
+    # A rank the checkpoint does not know (a larger worker group) starts with no pending batches.
+    position = state.pipeline.get("per_rank", {}).get(rank, {})
+    batches.restore_pending(position.get("queue", []))
+    return state.step, position
+
+
+def _append_jsonl(path: str, record: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
 
 
 def _report(
@@ -359,6 +475,7 @@ def _report(
     scheduler: Any,
     step: int,
     generators: dict[str, np.random.Generator],
+    position: dict[str, Any],
     rank: int,
     world: int,
     with_checkpoint: bool,
@@ -366,13 +483,14 @@ def _report(
     if not with_checkpoint:
         ray.train.report(metrics)
         return
-    # Every rank's RNG state goes into the checkpoint so a restored run continues each rank's stream.
-    rng = capture_rng(generators)
+    # Every rank's RNG states and data position go into the checkpoint so a restored run continues each
+    # rank's streams and batches exactly.
+    mine = {"rng": capture_rng(generators), "position": position}
     gathered = [None] * world
     if world > 1:
-        torch.distributed.all_gather_object(gathered, rng)
+        torch.distributed.all_gather_object(gathered, mine)
     else:
-        gathered = [rng]
+        gathered = [mine]
     with tempfile.TemporaryDirectory(prefix="aoray-ckpt-") as tmp:
         checkpoint = None
         if rank == 0:
@@ -380,8 +498,9 @@ def _report(
                 step=step,
                 optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(),
-                rng={"per_rank": dict(enumerate(gathered))},
+                rng={"per_rank": {r: g["rng"] for r, g in enumerate(gathered)}},
                 extra={"metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}},
+                pipeline={"per_rank": {r: g["position"] for r, g in enumerate(gathered)}},
             )
             path = save_checkpoint(Path(tmp) / "checkpoint", model, tokenizer, state)
             checkpoint = ray.train.Checkpoint.from_directory(str(path))

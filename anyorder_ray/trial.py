@@ -21,7 +21,7 @@ from anyorder_ray.buffer import TrajectoryBuffer
 from anyorder_ray.config import P_MODES, ExperimentConfig, MaskingConfig, config_from_dict
 from anyorder_ray.factory import build_model_config, build_tokenizer
 from anyorder_ray.rollout import RolloutWorker
-from anyorder_ray.train import train_loop_per_worker
+from anyorder_ray.train import METRICS_LOG, train_loop_per_worker
 
 
 def trial_config(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
@@ -53,51 +53,63 @@ def trial_cpus(cfg: ExperimentConfig) -> float:
 _OUTSIDE_TRIAL_PG = PlacementGroupSchedulingStrategy(placement_group=None)
 
 
-def start_actors(cfg: ExperimentConfig) -> tuple[Any, list[Any], list[Any], Any | None]:
-    """The buffer, the rollout actors, their running ``run`` references and the eval actor of one trial."""
-    from anyorder_ray.evaluation import EvalWorker
-
+def make_buffer(cfg: ExperimentConfig) -> Any:
+    """The trial's ``TrajectoryBuffer`` actor (no restarts: it owns the data, a restart would start empty)."""
     target = cfg.data.num_demos if cfg.data.regime == "fixed" else None
-    buffer = (
+    return (
         ray.remote(TrajectoryBuffer)
         .options(num_cpus=0, max_restarts=0, scheduling_strategy=_OUTSIDE_TRIAL_PG)
         .remote(cfg.data.buffer_capacity, seed=cfg.train.seed, target=target)
     )
-    workers, runs = [], []
-    for i in range(cfg.rollout.num_actors):
-        actor = (
-            ray.remote(RolloutWorker)
-            .options(
-                num_cpus=cfg.rollout.num_cpus_per_actor,
-                max_restarts=cfg.rollout.max_restarts,
-                max_task_retries=-1,
-                scheduling_strategy=_OUTSIDE_TRIAL_PG,
-            )
-            .remote(cfg.env, cfg.rollout, i, buffer)
+
+
+def make_rollout_actor(cfg: ExperimentConfig, worker: int, buffer: Any) -> Any:
+    """Rollout actor ``worker``: restarted up to ``rollout.max_restarts`` times, its ``run`` retried on the new
+    process (which resumes at the buffer's acknowledged seed, so a retry repeats no data)."""
+    return (
+        ray.remote(RolloutWorker)
+        .options(
+            num_cpus=cfg.rollout.num_cpus_per_actor,
+            max_restarts=cfg.rollout.max_restarts,
+            max_task_retries=-1,
+            scheduling_strategy=_OUTSIDE_TRIAL_PG,
         )
-        runs.append(actor.run.remote())  # runs until the buffer says stop
-        workers.append(actor)
-    evaluator = None
-    if cfg.eval.num_actors > 0:
-        tokenizer = build_tokenizer(cfg.model)
-        evaluator = (
-            ray.remote(EvalWorker)
-            .options(
-                num_cpus=cfg.eval.num_cpus_per_actor,
-                max_restarts=cfg.eval.max_restarts,
-                max_task_retries=-1,
-                scheduling_strategy=_OUTSIDE_TRIAL_PG,
-            )
-            .remote(
-                cfg.env,
-                cfg.eval,
-                build_model_config(cfg.model, tokenizer).to_dict(),
-                tokenizer,
-                cfg.history_steps(),
-                cfg.data.max_seq_len,
-                torch_threads=max(1, round(cfg.eval.num_cpus_per_actor)),
-            )
+        .remote(cfg.env, cfg.rollout, worker, buffer)
+    )
+
+
+def make_evaluator(cfg: ExperimentConfig) -> Any:
+    """The eval actor: restarted up to ``eval.max_restarts`` times; an interrupted ``evaluate`` is retried on
+    the new process (it is idempotent: same seeds, same weights)."""
+    from anyorder_ray.evaluation import EvalWorker
+
+    tokenizer = build_tokenizer(cfg.model)
+    return (
+        ray.remote(EvalWorker)
+        .options(
+            num_cpus=cfg.eval.num_cpus_per_actor,
+            max_restarts=cfg.eval.max_restarts,
+            max_task_retries=-1,
+            scheduling_strategy=_OUTSIDE_TRIAL_PG,
         )
+        .remote(
+            cfg.env,
+            cfg.eval,
+            build_model_config(cfg.model, tokenizer).to_dict(),
+            tokenizer,
+            cfg.history_steps(),
+            cfg.data.max_seq_len,
+            torch_threads=max(1, round(cfg.eval.num_cpus_per_actor)),
+        )
+    )
+
+
+def start_actors(cfg: ExperimentConfig) -> tuple[Any, list[Any], list[Any], Any | None]:
+    """The buffer, the rollout actors, their running ``run`` references and the eval actor of one trial."""
+    buffer = make_buffer(cfg)
+    workers = [make_rollout_actor(cfg, i, buffer) for i in range(cfg.rollout.num_actors)]
+    runs = [actor.run.remote() for actor in workers]  # each runs until the buffer says stop
+    evaluator = make_evaluator(cfg) if cfg.eval.num_actors > 0 else None
     return buffer, workers, runs, evaluator
 
 
@@ -109,21 +121,28 @@ def run_trial(params: dict[str, Any], base: ExperimentConfig, run_dir: str) -> N
     cfg = trial_config(base, params)
     trial_id = tune.get_context().get_trial_id()
     buffer, workers, runs, evaluator = start_actors(cfg)
+    storage, name = Path(run_dir) / "train", f"train-{trial_id}"
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
             # `producers` is nested in a dict, so the references reach the workers unresolved.
-            train_loop_config={"cfg": cfg, "buffer": buffer, "evaluator": evaluator, "producers": runs},
+            train_loop_config={
+                "cfg": cfg,
+                "buffer": buffer,
+                "evaluator": evaluator,
+                "producers": runs,
+                "metrics_log": str(storage / name / METRICS_LOG),
+            },
             scaling_config=ScalingConfig(
                 num_workers=cfg.train.num_workers,
                 use_gpu=cfg.train.use_gpu,
                 resources_per_worker={"CPU": cfg.train.cpus_per_worker},
             ),
             run_config=RunConfig(
-                name=f"train-{trial_id}",
-                storage_path=str(Path(run_dir) / "train"),
+                name=name,
+                storage_path=str(storage),
                 callbacks=[TuneReportCallback()],
-                failure_config=FailureConfig(max_failures=2),
+                failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
         )
