@@ -95,6 +95,8 @@ class DataConfig:
     """Trajectories the buffer keeps; the oldest are evicted past it (streaming)."""
     min_buffer_size: int = 64
     """Training starts once the buffer holds this many trajectories."""
+    bucket_pool_batches: int = 32
+    """Micro-batches encoded at once and grouped by length (more: less padding; 8 measured 5.6%, 32 1-2%)."""
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -104,6 +106,7 @@ class DataConfig:
         _check(p, self.num_demos >= 1, f"num_demos must be >= 1, got {self.num_demos}")
         _check(p, self.buffer_capacity >= 1, "buffer_capacity must be >= 1")
         _check(p, 1 <= self.min_buffer_size <= self.buffer_capacity, "need 1 <= min_buffer_size <= buffer_capacity")
+        _check(p, self.bucket_pool_batches >= 1, f"bucket_pool_batches must be >= 1, got {self.bucket_pool_batches}")
         if self.regime == "fixed":
             _check(
                 p,

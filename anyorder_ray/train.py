@@ -213,8 +213,12 @@ class BatchMaker:
     def micro_batch(self, trajectories: Sequence[Trajectory]) -> dict[str, torch.Tensor]:
         return collate([self.example(t) for t in trajectories], self.pad_id)
 
-    def bucketed(self, source: BufferSource, batch_size: int, pool_batches: int = 8) -> dict[str, torch.Tensor]:
-        """Next micro-batch from a pool of ``pool_batches`` batches grouped by length (low padding)."""
+    def bucketed(
+        self, source: BufferSource, batch_size: int, pool_batches: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Next micro-batch from a pool of ``pool_batches`` (default ``data.bucket_pool_batches``) batches grouped
+        by length (low padding)."""
+        pool_batches = pool_batches or self.data.bucket_pool_batches
         if not self._queue:
             pool = [self.example(t) for t in source.sample(batch_size * pool_batches)]
             self._queue = bucket_by_length(pool, batch_size, self.rng)

@@ -26,9 +26,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+from _common import measure_matmul_flops, model_flops_per_token
 
-from anyorder_ray.models.llada2_moe import LLaDA2MoeConfig, LLaDA2MoeModelLM, llada2_config
+from anyorder_ray.models.llada2_moe import LLaDA2MoeModelLM, llada2_config
 from anyorder_ray.objective import masked_cross_entropy
+
+__all__ = ["Measurement", "measure_matmul_flops", "measure_training", "model_flops_per_token"]
 
 
 @dataclass(frozen=True)
@@ -41,38 +44,6 @@ class Measurement:
     tokens_per_s: float
     model_flops_per_s: float
     mfu: float
-
-
-def model_flops_per_token(config: LLaDA2MoeConfig, length: int) -> float:
-    """Forward matmul FLOPs per token at sequence length ``length`` (multiply by 3 for a training step)."""
-    h, d = config.hidden_size, config.head_dim
-    n_q, n_kv = config.num_attention_heads, config.num_key_value_heads
-    attention = 2 * h * (n_q + 2 * n_kv) * d + 2 * n_q * d * h + 4 * length * n_q * d
-    total = 0.0
-    for layer in range(config.num_hidden_layers):
-        total += attention
-        if config.is_moe_layer(layer):
-            i_moe = config.moe_intermediate_size
-            total += 2 * h * config.num_experts
-            total += (config.num_experts_per_tok + config.num_shared) * 6 * h * i_moe
-        else:
-            total += 6 * h * config.intermediate_size
-    return total + 2 * h * config.vocab_size
-
-
-def measure_matmul_flops(seconds: float = 2.0) -> float:
-    """Best fp32 FLOP/s of large square matmuls (the practical peak of this CPU with the current threads)."""
-    best = 0.0
-    for n in (1024, 2048):
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        for _ in range(3):
-            a @ b
-        deadline = time.perf_counter() + seconds / 2
-        while time.perf_counter() < deadline:
-            start = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n**3 / (time.perf_counter() - start))
-    return best
 
 
 def measure_training(

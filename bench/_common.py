@@ -1,0 +1,166 @@
+"""Pieces shared by the benchmark scripts: the matmul ceiling, the analytic model-FLOPs count, RESULT lines and a
+small isolated local Ray.
+
+Every script is run as ``python bench/<name>.py`` (so this folder is on ``sys.path``) and ends with one line per
+figure::
+
+    RESULT <name> <value> [target <op><number>]
+
+``parse_result_line`` is the machine-readable side of that format (used by ``tests/test_bench_quick.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from anyorder_ray.models.llada2_moe import LLaDA2MoeConfig
+    from anyorder_ray.trajectory import Trajectory
+
+# ---------------------------------------------------------------------------------------------------------
+# Compute.
+
+
+def model_flops_per_token(config: LLaDA2MoeConfig, length: int) -> float:
+    """Forward matmul FLOPs per token at sequence length ``length`` (multiply by 3 for a training step).
+
+    ``2 x`` the active matmul parameters per token, plus the attention scores and weighted sum
+    (``4 * length * n_q * d`` per layer: bidirectional, every query sees all ``length`` keys). For MoE layers
+    only the router, the ``k`` routed experts a token uses and the shared experts count (active params);
+    the embedding lookup is not a matmul and is not counted, the LM head is.
+    """
+    h, d = config.hidden_size, config.head_dim
+    n_q, n_kv = config.num_attention_heads, config.num_key_value_heads
+    attention = 2 * h * (n_q + 2 * n_kv) * d + 2 * n_q * d * h + 4 * length * n_q * d
+    total = 0.0
+    for layer in range(config.num_hidden_layers):
+        total += attention
+        if config.is_moe_layer(layer):
+            i_moe = config.moe_intermediate_size
+            total += 2 * h * config.num_experts
+            total += (config.num_experts_per_tok + config.num_shared) * 6 * h * i_moe
+        else:
+            total += 6 * h * config.intermediate_size
+    return total + 2 * h * config.vocab_size
+
+
+def measure_matmul_flops(seconds: float = 2.0) -> float:
+    """Best fp32 FLOP/s of large square matmuls (the practical peak of this CPU with the current threads)."""
+    best = 0.0
+    for n in (1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(3):
+            a @ b
+        deadline = time.perf_counter() + seconds / 2
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+class LocalSource:
+    """Stands in for ``anyorder_ray.train.BufferSource`` without Ray: ``BatchMaker.bucketed`` only calls
+    ``sample``, which draws uniformly with replacement over the held trajectories, as the real one does."""
+
+    def __init__(self, trajectories: list[Trajectory], seed: int = 0) -> None:
+        if not trajectories:
+            raise ValueError("LocalSource needs at least one trajectory")
+        self._trajectories = trajectories
+        self._rng = np.random.default_rng(seed)
+
+    def sample(self, n: int) -> list[Trajectory]:
+        return [self._trajectories[i] for i in self._rng.integers(0, len(self._trajectories), size=n)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RESULT lines.
+
+_RESULT_RE = re.compile(
+    r"^RESULT (?P<name>[A-Za-z0-9_.\-]+) (?P<value>[-+0-9.eE]+|nan|inf)"
+    r"(?: target (?P<op>>=|<=|>|<|==)(?P<target>[-+0-9.eE]+))?$"
+)
+
+
+@dataclass(frozen=True)
+class Result:
+    """One benchmark figure; ``op``/``target`` are None for a figure without a target."""
+
+    name: str
+    value: float
+    op: str | None = None
+    target: float | None = None
+
+    def passed(self) -> bool | None:
+        """Whether the value meets the target (None without a target)."""
+        if self.op is None or self.target is None:
+            return None
+        return {
+            ">=": self.value >= self.target,
+            "<=": self.value <= self.target,
+            ">": self.value > self.target,
+            "<": self.value < self.target,
+            "==": self.value == self.target,
+        }[self.op]
+
+    def line(self) -> str:
+        value = f"{self.value:.1f}" if abs(self.value) >= 1000 else f"{self.value:.4g}"
+        if self.op is None:
+            return f"RESULT {self.name} {value}"
+        return f"RESULT {self.name} {value} target {self.op}{self.target:g}"
+
+
+def parse_result_line(line: str) -> Result | None:
+    """The ``Result`` of a ``RESULT ...`` line, or None when the line is not one."""
+    match = _RESULT_RE.match(line.strip())
+    if match is None:
+        return None
+    target = match["target"]
+    return Result(match["name"], float(match["value"]), match["op"], float(target) if target is not None else None)
+
+
+def print_results(results: list[Result]) -> None:
+    """Print a pass/miss summary, then the RESULT lines last (the machine-readable end of every script)."""
+    for r in results:
+        status = {True: "pass", False: "MISS", None: "(no target)"}[r.passed()]
+        print(f"  {r.name}: {r.value:.4g} {status}")
+    for r in results:
+        print(r.line(), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ray.
+
+
+def init_local_ray(num_cpus: int = 2, object_store_mb: int = 256) -> str:
+    """Start a private local Ray (explicit CPUs, small object store, own temp dir) and return the temp dir.
+
+    Its own ``_temp_dir`` keeps it apart from any other Ray on the machine; ``ray.shutdown`` stops only it.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="aoray-bench-")
+    ray.init(
+        num_cpus=num_cpus,
+        object_store_memory=object_store_mb * 1024 * 1024,
+        include_dashboard=False,
+        _temp_dir=temp_dir,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    return temp_dir
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, printed so a disturbed run can be recognised."""
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f}"

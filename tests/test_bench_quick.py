@@ -1,0 +1,74 @@
+"""Every benchmark script runs with ``--quick`` and ends with parseable RESULT lines.
+
+Only the format is checked (name, float value, optional ``target <op><number>``), never the values: timings depend
+on the machine and its load, and the figures are tabulated in docs/BENCHMARKS.md instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["model_throughput", "rollout_scaling", "train_throughput", "eval_throughput", "memory"]
+# The format of docs/BENCHMARKS.md and the issue: `RESULT <name> <value> target <op><number>`, target optional.
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+RESULT_RE = re.compile(rf"^RESULT (\S+) ({_NUMBER}|nan|inf)(?: target (>=|<=|>|<|==)({_NUMBER}))?$")
+
+
+def parse_results(stdout: str) -> list[tuple[str, float, str | None, float | None]]:
+    """The RESULT lines at the end of ``stdout`` (they must be the last lines), parsed."""
+    lines = [line for line in stdout.strip().splitlines() if line.strip()]
+    tail = []
+    for line in reversed(lines):
+        if not line.startswith("RESULT "):
+            break
+        tail.append(line)
+    parsed = []
+    for line in reversed(tail):
+        match = RESULT_RE.match(line)
+        assert match, f"malformed RESULT line: {line!r}"
+        name, value, op, target = match.groups()
+        parsed.append((name, float(value), op, float(target) if target is not None else None))
+    return parsed
+
+
+def test_parse_results_format() -> None:
+    out = "progress\nRESULT rollout_speedup_2_actors 1.83 target >=1.7\nRESULT padding_waste 0.03 target <=0.05\n"
+    out += "RESULT buffer_bytes_per_trajectory 2345.0\n"
+    assert parse_results(out) == [
+        ("rollout_speedup_2_actors", 1.83, ">=", 1.7),
+        ("padding_waste", 0.03, "<=", 0.05),
+        ("buffer_bytes_per_trajectory", 2345.0, None, None),
+    ]
+    with pytest.raises(AssertionError):
+        parse_results("RESULT name value-not-a-number target >=1\n")
+    assert parse_results("RESULT a 1.0\nnot a result line\n") == []  # RESULT lines must come last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bench_quick_prints_results(script: str) -> None:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,  # --quick is meant to take < 60 s; the margin absorbs a loaded machine
+        check=False,
+    )
+    assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    results = parse_results(proc.stdout)
+    assert results, f"{script} printed no RESULT lines at the end:\n{proc.stdout[-2000:]}"
+    for name, value, op, target in results:
+        assert not math.isnan(value), f"{script}: {name} is NaN"
+        assert (op is None) == (target is None)
+    assert len({name for name, *_ in results}) == len(results), "duplicate RESULT names"
