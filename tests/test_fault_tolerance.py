@@ -284,7 +284,8 @@ def test_killed_training_worker_resumes_exactly_from_its_last_checkpoint(ray_loc
     # and 12 fall mid-way through BatchMaker's pool of 8 pre-bucketed batches, so the pending ones matter.
     cfg = _smoke("data.num_demos=32", "data.min_buffer_size=32", "train.max_steps=18", "train.report_every=3",
                  "train.checkpoint_every=6", "train.cpus_per_worker=1", "train.torch_threads=1",
-                 "train.max_failures=1", "eval.num_actors=0", "rollout.num_actors=1")  # fmt: skip
+                 "train.max_failures=1", "eval.num_actors=0", "rollout.num_actors=1",
+                 "data.bucket_pool_batches=8")  # fmt: skip
     with _time_limit(150):
         buffer = make_buffer(cfg)
         producer = make_rollout_actor(cfg, 0, buffer)

@@ -73,13 +73,17 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_smoke_sweep_through_ray_job_submit(tmp_path):
     ray_bin = Path(sys.executable).with_name("ray")
-    port, dash = _free_port(), _free_port()
+    # Every port of the head is chosen free: another Ray on this machine (the session's `ray_local`, say) holds the
+    # defaults, and a head whose dashboard agent cannot bind its port answers "No available agent" forever.
+    port, dash, agent, agent_grpc, env_agent, metrics, client = (_free_port() for _ in range(7))
     temp_dir = Path("/tmp") / f"aoray-head-{os.getpid()}"  # short: Ray's socket paths have a length limit
     env = _env(RAY_AUTH_MODE="disabled")
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          "--object-store-memory=300000000", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp_dir}", "--include-dashboard=true"],  # fmt: skip
+         f"--temp-dir={temp_dir}", "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
+         f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}"],  # fmt: skip
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dash}"
@@ -96,12 +100,13 @@ def test_smoke_sweep_through_ray_job_submit(tmp_path):
         cmd = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
                "python", "-m", "anyorder_ray.sweep", "--config", "tune_configs/smoke.yaml", "--name", "job",
                f"train.output_dir={tmp_path}"]  # fmt: skip
+        # The head's job agent comes up some seconds after the dashboard answers (longer on a busy machine).
+        agent_deadline = time.time() + 180
         while True:
             submit = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
-            # The head's job agent comes up a few seconds after the dashboard answers.
-            if "No available agent" not in submit.stderr + submit.stdout or time.time() > deadline + 60:
+            if "No available agent" not in submit.stderr + submit.stdout or time.time() > agent_deadline:
                 break
-            time.sleep(2)
+            time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
         assert "succeeded" in submit.stdout
         _check_smoke_results(tmp_path / "job")
