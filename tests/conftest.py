@@ -17,6 +17,18 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors gain nothing from a second intra-op thread, and on a shared 2-core machine threads that
+    spin-wait for a busy core make small ops many times slower. Restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray with 2 CPUs and a 256 MiB object store, in its own temp dir; shut down at the end."""

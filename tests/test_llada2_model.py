@@ -22,14 +22,7 @@ from anyorder_ray.objective import IGNORE_INDEX, masked_cross_entropy
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a shared 2-core machine intra-op threads that
-    spin-wait for a busy core make small ops ~30x slower. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(**overrides) -> LLaDA2MoeConfig:

@@ -21,13 +21,7 @@ from anyorder_ray.objective import (
 VOCAB = 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread avoids spin-wait slowdowns on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(seed: int, batch: int = 4, length: int = 9, target_prob: float = 0.4):
