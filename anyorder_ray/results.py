@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from anyorder_ray.config import P_MODES
+
 COLUMNS = (
     "trial",
     "arm",
@@ -35,7 +37,6 @@ COLUMNS = (
     "checkpoint",
     "status",
 )
-P_MODES = ("any_order", "obs_only", "act_only")
 
 
 def _num(metrics: dict, key: str) -> float:
