@@ -169,14 +169,16 @@ def make_eval_actor(
     history_steps: int,
     max_length: int,
     torch_threads: int | None = None,
+    **options: Any,
 ) -> ray.actor.ActorHandle:
     """Start one ``EvalWorker`` with resources and fault tolerance from ``eval_cfg``.
 
     ``torch_threads`` defaults to the actor's whole-CPU reservation (at least 1). ``max_task_retries=-1``
     re-runs an interrupted ``evaluate`` on the restarted actor (it is idempotent: same seeds, same weights).
+    ``options`` go to ``.options()`` as well (e.g. a ``scheduling_strategy``).
     """
     threads = torch_threads if torch_threads is not None else max(1, int(eval_cfg.num_cpus_per_actor))
     cls = ray.remote(EvalWorker).options(
-        num_cpus=eval_cfg.num_cpus_per_actor, max_restarts=eval_cfg.max_restarts, max_task_retries=-1
+        num_cpus=eval_cfg.num_cpus_per_actor, max_restarts=eval_cfg.max_restarts, max_task_retries=-1, **options
     )
     return cls.remote(env, eval_cfg, model_config, tokenizer, history_steps, max_length, threads)

@@ -81,26 +81,18 @@ def make_rollout_actor(cfg: ExperimentConfig, worker: int, buffer: Any) -> Any:
 def make_evaluator(cfg: ExperimentConfig) -> Any:
     """The eval actor: restarted up to ``eval.max_restarts`` times; an interrupted ``evaluate`` is retried on
     the new process (it is idempotent: same seeds, same weights)."""
-    from anyorder_ray.evaluation import EvalWorker
+    from anyorder_ray.evaluation import make_eval_actor
 
     tokenizer = build_tokenizer(cfg.model)
-    return (
-        ray.remote(EvalWorker)
-        .options(
-            num_cpus=cfg.eval.num_cpus_per_actor,
-            max_restarts=cfg.eval.max_restarts,
-            max_task_retries=-1,
-            scheduling_strategy=_OUTSIDE_TRIAL_PG,
-        )
-        .remote(
-            cfg.env,
-            cfg.eval,
-            build_model_config(cfg.model, tokenizer).to_dict(),
-            tokenizer,
-            cfg.history_steps(),
-            cfg.data.max_seq_len,
-            torch_threads=max(1, round(cfg.eval.num_cpus_per_actor)),
-        )
+    return make_eval_actor(
+        cfg.env,
+        cfg.eval,
+        build_model_config(cfg.model, tokenizer).to_dict(),
+        tokenizer,
+        cfg.history_steps(),
+        cfg.data.max_seq_len,
+        torch_threads=max(1, round(cfg.eval.num_cpus_per_actor)),
+        scheduling_strategy=_OUTSIDE_TRIAL_PG,
     )
 
 
