@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from anyorder_ray.config import (
-    P_MODES,
     ConfigError,
     ExperimentConfig,
+    MaskingConfig,
     default_config_path,
     load_config,
     read_yaml,
@@ -110,11 +110,21 @@ def check_resources(cfg: ExperimentConfig) -> None:
     print(f"[sweep] warning: {'; '.join(problems)}. Waiting for the autoscaler.", flush=True)
 
 
+def _trainable(cfg: ExperimentConfig, run_dir: Path):
+    """The trial function with its config and resources: one definition, so a restored sweep runs what the
+    original ran."""
+    from ray import tune
+
+    from anyorder_ray.trial import run_trial
+
+    return tune.with_resources(
+        tune.with_parameters(run_trial, base=cfg, run_dir=str(run_dir)), {"cpu": cfg.sweep.trial_cpus}
+    )
+
+
 def build_tuner(cfg: ExperimentConfig, run_dir: Path):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-
-    from anyorder_ray.trial import run_trial
 
     param_space: dict[str, Any] = {
         "arm": tune.grid_search([dict(a) for a in cfg.sweep.arms]),
@@ -127,9 +137,7 @@ def build_tuner(cfg: ExperimentConfig, run_dir: Path):
         scheduler = ASHAScheduler(
             metric="eval/success_rate", mode="max", grace_period=cfg.sweep.asha_grace_period, max_t=10**9
         )
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg, run_dir=str(run_dir)), {"cpu": cfg.sweep.trial_cpus}
-    )
+    trainable = _trainable(cfg, run_dir)
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -148,11 +156,7 @@ def restore_tuner(cfg: ExperimentConfig, run_dir: Path):
     trial's TorchTrainer finds its own run folder and continues from its latest checkpoint."""
     from ray import tune
 
-    from anyorder_ray.trial import run_trial
-
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg, run_dir=str(run_dir)), {"cpu": cfg.sweep.trial_cpus}
-    )
+    trainable = _trainable(cfg, run_dir)
     return tune.Tuner.restore(
         str(run_dir / "tune"), trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
     )
@@ -226,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         if started_ray:
             ray.shutdown()
         return 2
-    arms = ", ".join(_arm_label(a) for a in cfg.sweep.arms)
+    arms = ", ".join(MaskingConfig(**a).label() for a in cfg.sweep.arms)
     print(f"[sweep] run directory: {run_dir}", flush=True)
     print(f"[sweep] level {cfg.env.level}; arms: {arms}; seeds {list(cfg.sweep.seeds)}", flush=True)
     print(f"[sweep] TensorBoard: tensorboard --logdir {run_dir / 'tune'}", flush=True)
@@ -240,11 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[sweep] finished {len(rows)} trial(s) in {time.time() - start:.0f} s; results in {run_dir}", flush=True)
     errors = sum(1 for r in rows if r["status"] != "ok")
     return 1 if errors else 0
-
-
-def _arm_label(arm: dict) -> str:
-    mode = arm.get("mode", "any_order")
-    return f"{mode}@{arm.get('mask_prob', 0.5):g}" if mode in P_MODES else mode
 
 
 def _write_config(cfg: ExperimentConfig, path: Path) -> None:
