@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from anyorder_ray.config import P_MODES
+from anyorder_ray.config import P_MODES, MaskingConfig
 
 COLUMNS = (
     "trial",
@@ -30,6 +30,7 @@ COLUMNS = (
     "success_high",
     "episodes",
     "world_model_nll",
+    "world_model_nll_per_obs",
     "action_nll",
     "train_steps",
     "train_tokens",
@@ -48,9 +49,11 @@ def make_row(trial: str, params: dict, metrics: dict, status: str) -> dict[str, 
     arm = dict(params.get("arm") or {})
     mode = arm.get("mode", "any_order")
     p = params.get("mask_prob", arm.get("mask_prob", 0.5)) if mode in P_MODES else math.nan
+    if mode in P_MODES:
+        arm["mask_prob"] = p
     return {
         "trial": trial,
-        "arm": f"{mode}@{p:g}" if mode in P_MODES else mode,
+        "arm": MaskingConfig(**arm).label(),
         "mode": mode,
         "mask_prob": p,
         "seed": params.get("seed", 0),
@@ -59,6 +62,7 @@ def make_row(trial: str, params: dict, metrics: dict, status: str) -> dict[str, 
         "success_high": _num(metrics, "eval/success_high"),
         "episodes": _num(metrics, "eval/episodes"),
         "world_model_nll": _num(metrics, "eval/world_model_nll"),
+        "world_model_nll_per_obs": _num(metrics, "eval/world_model_nll_per_obs"),
         "action_nll": _num(metrics, "eval/action_nll"),
         "train_steps": _num(metrics, "train/step"),
         "train_tokens": _num(metrics, "train/total_tokens"),
