@@ -294,6 +294,8 @@ class EvalConfig:
 
     num_actors: int = 1
     num_cpus_per_actor: float = 0.5
+    num_gpus_per_actor: float = 0.0
+    """GPU share of each eval actor (e.g. 0.25: four share a GPU); > 0 runs its policy and NLL on CUDA."""
     every_steps: int = 100
     """Training steps between pushing weights to the eval actor (it skips stale ones)."""
     episodes: int = 64
@@ -314,6 +316,7 @@ class EvalConfig:
         p: list[str] = []
         _check(p, self.num_actors >= 0, "num_actors must be >= 0")
         _check(p, self.num_cpus_per_actor > 0, "num_cpus_per_actor must be > 0")
+        _check(p, self.num_gpus_per_actor >= 0, f"num_gpus_per_actor must be >= 0, got {self.num_gpus_per_actor}")
         _check(p, self.every_steps >= 1, "every_steps must be >= 1")
         _check(p, self.episodes >= 1 and self.final_episodes >= 1, "episodes and final_episodes must be >= 1")
         _check(p, self.heldout_trajectories >= 1, "heldout_trajectories must be >= 1")

@@ -343,9 +343,11 @@ def train_step(
     labels_all = [mb["labels"] for mb in micro_batches]
     weights = None
     if weighting is not None and not weighting.weights_are_uniform():
+        w = weighting
         weights = [
-            target_token_weights(mb["labels"], mb["unit_ids"], mb["unit_kinds"], weighting.loss_norm,
-                                 weighting.obs_weight, weighting.act_weight)  # fmt: skip
+            target_token_weights(
+                mb["labels"], mb["unit_ids"], mb["unit_kinds"], w.loss_norm, w.obs_weight, w.act_weight
+            )
             for mb in micro_batches
         ]
     normaliser = data_parallel_normaliser(labels_all, weights=weights)

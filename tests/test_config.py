@@ -136,8 +136,12 @@ def test_loss_weighting_and_causal_mixture_options_are_validated_and_labelled():
     assert m.label() == "action_focus@0.3+q0.25+unit+act4"
     assert not m.weights_are_uniform() and MaskingConfig().weights_are_uniform()
     assert MaskingConfig("causal").label() == "causal"
-    for bad, match in (({"loss_norm": "sequence"}, "loss_norm"), ({"causal_prob": 1.5}, "causal_prob"),
-                       ({"act_weight": -1.0}, "act_weight"), ({"obs_weight": 0.0, "act_weight": 0.0}, "both be 0")):
+    for bad, match in (
+        ({"loss_norm": "sequence"}, "loss_norm"),
+        ({"causal_prob": 1.5}, "causal_prob"),
+        ({"act_weight": -1.0}, "act_weight"),
+        ({"obs_weight": 0.0, "act_weight": 0.0}, "both be 0"),
+    ):
         with pytest.raises(ConfigError, match=match):
             MaskingConfig(**bad)
     with pytest.raises(ConfigError, match="time_budget_s"):
