@@ -29,7 +29,7 @@ from anyorder_ray.config import (
     read_yaml,
     validate_env,
 )
-from anyorder_ray.results import atomic_write, results_rows, write_plots, write_tables
+from anyorder_ray.results import atomic_write, results_rows, write_plots, write_summary, write_tables
 
 RUN_CONFIG_FILE = "experiment.yaml"
 
@@ -242,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     grid = tuner.fit()
     rows = results_rows(grid)
     table_md = write_tables(rows, run_dir)
+    summary_md = write_summary(rows, run_dir)
     write_plots(grid, rows, run_dir)
     print(table_md, flush=True)
+    if len(cfg.sweep.seeds) > 1:
+        print("\nPer arm over seeds (summary.md):\n" + summary_md, flush=True)
     print(f"[sweep] finished {len(rows)} trial(s) in {time.time() - start:.0f} s; results in {run_dir}", flush=True)
     errors = sum(1 for r in rows if r["status"] != "ok")
     return 1 if errors else 0
