@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 import yaml
 
-MASK_MODES = ("causal", "prefix", "any_order", "obs_only", "act_only", "mixture", "action_focus")
-P_MODES = ("any_order", "obs_only", "act_only", "action_focus")  # modes whose mask_prob matters
+MASK_MODES = ("causal", "prefix", "any_order", "obs_only", "act_only", "mixture", "action_focus", "cut_focus")
+P_MODES = ("any_order", "obs_only", "act_only", "action_focus", "cut_focus")  # modes whose mask_prob matters
 LOSS_NORMS = ("token", "unit")
 
 
@@ -172,9 +172,9 @@ class MaskingConfig:
     """The mask distribution and how its targets are weighted in the loss: the training arm of a trial."""
 
     mode: str = "any_order"
-    """One of causal, prefix, any_order, obs_only, act_only, mixture, action_focus (see ``masking``)."""
+    """One of causal, prefix, any_order, obs_only, act_only, mixture, action_focus, cut_focus (see ``masking``)."""
     mask_prob: float = 0.5
-    """Target probability per unit (any_order, obs_only, act_only, action_focus)."""
+    """Target probability per unit (any_order, obs_only, act_only, action_focus, cut_focus)."""
     mixture_range: tuple[float, float] = (0.05, 1.0)
     """Range mask_prob is drawn from per example in ``mixture`` mode."""
     causal_prob: float = 0.0

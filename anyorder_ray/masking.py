@@ -40,6 +40,7 @@ class MaskMode(StrEnum):
     ACT_ONLY = "act_only"
     MIXTURE = "mixture"
     ACTION_FOCUS = "action_focus"
+    CUT_FOCUS = "cut_focus"
 
     @classmethod
     def parse(cls, value: str | MaskMode) -> MaskMode:
@@ -72,7 +73,9 @@ class AnyOrderMaskSampler:
     a target with ``mask_prob``), ``obs_only`` / ``act_only`` (the same over one kind), ``mixture``
     (``any_order`` with ``mask_prob`` drawn per call), ``action_focus`` (a random action is always a target
     and everything after it dropped, as in ``causal``, but each earlier unit is a target with ``mask_prob``:
-    the policy query is trained on every call, with any-order world-model queries around it).
+    the policy query is trained on every call, with any-order world-model queries around it), ``cut_focus``
+    (the same with the cut at any unit after the first: the last kept unit, an action or an observation, is
+    always a target, so both evaluation queries, policy and world model, are trained in their exact shape).
     """
 
     def __init__(
@@ -163,11 +166,19 @@ class AnyOrderMaskSampler:
         acts = [i for i, k in enumerate(kinds) if k == "act"]
         if not acts:
             raise ValueError("action_focus masking needs at least one action unit, got none")
-        target = acts[self._rng.integers(len(acts))]
-        earlier = self._rng.random(target) < self.mask_prob
+        return self._focus(kinds, acts[self._rng.integers(len(acts))])
+
+    def _sample_cut_focus(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
+        if len(kinds) < 2:
+            raise ValueError("cut_focus masking needs at least two units (context before the cut), got one")
+        return self._focus(kinds, 1 + int(self._rng.integers(len(kinds) - 1)))
+
+    def _focus(self, kinds: tuple[str, ...], cut: int) -> tuple[UnitRole, ...]:
+        """``cut`` is a target, each earlier unit a target with ``mask_prob``, every later unit dropped."""
+        earlier = self._rng.random(cut) < self.mask_prob
         return tuple(
-            (UnitRole.TARGET if earlier[i] else UnitRole.VISIBLE) if i < target
-            else UnitRole.TARGET if i == target else UnitRole.DROPPED
+            (UnitRole.TARGET if earlier[i] else UnitRole.VISIBLE) if i < cut
+            else UnitRole.TARGET if i == cut else UnitRole.DROPPED
             for i in range(len(kinds))
         )  # fmt: skip
 
@@ -179,6 +190,7 @@ class AnyOrderMaskSampler:
         MaskMode.ACT_ONLY: _sample_act_only,
         MaskMode.MIXTURE: _sample_mixture,
         MaskMode.ACTION_FOCUS: _sample_action_focus,
+        MaskMode.CUT_FOCUS: _sample_cut_focus,
     }
 
     # --- shared primitive ------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def test_strings_and_enums_accepted_and_exposed() -> None:
         ("obs_only", ("act",), "at least one observation"),
         ("act_only", ("obs",), "at least one action"),
         ("action_focus", ("obs",), "at least one action"),
+        ("cut_focus", ("obs",), "at least two units"),
         ("any_order", (), "empty"),
         ("any_order", ("obs", "reward"), "must be one of"),
     ],
@@ -251,3 +252,21 @@ def test_causal_prob_zero_leaves_the_mask_stream_unchanged_and_is_validated() ->
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="causal_prob"):
             AnyOrderMaskSampler("any_order", causal_prob=bad)
+
+
+@PROP
+@given(kinds=traj_kinds, seed=seeds, p=probs)
+def test_cut_focus_targets_the_last_kept_unit_after_the_first(kinds: tuple[str, ...], seed: int, p: float) -> None:
+    roles = AnyOrderMaskSampler("cut_focus", mask_prob=p, seed=seed).sample(kinds)
+    kept = [i for i, r in enumerate(roles) if r is not D]
+    cut = kept[-1]
+    assert kept == list(range(cut + 1)) and cut >= 1 and roles[cut] is T
+
+
+def test_cut_focus_cuts_uniformly_at_actions_and_observations() -> None:
+    kinds = alternating(5)  # obs act obs act obs: cuts at 1..4, half of them at observations
+    draws = 4000
+    sampler = AnyOrderMaskSampler("cut_focus", mask_prob=0.3, seed=2)
+    cuts = [max(i for i, r in enumerate(sampler.sample(kinds)) if r is not D) for _ in range(draws)]
+    for pos in (1, 2, 3, 4):
+        assert abs(cuts.count(pos) / draws - 0.25) < 5 * math.sqrt(0.25 * 0.75 / draws)
