@@ -299,6 +299,26 @@ def write_plots(grid: Any, rows: list[dict[str, Any]], run_dir: Path) -> list[Pa
     paths.append(run_dir / "final_per_arm.png")
     atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
+
+    # The trade-off the arms make: policy success against world-model quality (per observation, so encodings
+    # compare), one point per arm pooled over its seeds.
+    summary = [r for r in arm_summary(rows) if not math.isnan(r["world_model_nll_per_obs"])]
+    if summary:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in summary:
+            err = [[r["success"] - r["success_low"]], [r["success_high"] - r["success"]]]
+            ax.errorbar(r["world_model_nll_per_obs"], r["success"], yerr=err, fmt="o", capsize=3)
+            ax.annotate(r["arm"], (r["world_model_nll_per_obs"], r["success"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("world-model NLL per observation (nats, log scale; lower is better)")
+        ax.set_ylabel("success rate (pooled over seeds)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(run_dir / "success_vs_world_model.png")
+        atomic_write(paths[-1], lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+        plt.close(fig)
     return paths
 
 

@@ -124,6 +124,13 @@ def test_plots_are_written_as_complete_pngs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no temp files left
     for p in paths:
         assert p.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and p.stat().st_size > 1000
+    # With final evaluations (episodes and NLLs) the success / world-model trade-off plot is drawn too.
+    finals = [make_row("a", {"arm": {"mode": "causal"}, "seed": 0}, _final(0.9), "ok"),
+              make_row("b", {"arm": {"mode": "prefix"}, "seed": 0}, _final(0.0), "ok")]  # fmt: skip
+    (tmp_path / "more").mkdir()
+    more = write_plots([], finals, tmp_path / "more")
+    assert [p.name for p in more] == ["success_vs_step.png", "final_per_arm.png", "success_vs_world_model.png"]
+    assert more[-1].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def _final(success: float, episodes: int = 200, **extra: float) -> dict:
