@@ -15,6 +15,7 @@ from anyorder_ray.models.llada2_moe import (
     LLaDA2MoeConfig,
     LLaDA2MoeModel,
     LLaDA2MoeModelLM,
+    SafetensorsCheckpoint,
     convert_llada2_checkpoint,
     detect_folder_layout,
     llada2_config,
@@ -436,3 +437,35 @@ def test_load_in_bf16_and_checkpoint_dtype(tmp_path: Path) -> None:
     torch.testing.assert_close(
         load_llada2_model(tmp_path, dtype=torch.bfloat16).lm_head.weight, model.lm_head.weight, rtol=0, atol=0
     )
+
+
+# --- reading slices and writing streams (what a sharded trainer does) --------------------------------------------
+@pytest.mark.parametrize("layout", ["per_expert", "merged"])
+def test_row_reader_reads_rows_of_any_tensor_by_its_per_expert_name(tmp_path: Path, layout: str) -> None:
+    model = _small_model()
+    save_llada2_checkpoint(model, tmp_path, layout=layout, max_shard_bytes=500_000)
+    state = model.state_dict()
+    with SafetensorsCheckpoint.open(tmp_path).row_reader() as reader:
+        assert sorted(reader.keys()) == sorted(state)
+        for key in ("model.layers.1.mlp.experts.5.down_proj.weight", "model.word_embeddings.weight",
+                    "model.norm.weight", "model.layers.1.mlp.gate.expert_bias"):  # fmt: skip
+            full = state[key]
+            assert reader.shape(key) == list(full.shape)
+            torch.testing.assert_close(reader.rows(key, 3, 7), full[3:7], rtol=0, atol=0)
+            assert reader.rows(key, full.shape[0], full.shape[0]).shape[0] == 0
+        with pytest.raises(KeyError, match="experts.9"):
+            reader.rows("model.layers.1.mlp.experts.9.up_proj.weight", 0, 1)
+
+
+def test_save_streams_key_tensor_pairs(tmp_path: Path) -> None:
+    model = _small_model()
+    seen = []
+
+    def pairs():
+        for key, value in model.state_dict().items():
+            seen.append(key)
+            yield key, value
+
+    save_llada2_checkpoint(pairs(), tmp_path, config=model.config, max_shard_bytes=500_000)
+    assert len(seen) == len(model.state_dict())
+    torch.testing.assert_close(_logits(load_llada2_model(tmp_path)), _logits(model), rtol=0, atol=0)
