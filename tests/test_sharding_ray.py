@@ -142,6 +142,29 @@ def _reference(folder: Path, steps: list) -> tuple[dict[int, float], torch.Tenso
     return losses, logits
 
 
+def _resume_on_one_rank(folder: Path, steps: list, checkpoint: str) -> dict[int, float]:
+    """Resume a sharded checkpoint in this process as a one-rank group and train the remaining steps."""
+    import torch.distributed as dist
+
+    from anyorder_ray.sharding import build_sharded_model, load_sharded_checkpoint
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cfg = ModelConfig(model_path=str(folder))
+        model = build_sharded_model(cfg, build_tokenizer(cfg), torch.device("cpu"), seed=0)
+        optimizer, scheduler = make_optimizer(model, OPTIM)
+        state = load_sharded_checkpoint(checkpoint, model, optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        losses = {}
+        for step in range(state.step + 1, len(steps) + 1):
+            micro = steps[step - 1]  # all 4 micro-batches on the one rank
+            losses[step] = train_step(model, optimizer, scheduler, micro, OPTIM.max_grad_norm, torch.device("cpu")).loss
+        return losses
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_two_sharded_workers_train_like_one_resume_exactly_and_export(ray_local, data, tmp_path):
     from anyorder_ray.models.llada2_moe import (
@@ -190,6 +213,9 @@ def test_two_sharded_workers_train_like_one_resume_exactly_and_export(ray_local,
     for s in range(RESUME_AT + 1, STEPS + 1):
         assert again["losses"][s] == run["losses"][s], s
     torch.testing.assert_close(again["logits"], run["logits"], rtol=0, atol=0)
+    # The same 2-rank checkpoint resumed by a single rank (DCP reshards): the same losses again.
+    single = _resume_on_one_rank(folder, steps, by_step[RESUME_AT].path)
+    assert [single[s] for s in sorted(single)] == pytest.approx([run["losses"][s] for s in sorted(single)], rel=1e-5)
 
     # The final checkpoint: both ranks' DCP shards merged by Ray, plus the consolidated per-expert HF export.
     final = Path(full_result.checkpoint.path)
