@@ -20,8 +20,9 @@ from typing import Any, Literal
 
 import yaml
 
-MASK_MODES = ("causal", "prefix", "any_order", "obs_only", "act_only", "mixture")
-P_MODES = ("any_order", "obs_only", "act_only")  # modes whose mask_prob matters
+MASK_MODES = ("causal", "prefix", "any_order", "obs_only", "act_only", "mixture", "action_focus", "cut_focus")
+P_MODES = ("any_order", "obs_only", "act_only", "action_focus", "cut_focus")  # modes whose mask_prob matters
+LOSS_NORMS = ("token", "unit")
 
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -168,14 +169,23 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    """The mask distribution: the training mode of a trial."""
+    """The mask distribution and how its targets are weighted in the loss: the training arm of a trial."""
 
     mode: str = "any_order"
-    """One of causal, prefix, any_order, obs_only, act_only, mixture."""
+    """One of causal, prefix, any_order, obs_only, act_only, mixture, action_focus, cut_focus (see ``masking``)."""
     mask_prob: float = 0.5
-    """Target probability per unit (any_order, obs_only, act_only)."""
+    """Target probability per unit (any_order, obs_only, act_only, action_focus, cut_focus)."""
     mixture_range: tuple[float, float] = (0.05, 1.0)
     """Range mask_prob is drawn from per example in ``mixture`` mode."""
+    causal_prob: float = 0.0
+    """Probability that an example uses the causal mask instead of ``mode``'s (a causal/any-order mixture)."""
+    loss_norm: str = "token"
+    """``token``: mean over target tokens (dFactory's); ``unit``: each target unit's mean token loss, averaged
+    over target units, so a 50-token observation weighs as much as a 1-token action."""
+    obs_weight: float = 1.0
+    """Weight of observation targets (per token or per unit, following ``loss_norm``)."""
+    act_weight: float = 1.0
+    """Weight of action targets."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mixture_range", tuple(self.mixture_range))
@@ -184,11 +194,29 @@ class MaskingConfig:
         _check(p, 0.0 < self.mask_prob <= 1.0, f"mask_prob must be in (0, 1], got {self.mask_prob}")
         lo, hi = self.mixture_range
         _check(p, 0.0 < lo <= hi <= 1.0, f"mixture_range must satisfy 0 < low <= high <= 1, got {self.mixture_range}")
+        _check(p, 0.0 <= self.causal_prob <= 1.0, f"causal_prob must be in [0, 1], got {self.causal_prob}")
+        _check(p, self.loss_norm in LOSS_NORMS, f"loss_norm {self.loss_norm!r} is unknown; allowed: "
+               f"{', '.join(LOSS_NORMS)}")  # fmt: skip
+        _check(p, self.obs_weight >= 0 and self.act_weight >= 0, "obs_weight and act_weight must be >= 0")
+        _check(p, self.obs_weight + self.act_weight > 0, "obs_weight and act_weight cannot both be 0")
         _raise("masking", p)
 
     def label(self) -> str:
-        """Short arm name for tables: ``causal``, ``any_order@0.3``."""
-        return f"{self.mode}@{self.mask_prob:g}" if self.mode in P_MODES else self.mode
+        """Short arm name for tables: ``causal``, ``any_order@0.3``, ``action_focus@0.3+unit+act4``."""
+        name = f"{self.mode}@{self.mask_prob:g}" if self.mode in P_MODES else self.mode
+        if self.causal_prob:
+            name += f"+q{self.causal_prob:g}"
+        if self.loss_norm != "token":
+            name += f"+{self.loss_norm}"
+        if self.obs_weight != 1.0:
+            name += f"+obs{self.obs_weight:g}"
+        if self.act_weight != 1.0:
+            name += f"+act{self.act_weight:g}"
+        return name
+
+    def weights_are_uniform(self) -> bool:
+        """True when the loss is the plain target-token mean (no per-token weights needed)."""
+        return self.loss_norm == "token" and self.obs_weight == self.act_weight
 
 
 @dataclass(frozen=True)
@@ -203,6 +231,10 @@ class TrainConfig:
     global_batch_size: int = 32
     micro_batch_size: int = 32
     max_steps: int = 600
+    time_budget_s: float | None = None
+    """Train for this many seconds of wall time instead (capped by ``max_steps``): the step count, and with it
+    the LR schedule's horizon, is fixed from the measured step rate early in the run (see ``train.StepBudget``).
+    Arms of one sweep then get equal wall time however costly their steps are."""
     num_workers: int = 1
     """Ray Train workers (DDP over gloo on CPU, NCCL on GPU)."""
     cpus_per_worker: float = 1.0
@@ -243,6 +275,7 @@ class TrainConfig:
             f"({self.micro_batch_size} x {self.num_workers})",
         )
         _check(p, self.max_steps >= 1, "max_steps must be >= 1")
+        _check(p, self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s must be > 0 (or null)")
         _check(p, self.cpus_per_worker > 0, "cpus_per_worker must be > 0")
         _check(p, self.torch_threads >= 1, "torch_threads must be >= 1")
         _check(p, self.data_parallel_mode in ("ddp", "fsdp2"), "data_parallel_mode must be 'ddp' or 'fsdp2'")
@@ -264,6 +297,8 @@ class EvalConfig:
 
     num_actors: int = 1
     num_cpus_per_actor: float = 0.5
+    num_gpus_per_actor: float = 0.0
+    """GPU share of each eval actor (e.g. 0.25: four share a GPU); > 0 runs its policy and NLL on CUDA."""
     every_steps: int = 100
     """Training steps between pushing weights to the eval actor (it skips stale ones)."""
     episodes: int = 64
@@ -284,6 +319,7 @@ class EvalConfig:
         p: list[str] = []
         _check(p, self.num_actors >= 0, "num_actors must be >= 0")
         _check(p, self.num_cpus_per_actor > 0, "num_cpus_per_actor must be > 0")
+        _check(p, self.num_gpus_per_actor >= 0, f"num_gpus_per_actor must be >= 0, got {self.num_gpus_per_actor}")
         _check(p, self.every_steps >= 1, "every_steps must be >= 1")
         _check(p, self.episodes >= 1 and self.final_episodes >= 1, "episodes and final_episodes must be >= 1")
         _check(p, self.heldout_trajectories >= 1, "heldout_trajectories must be >= 1")

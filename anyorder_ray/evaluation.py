@@ -105,6 +105,13 @@ class EvalWorker:
         if not self._heldout:
             raise RuntimeError(f"the bot solved none of the {len(seeds)} held-out episodes of {self._level}")
         self._model = build_model(model_config)
+        if eval_cfg.num_gpus_per_actor > 0:
+            if not torch.cuda.is_available():
+                raise RuntimeError(
+                    f"eval.num_gpus_per_actor={eval_cfg.num_gpus_per_actor:g} but this eval actor sees no CUDA device "
+                    "(Ray sets CUDA_VISIBLE_DEVICES from the actor's GPU share); set it to 0 to evaluate on CPU"
+                )
+            self._model.to("cuda")
         self._last_step: int | None = None
 
     def heldout_size(self) -> int:
@@ -179,6 +186,10 @@ def make_eval_actor(
     """
     threads = torch_threads if torch_threads is not None else max(1, int(eval_cfg.num_cpus_per_actor))
     cls = ray.remote(EvalWorker).options(
-        num_cpus=eval_cfg.num_cpus_per_actor, max_restarts=eval_cfg.max_restarts, max_task_retries=-1, **options
+        num_cpus=eval_cfg.num_cpus_per_actor,
+        num_gpus=eval_cfg.num_gpus_per_actor,
+        max_restarts=eval_cfg.max_restarts,
+        max_task_retries=-1,
+        **options,
     )
     return cls.remote(env, eval_cfg, model_config, tokenizer, history_steps, max_length, threads)

@@ -39,6 +39,8 @@ class MaskMode(StrEnum):
     OBS_ONLY = "obs_only"
     ACT_ONLY = "act_only"
     MIXTURE = "mixture"
+    ACTION_FOCUS = "action_focus"
+    CUT_FOCUS = "cut_focus"
 
     @classmethod
     def parse(cls, value: str | MaskMode) -> MaskMode:
@@ -62,6 +64,18 @@ class AnyOrderMaskSampler:
         seed: seeds a ``numpy.random.Generator``; same seed and call sequence ⇒ same masks.
         mixture_range: ``(low, high)`` with ``0 < low <= high <= 1``; ``mixture`` draws ``mask_prob``
             uniformly from it on every call.
+        causal_prob: ``q`` in ``[0, 1]``: each call uses the ``causal`` mask with probability ``q`` and
+            ``mode``'s mask otherwise (a causal/any-order mixture). ``0`` draws no extra random number, so
+            the masks of a sampler without it are unchanged.
+
+    Modes: ``causal`` (a random action is the target, everything before it visible, everything after it
+    dropped), ``prefix`` (every observation after a random action is a target), ``any_order`` (every unit
+    a target with ``mask_prob``), ``obs_only`` / ``act_only`` (the same over one kind), ``mixture``
+    (``any_order`` with ``mask_prob`` drawn per call), ``action_focus`` (a random action is always a target
+    and everything after it dropped, as in ``causal``, but each earlier unit is a target with ``mask_prob``:
+    the policy query is trained on every call, with any-order world-model queries around it), ``cut_focus``
+    (the same with the cut at any unit after the first: the last kept unit, an action or an observation, is
+    always a target, so both evaluation queries, policy and world model, are trained in their exact shape).
     """
 
     def __init__(
@@ -70,8 +84,13 @@ class AnyOrderMaskSampler:
         mask_prob: float = 0.5,
         seed: int | None = None,
         mixture_range: tuple[float, float] = (0.05, 1.0),
+        causal_prob: float = 0.0,
     ) -> None:
         self.mode = MaskMode.parse(mode)
+        causal_prob = float(causal_prob)
+        if not 0.0 <= causal_prob <= 1.0:
+            raise ValueError(f"causal_prob must be in [0, 1], got {causal_prob}")
+        self.causal_prob = causal_prob
         mask_prob = float(mask_prob)
         if not 0.0 < mask_prob <= 1.0:
             raise ValueError(f"mask_prob must be in (0, 1], got {mask_prob}")
@@ -86,7 +105,7 @@ class AnyOrderMaskSampler:
     def __repr__(self) -> str:
         return (
             f"AnyOrderMaskSampler(mode={self.mode.value!r}, mask_prob={self.mask_prob}, seed={self.seed}, "
-            f"mixture_range={self.mixture_range})"
+            f"mixture_range={self.mixture_range}, causal_prob={self.causal_prob})"
         )
 
     def sample(self, kinds: Sequence[str]) -> tuple[UnitRole, ...]:
@@ -97,6 +116,8 @@ class AnyOrderMaskSampler:
         bad = sorted({k for k in kinds if k not in _KINDS})
         if bad:
             raise ValueError(f"unit kinds must be one of {_KINDS}, got {bad}")
+        if self.causal_prob > 0.0 and "act" in kinds and self._rng.random() < self.causal_prob:
+            return self._sample_causal(kinds)
         return self._DISPATCH[self.mode](self, kinds)
 
     # --- one method per mode -------------------------------------------------------------------
@@ -141,6 +162,26 @@ class AnyOrderMaskSampler:
         # uniform() can return exactly `low` only when low > 0 (validated), so p stays in (0, 1].
         return self._bernoulli(kinds, range(len(kinds)), p)
 
+    def _sample_action_focus(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
+        acts = [i for i, k in enumerate(kinds) if k == "act"]
+        if not acts:
+            raise ValueError("action_focus masking needs at least one action unit, got none")
+        return self._focus(kinds, acts[self._rng.integers(len(acts))])
+
+    def _sample_cut_focus(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
+        if len(kinds) < 2:
+            raise ValueError("cut_focus masking needs at least two units (context before the cut), got one")
+        return self._focus(kinds, 1 + int(self._rng.integers(len(kinds) - 1)))
+
+    def _focus(self, kinds: tuple[str, ...], cut: int) -> tuple[UnitRole, ...]:
+        """``cut`` is a target, each earlier unit a target with ``mask_prob``, every later unit dropped."""
+        earlier = self._rng.random(cut) < self.mask_prob
+        return tuple(
+            (UnitRole.TARGET if earlier[i] else UnitRole.VISIBLE) if i < cut
+            else UnitRole.TARGET if i == cut else UnitRole.DROPPED
+            for i in range(len(kinds))
+        )  # fmt: skip
+
     _DISPATCH: dict[MaskMode, Callable[[AnyOrderMaskSampler, tuple[str, ...]], tuple[UnitRole, ...]]] = {
         MaskMode.CAUSAL: _sample_causal,
         MaskMode.PREFIX: _sample_prefix,
@@ -148,6 +189,8 @@ class AnyOrderMaskSampler:
         MaskMode.OBS_ONLY: _sample_obs_only,
         MaskMode.ACT_ONLY: _sample_act_only,
         MaskMode.MIXTURE: _sample_mixture,
+        MaskMode.ACTION_FOCUS: _sample_action_focus,
+        MaskMode.CUT_FOCUS: _sample_cut_focus,
     }
 
     # --- shared primitive ------------------------------------------------------------------------

@@ -17,9 +17,11 @@ every piece divides by the *step's* target count, not by its own. So:
 A batch whose normaliser is zero (no target anywhere) raises ``ValueError``: it means the masking produced an
 empty example, and a silent zero loss would hide that bug. ``AnyOrderMaskSampler`` guarantees >= 1 target.
 
-``token_weights`` (same shape as ``labels``) reweights individual targets, e.g. per-unit normalisation
-(``w = 1 / tokens_in_unit`` with ``num_targets = number of target units``). Weights at non-target positions are
-ignored. Without ``num_targets`` the normaliser stays the local *target count*, not the sum of weights.
+``token_weights`` (same shape as ``labels``) reweights individual targets; ``target_token_weights`` builds the
+per-unit and per-kind ones (``w = kind_weight / tokens_in_unit`` for a per-unit mean). The weighted loss is a
+weighted *mean*: pass ``num_targets = sum of the step's weights`` (``data_parallel_normaliser(labels, weights=...)``
+does it across micro-batches and ranks, exactly as for counts). Weights at non-target positions are ignored.
+Without ``num_targets`` the normaliser stays the local *target count*, not the sum of weights.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from anyorder_ray.transform import KIND_IDS
 
 IGNORE_INDEX = -100
 
@@ -79,29 +83,81 @@ def masked_cross_entropy(
     return ce.sum() / normaliser
 
 
+def target_token_weights(
+    labels: torch.Tensor,
+    unit_ids: torch.Tensor,
+    unit_kinds: torch.Tensor,
+    loss_norm: str = "token",
+    obs_weight: float = 1.0,
+    act_weight: float = 1.0,
+) -> torch.Tensor:
+    """Per-position loss weights of a collated batch (0 at non-targets).
+
+    ``loss_norm="token"``: every target token weighs its kind's weight. ``"unit"``: a target unit's tokens share
+    its kind's weight equally (``weight / tokens_in_unit``), so with a weighted-mean normaliser every unit counts
+    once whatever its length. ``unit_ids`` / ``unit_kinds`` are ``collate``'s (unit index per row, 0 obs / 1 act).
+    """
+    if loss_norm not in ("token", "unit"):
+        raise ValueError(f"loss_norm must be 'token' or 'unit', got {loss_norm!r}")
+    if not labels.shape == unit_ids.shape == unit_kinds.shape:
+        raise ValueError(f"labels {list(labels.shape)}, unit_ids and unit_kinds must have one shape")
+    is_target = labels != IGNORE_INDEX
+    if bool((is_target & (unit_ids < 0)).any()):
+        raise ValueError("a target position has no unit (unit_ids == -1): targets must be whole units")
+    weights = torch.where(unit_kinds == KIND_IDS["act"], float(act_weight), float(obs_weight))
+    weights = weights.to(torch.float32) * is_target
+    if loss_norm == "unit":
+        units_per_row = int(unit_ids.max().clamp(min=0)) + 1
+        rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(-1).expand_as(unit_ids)
+        key = rows * units_per_row + unit_ids.clamp(min=0)
+        tokens_in_unit = torch.bincount(key[is_target], minlength=labels.shape[0] * units_per_row)
+        weights = weights / tokens_in_unit[key].clamp(min=1)
+    return weights
+
+
 def global_target_count(
-    labels: torch.Tensor | Sequence[torch.Tensor], group: dist.ProcessGroup | None = None
+    labels: torch.Tensor | Sequence[torch.Tensor],
+    group: dist.ProcessGroup | None = None,
+    weights: torch.Tensor | Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Number of targets in ``labels`` (one tensor, or the list of a step's micro-batches) summed over ``group``;
-    the plain local count when torch.distributed is not initialised."""
+    the plain local count when torch.distributed is not initialised. With ``weights`` (same structure as
+    ``labels``) it is the sum of the targets' weights instead."""
     pieces = [labels] if isinstance(labels, torch.Tensor) else list(labels)
     if not pieces:
         raise ValueError("global_target_count needs at least one labels tensor")
-    count = sum((piece != IGNORE_INDEX).sum() for piece in pieces).to(torch.float32)
+    if weights is None:
+        count = sum((piece != IGNORE_INDEX).sum() for piece in pieces).to(torch.float32)
+    else:
+        w_pieces = [weights] if isinstance(weights, torch.Tensor) else list(weights)
+        if len(w_pieces) != len(pieces):
+            raise ValueError(f"got {len(w_pieces)} weight tensors for {len(pieces)} labels tensors")
+        count = sum(
+            (w.to(torch.float32) * (piece != IGNORE_INDEX)).sum() for piece, w in zip(pieces, w_pieces, strict=True)
+        ).to(torch.float32)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
     return count
 
 
 def data_parallel_normaliser(
-    labels: torch.Tensor | Sequence[torch.Tensor], group: dist.ProcessGroup | None = None
+    labels: torch.Tensor | Sequence[torch.Tensor],
+    group: dist.ProcessGroup | None = None,
+    weights: torch.Tensor | Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``num_targets`` to use on each rank when the DP wrapper *averages* gradients (DDP, FSDP):
-    the global target count divided by the world size. Equals the local count without torch.distributed."""
-    count = global_target_count(labels, group)
+    the global target count (or weight sum) divided by the world size. Equals the local count without
+    torch.distributed."""
+    count = global_target_count(labels, group, weights)
     if dist.is_available() and dist.is_initialized():
         count = count / dist.get_world_size(group)
     return count
 
 
-__all__ = ["IGNORE_INDEX", "data_parallel_normaliser", "global_target_count", "masked_cross_entropy"]
+__all__ = [
+    "IGNORE_INDEX",
+    "data_parallel_normaliser",
+    "global_target_count",
+    "masked_cross_entropy",
+    "target_token_weights",
+]

@@ -23,6 +23,26 @@ def lr_factor(step: int, warmup: int, total: int, style: str) -> float:
     raise ValueError(f"lr_decay_style must be cosine, linear or constant, got {style!r}")
 
 
+class LRSchedule:
+    """``lr_factor`` as a picklable callable whose horizon can be fixed after the run starts.
+
+    ``LambdaLR`` saves a callable object's ``__dict__`` in its state dict, so ``total`` (and ``warmup``) set by
+    a time budget (``set_total``) survive a checkpoint and resume exactly.
+    """
+
+    def __init__(self, warmup_ratio: float, total: int, style: str) -> None:
+        self.warmup_ratio = float(warmup_ratio)
+        self.style = style
+        self.set_total(total)
+
+    def set_total(self, total: int) -> None:
+        self.total = int(total)
+        self.warmup = int(self.warmup_ratio * self.total)
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.warmup, self.total, self.style)
+
+
 def make_optimizer(
     model: torch.nn.Module, cfg: TrainConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -33,6 +53,14 @@ def make_optimizer(
         (no_decay if p.ndim < 2 or "norm" in name or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    warmup, total, style = cfg.warmup_steps(), cfg.max_steps, cfg.lr_decay_style
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total, style))
+    schedule = LRSchedule(cfg.lr_warmup_ratio, cfg.max_steps, cfg.lr_decay_style)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return optimizer, scheduler
+
+
+def lr_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> LRSchedule:
+    """The ``LRSchedule`` inside a scheduler made by ``make_optimizer``."""
+    schedule = scheduler.lr_lambdas[0]  # one per parameter group, all the same object
+    if not isinstance(schedule, LRSchedule) or any(fn is not schedule for fn in scheduler.lr_lambdas):
+        raise TypeError(f"expected a scheduler from make_optimizer, got lr_lambdas {scheduler.lr_lambdas}")
+    return schedule

@@ -326,7 +326,11 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 @dataclass(frozen=True, slots=True)
 class NLLStats:
-    """Token-mean NLLs (nats) over a held-out trajectory set, and what they were averaged over."""
+    """Token-mean NLLs (nats) over a held-out trajectory set, and what they were averaged over.
+
+    ``world_model_nll_per_obs`` is the summed NLL of a whole next observation (nats per observation): unlike the
+    token mean it does not depend on how many tokens an observation encoding uses, so it compares encodings.
+    """
 
     world_model_nll: float
     action_nll: float
@@ -334,6 +338,7 @@ class NLLStats:
     action_tokens: int
     queries: int
     seconds: float
+    world_model_nll_per_obs: float = float("nan")
 
 
 def nll_queries(
@@ -401,6 +406,7 @@ def heldout_nll(
         action_tokens=a_n,
         queries=len(world) + len(action),
         seconds=time.perf_counter() - start,
+        world_model_nll_per_obs=w_sum / len(world) if world else float("nan"),
     )
 
 
@@ -415,6 +421,7 @@ def eval_metrics(episodes: EpisodeStats, nll: NLLStats | None, step: int, second
         "eval/mean_episode_length": episodes.mean_length,
         "eval/episodes_per_s": episodes.episodes_per_s,
         "eval/world_model_nll": nll.world_model_nll if nll is not None else float("nan"),
+        "eval/world_model_nll_per_obs": nll.world_model_nll_per_obs if nll is not None else float("nan"),
         "eval/action_nll": nll.action_nll if nll is not None else float("nan"),
         "eval/seconds": float(seconds),
         "eval/step": float(step),

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from anyorder_ray.config import P_MODES
+from anyorder_ray.config import P_MODES, MaskingConfig
 
 COLUMNS = (
     "trial",
@@ -30,6 +30,7 @@ COLUMNS = (
     "success_high",
     "episodes",
     "world_model_nll",
+    "world_model_nll_per_obs",
     "action_nll",
     "train_steps",
     "train_tokens",
@@ -48,9 +49,11 @@ def make_row(trial: str, params: dict, metrics: dict, status: str) -> dict[str, 
     arm = dict(params.get("arm") or {})
     mode = arm.get("mode", "any_order")
     p = params.get("mask_prob", arm.get("mask_prob", 0.5)) if mode in P_MODES else math.nan
+    if mode in P_MODES:
+        arm["mask_prob"] = p
     return {
         "trial": trial,
-        "arm": f"{mode}@{p:g}" if mode in P_MODES else mode,
+        "arm": MaskingConfig(**arm).label(),
         "mode": mode,
         "mask_prob": p,
         "seed": params.get("seed", 0),
@@ -59,6 +62,7 @@ def make_row(trial: str, params: dict, metrics: dict, status: str) -> dict[str, 
         "success_high": _num(metrics, "eval/success_high"),
         "episodes": _num(metrics, "eval/episodes"),
         "world_model_nll": _num(metrics, "eval/world_model_nll"),
+        "world_model_nll_per_obs": _num(metrics, "eval/world_model_nll_per_obs"),
         "action_nll": _num(metrics, "eval/action_nll"),
         "train_steps": _num(metrics, "train/step"),
         "train_tokens": _num(metrics, "train/total_tokens"),
@@ -113,6 +117,107 @@ def write_tables(rows: list[dict[str, Any]], run_dir: Path) -> str:
     md = markdown_table(rows)
     atomic_write(run_dir / "results.csv", lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8", newline=""))
     atomic_write(run_dir / "results.md", lambda tmp: tmp.write_text(md + "\n", encoding="utf-8"))
+    return md
+
+
+SUMMARY_COLUMNS = (
+    "arm",
+    "seeds",
+    "episodes",
+    "success",
+    "success_low",
+    "success_high",
+    "seed_success_min",
+    "seed_success_max",
+    "vs_reference",
+    "p_value",
+    "world_model_nll_per_obs",
+    "world_model_nll",
+    "action_nll",
+    "train_steps",
+    "wall_s",
+)
+
+
+def arm_summary(rows: list[dict[str, Any]], reference: str = "causal") -> list[dict[str, Any]]:
+    """One row per arm over its seeds: success pooled over every seed's episodes with a Wilson 95% interval, the
+    seeds' range, the difference to the ``reference`` arm with a two-sided two-proportion z-test p-value, and the
+    seed means of the NLLs, steps and wall time. Trials without a final evaluation are left out."""
+    from anyorder_ray.policy import wilson_interval
+
+    by_arm: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["status"] == "ok" and not math.isnan(r["success"]) and not math.isnan(r["episodes"]):
+            by_arm[r["arm"]].append(r)
+    pooled = {}
+    for arm, rs in by_arm.items():
+        n = int(sum(r["episodes"] for r in rs))
+        k = int(round(sum(r["success"] * r["episodes"] for r in rs)))
+        pooled[arm] = (k, n)
+    out = []
+    for arm, rs in by_arm.items():
+        k, n = pooled[arm]
+        low, high = wilson_interval(k, n)
+        diff, p_value = math.nan, math.nan
+        if reference in pooled and arm != reference:
+            diff, p_value = _two_proportion_test(k, n, *pooled[reference])
+        out.append({
+            "arm": arm,
+            "seeds": len(rs),
+            "episodes": n,
+            "success": k / n if n else math.nan,
+            "success_low": low,
+            "success_high": high,
+            "seed_success_min": min(r["success"] for r in rs),
+            "seed_success_max": max(r["success"] for r in rs),
+            "vs_reference": diff,
+            "p_value": p_value,
+            "world_model_nll_per_obs": _mean([r["world_model_nll_per_obs"] for r in rs]),
+            "world_model_nll": _mean([r["world_model_nll"] for r in rs]),
+            "action_nll": _mean([r["action_nll"] for r in rs]),
+            "train_steps": _mean([r["train_steps"] for r in rs]),
+            "wall_s": _mean([r["wall_s"] for r in rs]),
+        })  # fmt: skip
+    return sorted(out, key=lambda r: -r["success"])
+
+
+def _two_proportion_test(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float]:
+    """``p1 - p2`` and the two-sided p-value of the pooled two-proportion z-test."""
+    if n1 == 0 or n2 == 0:
+        return math.nan, math.nan
+    p1, p2 = k1 / n1, k2 / n2
+    pool = (k1 + k2) / (n1 + n2)
+    se = math.sqrt(pool * (1 - pool) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return p1 - p2, 1.0
+    return p1 - p2, math.erfc(abs(p1 - p2) / se / math.sqrt(2))
+
+
+def summary_markdown(summary: list[dict[str, Any]], reference: str = "causal") -> str:
+    cols = ["arm", "seeds", "success [95% CI] (pooled episodes)", "seed range", f"vs {reference} (p)",
+            "world-model NLL / obs", "action NLL", "steps", "wall s"]  # fmt: skip
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in summary:
+        ci = f"{_fmt(r['success'])} [{_fmt(r['success_low'])}, {_fmt(r['success_high'])}] of {r['episodes']}"
+        spread = f"{_fmt(r['seed_success_min'])}–{_fmt(r['seed_success_max'])}"
+        vs = "–" if math.isnan(r["vs_reference"]) else f"{r['vs_reference']:+.3f} ({r['p_value']:.2g})"
+        vals = [r["arm"], r["seeds"], ci, spread, vs, r["world_model_nll_per_obs"], r["action_nll"],
+                r["train_steps"], r["wall_s"]]  # fmt: skip
+        lines.append("| " + " | ".join(v if isinstance(v, str) else _fmt(v) for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def write_summary(rows: list[dict[str, Any]], run_dir: Path, reference: str = "causal") -> str:
+    """Write ``summary.csv`` and ``summary.md`` (per arm over seeds, see ``arm_summary``); returns the Markdown."""
+    summary = arm_summary(rows, reference)
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS)
+    writer.writeheader()
+    writer.writerows(summary)
+    md = summary_markdown(summary, reference)
+    run_dir = Path(run_dir)
+    atomic_write(run_dir / "summary.csv", lambda tmp: tmp.write_text(buf.getvalue(), encoding="utf-8", newline=""))
+    atomic_write(run_dir / "summary.md", lambda tmp: tmp.write_text(md + "\n", encoding="utf-8"))
     return md
 
 

@@ -29,7 +29,7 @@ from anyorder_ray.config import (
     read_yaml,
     validate_env,
 )
-from anyorder_ray.results import atomic_write, results_rows, write_plots, write_tables
+from anyorder_ray.results import atomic_write, results_rows, write_plots, write_summary, write_tables
 
 RUN_CONFIG_FILE = "experiment.yaml"
 
@@ -85,11 +85,14 @@ def resource_problems(cfg: ExperimentConfig, have_cpus: float, have_gpus: float)
             f"one trial needs {need_cpu:g} CPUs but the cluster has {have_cpus:g} ({'; '.join(parts)}): lower "
             "these keys so they fit, or use a bigger cluster (a local Ray gets --num-cpus, default all cores)"
         )
-    need_gpu = cfg.train.num_workers if cfg.train.use_gpu else 0
-    if need_gpu > have_gpus:
+    need_train_gpu = cfg.train.num_workers if cfg.train.use_gpu else 0
+    need_eval_gpu = cfg.eval.num_actors * cfg.eval.num_gpus_per_actor
+    if need_train_gpu + need_eval_gpu > have_gpus + 1e-9:
         problems.append(
-            f"train.use_gpu=true with train.num_workers={cfg.train.num_workers} needs {need_gpu} GPU(s) per trial "
-            f"but the cluster has {have_gpus:g}: set train.use_gpu=false or lower train.num_workers"
+            f"one trial needs {need_train_gpu + need_eval_gpu:g} GPU(s) (train.use_gpu={cfg.train.use_gpu} with "
+            f"train.num_workers={cfg.train.num_workers}; eval.num_actors x eval.num_gpus_per_actor = "
+            f"{need_eval_gpu:g}) but the cluster has {have_gpus:g}: set train.use_gpu=false, lower "
+            "train.num_workers or eval.num_gpus_per_actor"
         )
     return problems
 
@@ -239,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     grid = tuner.fit()
     rows = results_rows(grid)
     table_md = write_tables(rows, run_dir)
+    summary_md = write_summary(rows, run_dir)
     write_plots(grid, rows, run_dir)
     print(table_md, flush=True)
+    if len(cfg.sweep.seeds) > 1:
+        print("\nPer arm over seeds (summary.md):\n" + summary_md, flush=True)
     print(f"[sweep] finished {len(rows)} trial(s) in {time.time() - start:.0f} s; results in {run_dir}", flush=True)
     errors = sum(1 for r in rows if r["status"] != "ok")
     return 1 if errors else 0

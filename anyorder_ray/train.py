@@ -42,8 +42,8 @@ from anyorder_ray.checkpointing import (
 from anyorder_ray.config import DataConfig, ExperimentConfig, MaskingConfig
 from anyorder_ray.factory import build_model, build_tokenizer
 from anyorder_ray.masking import AnyOrderMaskSampler
-from anyorder_ray.objective import data_parallel_normaliser, masked_cross_entropy
-from anyorder_ray.optim import make_optimizer
+from anyorder_ray.objective import data_parallel_normaliser, masked_cross_entropy, target_token_weights
+from anyorder_ray.optim import LRSchedule, lr_schedule, make_optimizer
 from anyorder_ray.sharding import (
     build_sharded_model,
     full_state_dict,
@@ -202,7 +202,11 @@ class BatchMaker:
         self.pad_id = pad_id
         self.rng = np.random.default_rng([seed, 1])
         self.sampler = AnyOrderMaskSampler(
-            masking.mode, masking.mask_prob, seed=int(self.rng.integers(2**31)), mixture_range=masking.mixture_range
+            masking.mode,
+            masking.mask_prob,
+            seed=int(self.rng.integers(2**31)),
+            mixture_range=masking.mixture_range,
+            causal_prob=masking.causal_prob,
         )
         self._queue: list[list[EncodedExample]] = []
 
@@ -254,6 +258,72 @@ def _first_trajectories(snapshot: list[tuple[Any, int, int]], limit: int) -> lis
     return out
 
 
+class StepBudget:
+    """How many steps a worker trains: ``train.max_steps``, or as many as fit in ``train.time_budget_s``.
+
+    With a time budget the step rate is measured over steps ``WARM..FIRST_FIX`` of this process and the total
+    fixed at ``FIRST_FIX``; it is measured again at a quarter of that plan (now including eval pushes and
+    reports) and then fixed for good. The total, and the wall time spent, live in the ``LRSchedule`` (so the
+    cosine horizon follows the plan and a checkpoint carries it). Rank 0 decides and broadcasts, so all ranks
+    stop together. Time before the first step (model build, waiting for data) is not counted; the final
+    evaluation runs after the budget.
+    """
+
+    WARM = 10
+    FIRST_FIX = 30
+
+    def __init__(self, max_steps: int, budget_s: float | None, schedule: LRSchedule, start_step: int = 0) -> None:
+        self.max_steps = max_steps
+        self.budget_s = budget_s
+        self.schedule = schedule
+        if budget_s is not None and not hasattr(schedule, "budget_fixes"):
+            schedule.budget_fixes = 0
+            schedule.elapsed_s = 0.0
+        self._start_step = start_step
+        self._next_fix = start_step + self.FIRST_FIX
+        self._t_last: float | None = None
+        self._t_warm: float | None = None
+
+    @property
+    def total(self) -> int:
+        return self.schedule.total
+
+    def after_step(self, step: int) -> None:
+        if self.budget_s is None:
+            return
+        now = time.perf_counter()
+        if self._t_last is not None:
+            self.schedule.elapsed_s += now - self._t_last
+        self._t_last = now
+        if self.schedule.budget_fixes >= 2:
+            return
+        if step == self._start_step + self.WARM:
+            self._t_warm = now
+        if step == self._next_fix and self._t_warm is not None:
+            rate = (now - self._t_warm) / (step - self._start_step - self.WARM)
+            remaining = self.budget_s - self.schedule.elapsed_s
+            total = min(self.max_steps, max(step + 1, step + round(remaining / rate)))
+            total = _broadcast_int(total)
+            self.schedule.set_total(total)
+            self.schedule.budget_fixes += 1
+            self._next_fix = max(step + 1, total // 4)
+            print(f"[train] time budget {self.budget_s:.0f} s: {rate * 1e3:.0f} ms/step, training {total} steps "
+                  f"(fix {self.schedule.budget_fixes}/2)", flush=True)  # fmt: skip
+
+    def start(self) -> None:
+        """Call right before the first step: the clock starts here."""
+        self._t_last = time.perf_counter()
+
+
+def _broadcast_int(value: int) -> int:
+    """Rank 0's ``value`` on every rank (no-op without torch.distributed)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)  # works on gloo and NCCL alike
+    return int(box[0])
+
+
 @dataclass(frozen=True)
 class StepStats:
     loss: float
@@ -270,18 +340,34 @@ def train_step(
     micro_batches: Sequence[dict[str, torch.Tensor]],
     max_grad_norm: float,
     device: torch.device,
+    weighting: MaskingConfig | None = None,
 ) -> StepStats:
-    """One optimizer step over ``micro_batches``: exact token-mean over the step's global targets."""
+    """One optimizer step over ``micro_batches``: the exact (weighted) mean over the step's global targets.
+
+    ``weighting`` (the arm's ``MaskingConfig``) sets per-unit normalisation and per-kind weights; None, or
+    uniform weights, is the plain token mean.
+    """
     model.train()
-    normaliser = data_parallel_normaliser([mb["labels"] for mb in micro_batches])
+    labels_all = [mb["labels"] for mb in micro_batches]
+    weights = None
+    if weighting is not None and not weighting.weights_are_uniform():
+        w = weighting
+        weights = [
+            target_token_weights(
+                mb["labels"], mb["unit_ids"], mb["unit_kinds"], w.loss_norm, w.obs_weight, w.act_weight
+            )
+            for mb in micro_batches
+        ]
+    normaliser = data_parallel_normaliser(labels_all, weights=weights)
     total = 0.0
     for i, mb in enumerate(micro_batches):
         ids = mb["input_ids"].to(device)
         mask = mb["attention_mask"].to(device)
         labels = mb["labels"].to(device)
+        w = weights[i].to(device) if weights is not None else None
         with gradient_sync(model, enabled=i == len(micro_batches) - 1):  # reduce once, after the last
             logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = masked_cross_entropy(logits, labels, num_targets=normaliser.to(device))
+            loss = masked_cross_entropy(logits, labels, num_targets=normaliser.to(device), token_weights=w)
             loss.backward()
         total += float(loss.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -409,22 +495,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
     window = {"tokens": 0, "padded": 0, "targets": 0, "loss": 0.0, "steps": 0, "t0": time.perf_counter()}
     total_tokens = int(restored.get("tokens", 0))
 
-    while step < cfg.train.max_steps:
+    budget = StepBudget(cfg.train.max_steps, cfg.train.time_budget_s, lr_schedule(scheduler), start_step=step)
+    budget.start()
+    while step < budget.total:
         if not full and step % 20 == 0:
             source.refresh()
             full = cfg.data.regime == "fixed" and source.size >= cfg.data.num_demos
         micro = [batches.bucketed(source, mbs) for _ in range(accum)]
-        stats = train_step(model, optimizer, scheduler, micro, cfg.train.max_grad_norm, device)
+        stats = train_step(model, optimizer, scheduler, micro, cfg.train.max_grad_norm, device, cfg.masking)
         step += 1
+        budget.after_step(step)
         total_tokens += stats.tokens
         window["tokens"] += stats.tokens
         window["padded"] += stats.padded_tokens
         window["targets"] += stats.target_tokens
         window["loss"] += stats.loss
         window["steps"] += 1
-        if step % cfg.eval.every_steps == 0 and step < cfg.train.max_steps:
+        if step % cfg.eval.every_steps == 0 and step < budget.total:
             eval_client.submit(model, step)  # a no-op without an actor (ranks > 0), except for joining a gather
-        last = step == cfg.train.max_steps
+        last = step == budget.total  # every rank agrees: the budget's total is rank 0's, broadcast
         if step % cfg.train.report_every == 0 or last:
             elapsed = time.perf_counter() - window["t0"]
             metrics: dict[str, Any] = {
@@ -436,6 +525,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "train/target_tokens": window["targets"] / window["steps"],
                 "train/padding_waste": 1.0 - window["tokens"] / max(window["padded"], 1),
                 "train/total_tokens": total_tokens * world,
+                "train/planned_steps": budget.total,
             }
             final_eval = eval_client.final(model, step, cfg.eval.final_episodes) if last else {}  # every rank
             if rank == 0:

@@ -123,10 +123,10 @@ def matmul_share(model: nn.Module, scorer: ActionScorer, queries: list[PolicyQue
 
 
 def timed_episodes(
-    model: nn.Module, scorer: ActionScorer, level: str, seeds: Sequence[int], batch_envs: int
+    model: nn.Module, scorer: ActionScorer, level: str, seeds: Sequence[int], batch_envs: int, encoding: str = "grid"
 ) -> tuple[EpisodeStats, TimedScorer]:
     timed = TimedScorer(scorer)
-    stats = run_episodes(model, timed, level, seeds, batch_envs=batch_envs)  # type: ignore[arg-type]
+    stats = run_episodes(model, timed, level, seeds, batch_envs=batch_envs, encoding=encoding)  # type: ignore[arg-type]
     print(
         f"[eval] batch_envs={batch_envs}: {stats.episodes} episodes in {stats.seconds:.1f} s = "
         f"{stats.episodes_per_s:.2f} episodes/s, success {stats.success_rate:.2f}, mean length "
@@ -157,10 +157,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
     tokenizer = build_tokenizer(cfg.model)
     encoder = UnitEncoder(tokenizer)
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
-    heldout, _ = collect_bot_trajectories_with_stats(level, heldout_trajectory_seeds(cfg.eval, 64))
+    heldout, _ = collect_bot_trajectories_with_stats(
+        level, heldout_trajectory_seeds(cfg.eval, 64), encoding=cfg.env.obs_encoding
+    )
     if not args.checkpoint and train_steps > 0:
         torch.set_num_threads(cfg.train.torch_threads)
-        data, _ = collect_bot_trajectories_with_stats(level, range(200 if args.quick else cfg.data.num_demos))
+        data, _ = collect_bot_trajectories_with_stats(
+            level, range(200 if args.quick else cfg.data.num_demos), encoding=cfg.env.obs_encoding
+        )
         train_briefly(cfg, model, encoder, data, train_steps)
     torch.set_num_threads(args.threads)
     model.eval()
@@ -171,8 +175,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
         flush=True,
     )
 
-    batched, timed_b = timed_episodes(model, scorer, level, seeds, args.batch_envs)
-    single, timed_s = timed_episodes(model, scorer, level, seeds, 1)
+    batched, timed_b = timed_episodes(model, scorer, level, seeds, args.batch_envs, cfg.env.obs_encoding)
+    single, timed_s = timed_episodes(model, scorer, level, seeds, 1, cfg.env.obs_encoding)
     same = sum(a.actions == b.actions for a, b in zip(batched.results, single.results, strict=True))
     print(f"same actions in {same}/{len(seeds)} episodes (float noise between batch shapes can flip near-ties)")
     speedup = batched.episodes_per_s / single.episodes_per_s

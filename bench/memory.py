@@ -177,7 +177,9 @@ def worker_process(config: str, steps: int, demos: int) -> None:
     after_imports = _rss_bytes()
     cfg = load_config(config)
     torch.set_num_threads(cfg.train.torch_threads)
-    data, _ = collect_bot_trajectories_with_stats(cfg.env.level, range(demos), cfg.env.max_episode_steps)
+    data, _ = collect_bot_trajectories_with_stats(
+        cfg.env.level, range(demos), cfg.env.max_episode_steps, encoding=cfg.env.obs_encoding
+    )
     tokenizer = build_tokenizer(cfg.model)
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
     optimizer, scheduler = make_optimizer(model, cfg.train)
@@ -234,7 +236,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
     level = normalize_level(cfg.env.level)
     n = args.trajectories or (256 if args.quick else 2048)
-    trajectories, _ = collect_bot_trajectories_with_stats(level, range(n), cfg.env.max_episode_steps)
+    trajectories, _ = collect_bot_trajectories_with_stats(
+        level, range(n), cfg.env.max_episode_steps, encoding=cfg.env.obs_encoding
+    )
     per = args.episodes_per_batch
     batches = [trajectories[s : s + per] for s in range(0, len(trajectories) - per + 1, per)]
     import ray

@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
         f"{cfg.train.global_batch_size} (micro {cfg.train.micro_batch_size}), torch threads {torch.get_num_threads()}",
         flush=True,
     )
-    data, stats = collect_bot_trajectories_with_stats(cfg.env.level, range(demos), cfg.env.max_episode_steps)
+    data, stats = collect_bot_trajectories_with_stats(
+        cfg.env.level, range(demos), cfg.env.max_episode_steps, encoding=cfg.env.obs_encoding
+    )
     print(f"{len(data)} bot trajectories in {stats.seconds:.1f} s", flush=True)
 
     peak_before = measure_matmul_flops(1.0 if args.quick else 2.0)

@@ -284,6 +284,54 @@ def test_serialization_roundtrips_arbitrary_triples(image: np.ndarray, direction
     assert_exact_roundtrip(obs, serialize_obs(obs))
 
 
+@settings(max_examples=300, deadline=None)
+@given(image=_valid_images, direction=st.integers(0, 3))
+def test_compact_encoding_roundtrips_arbitrary_triples(image: np.ndarray, direction: int) -> None:
+    obs = {"image": image, "direction": direction}
+    text = serialize_obs(obs, encoding="compact")
+    parsed, parsed_direction = parse_obs(text, encoding="compact")
+    np.testing.assert_array_equal(parsed, image)
+    assert parsed_direction == direction
+
+
+def test_compact_encoding_is_lossless_and_short_on_real_observations(real_observations) -> None:
+    from anyorder_ray.tokenization import build_world_tokenizer
+
+    tokenizer = build_world_tokenizer()
+    lengths = []
+    for obs, grid_text in real_observations:
+        text = serialize_obs(obs, encoding=ObsEncoding.COMPACT)
+        image, direction = parse_obs(text, encoding="compact")
+        np.testing.assert_array_equal(image, obs["image"])
+        assert direction == obs["direction"]
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.unk_token_id not in ids and len(ids) == len(text.split())  # one token per word
+        lengths.append(len(ids))
+        assert parse_obs(grid_text)[1] == direction
+    lengths = np.asarray(lengths)
+    # Single-room levels: ~19 words on average against the grid encoding's fixed 50.
+    assert lengths.mean() < 25 and lengths.max() <= GRID_OBS_WORDS
+
+
+def test_compact_encoding_examples_and_rejections() -> None:
+    image = np.zeros((7, 7, 3), dtype=np.uint8)
+    image[..., 0] = 1  # all empty
+    image[3, 0] = (6, 0, 0)  # a red ball at x=3 of the farthest row
+    image[4, 0] = (6, 0, 0)  # and another one next to it
+    obs = {"image": image, "direction": 3}
+    assert serialize_obs(obs, encoding="compact") == "north empty_x3 ball_red x2 empty_x44"
+    with pytest.raises(ValueError, match="exactly 49"):
+        parse_obs("north empty_x3 ball_red x2 empty_x43", encoding="compact")
+    with pytest.raises(ValueError, match="canonical"):
+        parse_obs("north empty x3 ball_red x2 empty_x44", encoding="compact")
+    with pytest.raises(ValueError, match="canonical"):
+        parse_obs("north empty_x2 empty ball_red x2 empty_x44", encoding="compact")
+    with pytest.raises(ValueError, match="does not follow a cell word"):
+        parse_obs("north x3 ball_red x2 empty_x44", encoding="compact")
+    with pytest.raises(ValueError, match="not a cell word"):
+        parse_obs("north empty_x3 bal_red x2 empty_x44", encoding="compact")
+
+
 def test_cell_words_are_a_bijection_with_readable_names() -> None:
     words = cell_words()
     assert len(words) == 11 * 6 * 3 == len(set(words))

@@ -129,3 +129,21 @@ def test_config_round_trips_through_dict():
     raw["sweep"]["arms"] = list(raw["sweep"]["arms"])
     again = config_from_dict(raw)
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+def test_loss_weighting_and_causal_mixture_options_are_validated_and_labelled():
+    m = MaskingConfig("action_focus", 0.3, causal_prob=0.25, loss_norm="unit", act_weight=4.0)
+    assert m.label() == "action_focus@0.3+q0.25+unit+act4"
+    assert not m.weights_are_uniform() and MaskingConfig().weights_are_uniform()
+    assert MaskingConfig("causal").label() == "causal"
+    for bad, match in (
+        ({"loss_norm": "sequence"}, "loss_norm"),
+        ({"causal_prob": 1.5}, "causal_prob"),
+        ({"act_weight": -1.0}, "act_weight"),
+        ({"obs_weight": 0.0, "act_weight": 0.0}, "both be 0"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            MaskingConfig(**bad)
+    with pytest.raises(ConfigError, match="time_budget_s"):
+        load_config(None, ["train.time_budget_s=0"])
+    assert load_config(None, ["train.time_budget_s=120"]).train.time_budget_s == 120.0

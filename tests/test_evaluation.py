@@ -12,7 +12,7 @@ from anyorder_ray.tokenization import build_world_tokenizer
 
 EXPECTED = {
     "eval/success_rate", "eval/success_low", "eval/success_high", "eval/episodes", "eval/mean_episode_length",
-    "eval/world_model_nll", "eval/action_nll", "eval/seconds", "eval/step",
+    "eval/world_model_nll", "eval/world_model_nll_per_obs", "eval/action_nll", "eval/seconds", "eval/step",
 }  # fmt: skip
 
 

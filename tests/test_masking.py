@@ -59,6 +59,8 @@ def test_strings_and_enums_accepted_and_exposed() -> None:
         ("prefix", ("act", "act"), "observation after some action"),
         ("obs_only", ("act",), "at least one observation"),
         ("act_only", ("obs",), "at least one action"),
+        ("action_focus", ("obs",), "at least one action"),
+        ("cut_focus", ("obs",), "at least two units"),
         ("any_order", (), "empty"),
         ("any_order", ("obs", "reward"), "must be one of"),
     ],
@@ -193,3 +195,78 @@ def test_mixture_with_degenerate_range_is_any_order() -> None:
     mix = AnyOrderMaskSampler("mixture", seed=11, mixture_range=(0.3, 0.3))
     ao = AnyOrderMaskSampler("any_order", mask_prob=0.3, seed=11)
     assert [mix.sample(kinds) for _ in range(20)] == [ao.sample(kinds) for _ in range(20)]
+
+
+@PROP
+@given(kinds=traj_kinds, seed=seeds, p=probs)
+def test_action_focus_always_targets_a_cut_action_and_drops_the_rest(
+    kinds: tuple[str, ...], seed: int, p: float
+) -> None:
+    roles = AnyOrderMaskSampler("action_focus", mask_prob=p, seed=seed).sample(kinds)
+    kept = [i for i, r in enumerate(roles) if r is not D]
+    cut = kept[-1]
+    assert kept == list(range(cut + 1))  # a prefix of the trajectory, nothing after the cut
+    assert kinds[cut] == "act" and roles[cut] is T  # the policy query is always trained
+
+
+def test_action_focus_masks_earlier_units_with_p_and_cuts_uniformly() -> None:
+    kinds = alternating(9)  # actions at 1, 3, 5, 7
+    draws = 4000
+    sampler = AnyOrderMaskSampler("action_focus", mask_prob=0.3, seed=4)
+    cuts, earlier_targets, earlier_units = [], 0, 0
+    for _ in range(draws):
+        roles = sampler.sample(kinds)
+        cut = max(i for i, r in enumerate(roles) if r is not D)
+        cuts.append(cut)
+        earlier_targets += roles[:cut].count(T)
+        earlier_units += cut
+    for pos in (1, 3, 5, 7):
+        assert abs(cuts.count(pos) / draws - 0.25) < 5 * math.sqrt(0.25 * 0.75 / draws)
+    frac = earlier_targets / earlier_units
+    assert abs(frac - 0.3) < 5 * math.sqrt(0.3 * 0.7 / earlier_units)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.25, 1.0])
+def test_causal_prob_mixes_in_the_causal_mask_with_probability_q(q: float) -> None:
+    kinds = alternating(21)
+    draws = 3000
+    sampler = AnyOrderMaskSampler("any_order", mask_prob=0.5, seed=9, causal_prob=q)
+
+    def is_causal(roles: tuple[UnitRole, ...]) -> bool:
+        targets = [i for i, r in enumerate(roles) if r is T]
+        if len(targets) != 1 or kinds[targets[0]] != "act":
+            return False
+        t = targets[0]
+        return all(r is V for r in roles[:t]) and roles[t + 1 :] == (D,) * (len(kinds) - t - 1)
+
+    # An any_order draw never drops units, so a causal draw (except one cut at the last unit, which is an
+    # observation here) is recognisable exactly.
+    frac = sum(is_causal(sampler.sample(kinds)) for _ in range(draws)) / draws
+    assert abs(frac - q) <= 5 * math.sqrt(max(q * (1 - q), 1e-4) / draws) + (0.0 if q in (0, 1) else 1e-3)
+
+
+def test_causal_prob_zero_leaves_the_mask_stream_unchanged_and_is_validated() -> None:
+    kinds = alternating(11)
+    plain, mixed = AnyOrderMaskSampler("any_order", seed=3), AnyOrderMaskSampler("any_order", seed=3, causal_prob=0)
+    assert [plain.sample(kinds) for _ in range(20)] == [mixed.sample(kinds) for _ in range(20)]
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="causal_prob"):
+            AnyOrderMaskSampler("any_order", causal_prob=bad)
+
+
+@PROP
+@given(kinds=traj_kinds, seed=seeds, p=probs)
+def test_cut_focus_targets_the_last_kept_unit_after_the_first(kinds: tuple[str, ...], seed: int, p: float) -> None:
+    roles = AnyOrderMaskSampler("cut_focus", mask_prob=p, seed=seed).sample(kinds)
+    kept = [i for i, r in enumerate(roles) if r is not D]
+    cut = kept[-1]
+    assert kept == list(range(cut + 1)) and cut >= 1 and roles[cut] is T
+
+
+def test_cut_focus_cuts_uniformly_at_actions_and_observations() -> None:
+    kinds = alternating(5)  # obs act obs act obs: cuts at 1..4, half of them at observations
+    draws = 4000
+    sampler = AnyOrderMaskSampler("cut_focus", mask_prob=0.3, seed=2)
+    cuts = [max(i for i, r in enumerate(sampler.sample(kinds)) if r is not D) for _ in range(draws)]
+    for pos in (1, 2, 3, 4):
+        assert abs(cuts.count(pos) / draws - 0.25) < 5 * math.sqrt(0.25 * 0.75 / draws)

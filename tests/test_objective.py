@@ -16,6 +16,7 @@ from anyorder_ray.objective import (
     data_parallel_normaliser,
     global_target_count,
     masked_cross_entropy,
+    target_token_weights,
 )
 
 VOCAB = 11
@@ -193,6 +194,78 @@ def test_token_weights_express_per_unit_normalisation() -> None:
     expected = (nll[0, 2] + (nll[2, 4] + nll[3, 6] + nll[4, 8]) / 3) / 2
     got = masked_cross_entropy(logits, labels, num_targets=2, token_weights=weights)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def _real_batch():
+    """A collated batch of real encoded examples: mission, observations of 50 tokens, 1-token actions."""
+    from anyorder_ray.masking import UnitRole
+    from anyorder_ray.tokenization import build_world_tokenizer
+    from anyorder_ray.transform import collate, encode_units
+    from envs.babyai import collect_bot_trajectories
+
+    tokenizer = build_world_tokenizer()
+    T, V = UnitRole.TARGET, UnitRole.VISIBLE
+    traj = collect_bot_trajectories("BabyAI-GoToRedBallGrey-v0", [3])[0]
+    units = traj.units[:5]  # obs act obs act obs
+    roles = [[T, T, V, V, V], [V, T, T, T, V], [V, V, V, T, V]]
+    examples = [encode_units(traj.mission, units, r, tokenizer, 512) for r in roles]
+    return collate(examples, tokenizer.pad_token_id), roles
+
+
+def test_target_token_weights_per_unit_and_per_kind() -> None:
+    batch, roles = _real_batch()
+    labels, unit_ids, kinds = batch["labels"], batch["unit_ids"], batch["unit_kinds"]
+    is_target = labels != IGNORE_INDEX
+    token = target_token_weights(labels, unit_ids, kinds)
+    assert torch.equal(token, is_target.float())  # token mean: the plain count
+    unit = target_token_weights(labels, unit_ids, kinds, "unit")
+    # Every target unit's weights sum to 1, so the weight sum is the number of target units.
+    for row, row_roles in enumerate(roles):
+        for u, role in enumerate(row_roles):
+            in_unit = (unit_ids[row] == u) & is_target[row]
+            expected = 1.0 if role.value == "target" else 0.0
+            assert float(unit[row][in_unit].sum()) == pytest.approx(expected)
+    assert float(unit.sum()) == pytest.approx(sum(role.value == "target" for r in roles for role in r))
+    weighted = target_token_weights(labels, unit_ids, kinds, "unit", obs_weight=0.5, act_weight=4.0)
+    act = is_target & (kinds == 1)
+    obs = is_target & (kinds == 0)
+    torch.testing.assert_close(weighted[act], 4.0 * unit[act])
+    torch.testing.assert_close(weighted[obs], 0.5 * unit[obs])
+    assert float(weighted[~is_target].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="loss_norm"):
+        target_token_weights(labels, unit_ids, kinds, "sequence")
+
+
+def test_weighted_normaliser_is_exact_over_micro_batches() -> None:
+    """Per-unit weights, split into micro-batches with the step's weight sum: the same loss and gradient as
+    the whole batch, and equal to the mean over target units of each unit's token-mean loss."""
+    batch, _ = _real_batch()
+    labels, unit_ids, kinds = batch["labels"], batch["unit_ids"], batch["unit_kinds"]
+    logits = torch.randn(*labels.shape, 40, generator=torch.Generator().manual_seed(2))
+    labels = torch.where(labels == IGNORE_INDEX, labels, labels % 40)
+    weights = target_token_weights(labels, unit_ids, kinds, "unit")
+    full_logits = logits.clone().requires_grad_(True)
+    full = masked_cross_entropy(full_logits, labels, num_targets=weights.sum(), token_weights=weights)
+    full.backward()
+    nll = -torch.log_softmax(logits, dim=-1)
+    per_unit = []
+    for row in range(labels.shape[0]):
+        for u in unit_ids[row].unique().tolist():
+            sel = (unit_ids[row] == u) & (labels[row] != IGNORE_INDEX)
+            if u >= 0 and sel.any():
+                per_unit.append(nll[row][sel].gather(-1, labels[row][sel][:, None]).mean())
+    torch.testing.assert_close(full.detach(), torch.stack(per_unit).mean(), rtol=1e-5, atol=1e-6)
+    pieces = [slice(0, 1), slice(1, 3)]
+    micro_w = [target_token_weights(labels[s], unit_ids[s], kinds[s], "unit") for s in pieces]
+    normaliser = data_parallel_normaliser([labels[s] for s in pieces], weights=micro_w)
+    micro_logits = logits.clone().requires_grad_(True)
+    summed = sum(
+        masked_cross_entropy(micro_logits[s], labels[s], num_targets=normaliser, token_weights=w)
+        for s, w in zip(pieces, micro_w, strict=True)
+    )
+    summed.backward()
+    torch.testing.assert_close(summed, full, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(micro_logits.grad, full_logits.grad, rtol=1e-6, atol=1e-8)
 
 
 def test_zero_targets_is_a_clear_error() -> None:

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from anyorder_ray.results import COLUMNS, atomic_write, make_row, markdown_table, write_plots, write_tables
+from anyorder_ray.results import (
+    COLUMNS,
+    arm_summary,
+    atomic_write,
+    make_row,
+    markdown_table,
+    write_plots,
+    write_summary,
+    write_tables,
+)
 
 
 def test_rows_name_the_arm_and_carry_the_final_metrics(tmp_path):
@@ -115,3 +124,34 @@ def test_plots_are_written_as_complete_pngs(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no temp files left
     for p in paths:
         assert p.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and p.stat().st_size > 1000
+
+
+def _final(success: float, episodes: int = 200, **extra: float) -> dict:
+    fixed = {"eval/world_model_nll_per_obs": 10.0, "eval/world_model_nll": 0.5, "eval/action_nll": 0.2}
+    return {"eval/success_rate": success, "eval/episodes": episodes, "train/step": 100, "time_total_s": 60.0,
+            **fixed, **extra}  # fmt: skip
+
+
+def test_arm_summary_pools_seeds_and_compares_with_the_reference(tmp_path):
+    causal, focus = {"mode": "causal"}, {"mode": "action_focus", "mask_prob": 0.3, "loss_norm": "unit"}
+    rows = [
+        make_row("a", {"arm": causal, "seed": 0}, _final(0.90), "ok"),
+        make_row("b", {"arm": causal, "seed": 1}, _final(0.80), "ok"),
+        make_row("c", {"arm": focus, "seed": 0}, _final(0.85), "ok"),
+        make_row("d", {"arm": focus, "seed": 1}, _final(0.75), "ok"),
+        make_row("e", {"arm": {"mode": "prefix"}, "seed": 0}, _final(0.0), "ok"),
+        make_row("f", {"arm": {"mode": "prefix"}, "seed": 1}, {}, "error"),  # no final evaluation: left out
+    ]
+    by_arm = {r["arm"]: r for r in arm_summary(rows)}
+    c, f, p = by_arm["causal"], by_arm["action_focus@0.3+unit"], by_arm["prefix"]
+    assert (c["seeds"], c["episodes"], c["success"]) == (2, 400, pytest.approx(0.85))
+    assert c["success_low"] < 0.85 < c["success_high"] and c["seed_success_min"] == 0.8
+    assert math.isnan(c["vs_reference"])
+    assert f["vs_reference"] == pytest.approx(-0.05)
+    assert 0.05 < f["p_value"] < 0.2  # 0.80 vs 0.85, 400 episodes each: z = 1.86, p = 0.063
+    assert p["seeds"] == 1 and p["p_value"] < 1e-10
+    md = write_summary(rows, tmp_path)
+    assert (tmp_path / "summary.md").read_text().strip() == md
+    assert "| causal | 2 | 0.850 [" in md and "-0.050 (0.0" in md
+    with (tmp_path / "summary.csv").open() as f_csv:
+        assert len(list(csv.DictReader(f_csv))) == 3

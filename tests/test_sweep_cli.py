@@ -113,9 +113,13 @@ def test_resource_problems_name_the_keys_to_lower():
 
     gpu_cfg = cfg.replace(train=dataclasses.replace(cfg.train, use_gpu=True, num_workers=2, global_batch_size=16))
     (gpu,) = sweep.resource_problems(gpu_cfg, have_cpus=8, have_gpus=1)
-    assert "train.use_gpu=true with train.num_workers=2 needs 2 GPU(s) per trial but the cluster has 1" in gpu
-    assert "set train.use_gpu=false or lower train.num_workers" in gpu
+    assert "one trial needs 2 GPU(s) (train.use_gpu=True with train.num_workers=2" in gpu
+    assert "but the cluster has 1" in gpu and "set train.use_gpu=false, lower train.num_workers" in gpu
     assert sweep.resource_problems(gpu_cfg, have_cpus=8, have_gpus=2) == []
+    # Eval actors' GPU shares count too.
+    eval_gpu = gpu_cfg.replace(eval=dataclasses.replace(gpu_cfg.eval, num_gpus_per_actor=0.5))
+    (problem,) = sweep.resource_problems(eval_gpu, have_cpus=8, have_gpus=2)
+    assert "needs 2.5 GPU(s)" in problem and "eval.num_actors x eval.num_gpus_per_actor = 0.5" in problem
 
 
 # ----------------------------------------------------------------------------------- subprocess helpers
@@ -195,7 +199,8 @@ def _run(cmd: list[str], scope: _RayScope, timeout: float) -> subprocess.Complet
     [
         (["train.num_workers=4", "train.global_batch_size=32"],
          ["one trial needs 2.41 CPUs but the cluster has 2", "train.num_workers x train.cpus_per_worker = 4 x 0.5"]),
-        (["train.use_gpu=true"], ["train.use_gpu=true with train.num_workers=1 needs 1 GPU(s)", "cluster has 0"]),
+        (["train.use_gpu=true"], ["one trial needs 1 GPU(s) (train.use_gpu=True with train.num_workers=1",
+                                  "cluster has 0"]),
     ],
     ids=["cpu", "gpu"],
 )  # fmt: skip

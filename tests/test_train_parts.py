@@ -18,8 +18,8 @@ from anyorder_ray.checkpointing import (
 )
 from anyorder_ray.config import DataConfig, MaskingConfig, ModelConfig, TrainConfig
 from anyorder_ray.factory import build_model, build_tokenizer
-from anyorder_ray.optim import lr_factor, make_optimizer
-from anyorder_ray.train import BatchMaker, train_step
+from anyorder_ray.optim import lr_factor, lr_schedule, make_optimizer
+from anyorder_ray.train import BatchMaker, StepBudget, train_step
 from anyorder_ray.transform import UnitEncoder
 from envs.babyai import collect_bot_trajectories
 
@@ -100,6 +100,59 @@ def test_gradient_accumulation_equals_one_big_batch(world):
     assert s1.target_tokens == s2.target_tokens
     for a, b in zip(p1, p2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_weighted_loss_with_accumulation_equals_one_big_batch_and_differs_from_token_mean(world):
+    """Per-unit normalisation with action weight: exact under micro-batching, and a different objective."""
+    tokenizer, trajectories = world
+    from anyorder_ray.transform import collate
+
+    weighting = MaskingConfig("any_order", 0.5, loss_norm="unit", act_weight=4.0)
+    maker = BatchMaker(DataConfig(), weighting, UnitEncoder(tokenizer), tokenizer.pad_token_id, seed=0)
+    examples = [maker.example(t) for t in trajectories[:8]]
+    whole = [collate(examples, tokenizer.pad_token_id)]
+    split = [collate(examples[:5], tokenizer.pad_token_id), collate(examples[5:], tokenizer.pad_token_id)]
+    results = []
+    for batches, how in ((whole, weighting), (split, weighting), (whole, None)):
+        model = _model(tokenizer)
+        opt, sched = make_optimizer(model, TrainConfig(lr=1e-3, max_steps=10))
+        stats = train_step(model, opt, sched, batches, 1e9, torch.device("cpu"), weighting=how)
+        results.append((stats.loss, [p.detach().clone() for p in model.parameters()]))
+    (l1, p1), (l2, p2), (l3, _) = results
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    for a, b in zip(p1, p2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert abs(l1 - l3) > 1e-3  # the weighting really changes the objective
+
+
+def test_time_budget_fixes_the_step_count_and_lr_horizon(world, monkeypatch):
+    """A fake clock at 0.1 s/step and a 10 s budget: 100 steps, the cosine horizon moved there, and the plan
+    carried by the scheduler's state dict."""
+    import anyorder_ray.train as train_module
+
+    tokenizer, _ = world
+    clock = [0.0]
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
+    opt, sched = make_optimizer(_model(tokenizer), TrainConfig(max_steps=100_000, lr_warmup_ratio=0.1))
+    budget = StepBudget(100_000, 10.0, lr_schedule(sched))
+    budget.start()
+    step = 0
+    while step < budget.total:
+        clock[0] += 0.1
+        step += 1
+        budget.after_step(step)
+    assert step == budget.total == 100
+    schedule = lr_schedule(sched)
+    assert schedule.warmup == 10 and schedule.budget_fixes == 2
+    assert schedule.elapsed_s == pytest.approx(10.0)
+    restored_opt, restored = make_optimizer(_model(tokenizer), TrainConfig(max_steps=100_000))
+    restored.load_state_dict(sched.state_dict())
+    assert lr_schedule(restored).total == 100 and lr_schedule(restored).budget_fixes == 2
+    # Without a budget the plan is max_steps and nothing moves.
+    plain = StepBudget(50, None, lr_schedule(make_optimizer(_model(tokenizer), TrainConfig(max_steps=50))[1]))
+    plain.start()
+    plain.after_step(30)
+    assert plain.total == 50
 
 
 def test_training_reduces_the_loss(world):
