@@ -66,6 +66,7 @@ __all__ = [
     "load_sharded_checkpoint",
     "local_rows",
     "mixed_precision_policy",
+    "run_idle_experts",
     "save_sharded_checkpoint",
     "shard_model",
 ]
@@ -92,17 +93,28 @@ def mixed_precision_policy(enabled: bool, device: torch.device) -> MixedPrecisio
     return MixedPrecisionPolicy()
 
 
+def run_idle_experts(model: nn.Module) -> nn.Module:
+    """Make every MoE block run all its experts, also those that got no token (a zero, but connected, gradient).
+
+    Data parallelism needs it: FSDP2's reduce-scatter and DDP's bucketed all-reduce expect a gradient for every
+    parameter from every rank, and which experts a rank's tokens reach differs from rank to rank."""
+    from anyorder_ray.models.llada2_moe.modeling_llada2_moe import LLaDA2MoeSparseMoeBlock
+
+    for block in model.modules():
+        if isinstance(block, LLaDA2MoeSparseMoeBlock):
+            block.run_idle_experts = True
+    return model
+
+
 def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
     """``fully_shard`` every decoder layer (one all-gather per layer, freed after its forward), then the root
     (embeddings, final norm, LM head). Works on a ``meta`` model; returns the same object, now an ``FSDPModule``.
 
     MoE blocks are switched to ``run_idle_experts``: a layer's reduce-scatter must get a gradient for every expert
     from every rank, also from a rank on which the expert received no token (its gradient there is zero)."""
-    from anyorder_ray.models.llada2_moe.modeling_llada2_moe import LLaDA2MoeDecoderLayer, LLaDA2MoeSparseMoeBlock
+    from anyorder_ray.models.llada2_moe.modeling_llada2_moe import LLaDA2MoeDecoderLayer
 
-    for block in model.modules():
-        if isinstance(block, LLaDA2MoeSparseMoeBlock):
-            block.run_idle_experts = True
+    run_idle_experts(model)
     mp_policy = mp_policy or MixedPrecisionPolicy()
     layers = [m for m in model.modules() if isinstance(m, LLaDA2MoeDecoderLayer)]
     if not layers:

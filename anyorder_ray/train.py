@@ -50,6 +50,7 @@ from anyorder_ray.sharding import (
     gradient_sync,
     is_sharded,
     load_sharded_checkpoint,
+    run_idle_experts,
     save_sharded_checkpoint,
 )
 from anyorder_ray.trajectory import Trajectory
@@ -465,6 +466,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
         if cfg.train.enable_gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if world > 1:
+            run_idle_experts(model)  # DDP's all-reduce needs every expert's gradient from every rank
         model = ray.train.torch.prepare_model(model)
     if cfg.model.compile:
         model = torch.compile(model)
