@@ -82,17 +82,7 @@ def save_checkpoint(
         unwrap(model).save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        torch.save(
-            {
-                "step": state.step,
-                "optimizer": state.optimizer,
-                "scheduler": state.scheduler,
-                "rng": state.rng,
-                "extra": state.extra,
-                "pipeline": state.pipeline,
-            },
-            tmp / TRAINING_STATE,
-        )
+        write_training_state(tmp, state)
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -100,6 +90,23 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def write_training_state(directory: str | os.PathLike, state: TrainingState) -> Path:
+    """Write ``training_state.pt`` into ``directory``; write it last, its presence marks a complete checkpoint."""
+    path = Path(directory) / TRAINING_STATE
+    torch.save(
+        {
+            "step": state.step,
+            "optimizer": state.optimizer,
+            "scheduler": state.scheduler,
+            "rng": state.rng,
+            "extra": state.extra,
+            "pipeline": state.pipeline,
+        },
+        path,
+    )
+    return path
 
 
 def is_complete_checkpoint(directory: str | os.PathLike) -> bool:

@@ -242,9 +242,12 @@ class TrainConfig:
     torch_threads: int = 2
     """Intra-op threads per worker on CPU."""
     enable_mixed_precision: bool = False
-    """bf16 autocast; only sensible on GPU (bf16 matmul is ~100x slower than fp32 on this CPU)."""
+    """fsdp2 on GPU: bf16 parameters in compute, fp32 master weights and gradient reduction. Ignored on CPU (bf16
+    matmul is ~100x slower than fp32 there) and by ddp."""
     enable_gradient_checkpointing: bool = False
     data_parallel_mode: Literal["ddp", "fsdp2"] = "ddp"
+    """``ddp``: every worker holds the whole model; ``fsdp2``: parameters, gradients and optimizer state sharded over
+    the workers (``anyorder_ray.sharding``), sharded checkpoints, a consolidated HF export in the final one."""
     report_every: int = 25
     """Steps between ``ray.train.report`` calls."""
     checkpoint_every: int = 200

@@ -40,6 +40,9 @@ def build_model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
                 f"tokenizer has {len(tokenizer)} tokens but the model at {cfg.model_path} only "
                 f"{config.vocab_size}; use the tokenizer that came with the checkpoint"
             )
+        # The tokenizer's mask token is the one training writes (156895 for LLaDA2.0, whose config.json does not
+        # name it); saved and exported configs then say the same.
+        config.mask_token_id = require_mask_token_id(tokenizer)
     else:
         overrides = dict(cfg.overrides)
         overrides.setdefault("vocab_size", len(tokenizer))

@@ -44,6 +44,15 @@ from anyorder_ray.factory import build_model, build_tokenizer
 from anyorder_ray.masking import AnyOrderMaskSampler
 from anyorder_ray.objective import data_parallel_normaliser, masked_cross_entropy, target_token_weights
 from anyorder_ray.optim import LRSchedule, lr_schedule, make_optimizer
+from anyorder_ray.sharding import (
+    build_sharded_model,
+    full_state_dict,
+    gradient_sync,
+    is_sharded,
+    load_sharded_checkpoint,
+    run_idle_experts,
+    save_sharded_checkpoint,
+)
 from anyorder_ray.trajectory import Trajectory
 from anyorder_ray.transform import (
     EncodedExample,
@@ -311,9 +320,9 @@ def _broadcast_int(value: int) -> int:
     """Rank 0's ``value`` on every rank (no-op without torch.distributed)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
-    t = torch.tensor([value], dtype=torch.long)
-    torch.distributed.broadcast(t, src=0)
-    return int(t.item())
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)  # works on gloo and NCCL alike
+    return int(box[0])
 
 
 @dataclass(frozen=True)
@@ -357,9 +366,7 @@ def train_step(
         mask = mb["attention_mask"].to(device)
         labels = mb["labels"].to(device)
         w = weights[i].to(device) if weights is not None else None
-        sync = i == len(micro_batches) - 1
-        ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _nullcontext()
-        with ctx:
+        with gradient_sync(model, enabled=i == len(micro_batches) - 1):  # reduce once, after the last
             logits = model(input_ids=ids, attention_mask=mask).logits
             loss = masked_cross_entropy(logits, labels, num_targets=normaliser.to(device), token_weights=w)
             loss.backward()
@@ -374,24 +381,20 @@ def train_step(
     return StepStats(total, float(grad_norm), tokens, padded, targets)
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 class EvalClient:
     """Rank 0's side of the eval actor: submit weights without waiting, collect results when ready.
 
     At most one evaluation is in flight; a request made while one runs is skipped (the actor would only
     evaluate stale weights), so training never blocks on evaluation until the final one.
+
+    ``gather`` (a sharded model): ``submit`` and ``final`` first gather the full weights, a collective, so every
+    rank calls them (ranks other than 0 with ``actor=None``).
     """
 
-    def __init__(self, actor: Any | None, episodes: int) -> None:
+    def __init__(self, actor: Any | None, episodes: int, gather: bool = False) -> None:
         self.actor = actor
         self.episodes = episodes
+        self.gather = gather
         self.pending: Any | None = None
         self.latest: dict[str, float] = {}
         self.submitted = 0
@@ -399,13 +402,16 @@ class EvalClient:
         self.failures = 0
 
     def submit(self, model: torch.nn.Module, step: int, episodes: int | None = None) -> bool:
+        gathered = full_state_dict(model) if self.gather else None  # before any early return: a collective
         if self.actor is None:
             return False
         self.poll()
         if self.pending is not None:
             self.skipped += 1
             return False
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+        weights = gathered
+        if weights is None:
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
         ref = ray.put(weights)
         # The ref goes nested in a list so the actor receives the reference and fetches it itself.
         self.pending = self.actor.evaluate.remote([ref], step, episodes or self.episodes)
@@ -427,6 +433,8 @@ class EvalClient:
     def final(self, model: torch.nn.Module, step: int, episodes: int, timeout: float = 1800.0) -> dict[str, float]:
         """Blocking evaluation of the final weights (the trial's reported result)."""
         if self.actor is None:
+            if self.gather:
+                full_state_dict(model)  # take part in the gather of rank 0's submit below
             return {}
         self.poll(timeout=timeout)
         self.pending = None
@@ -450,10 +458,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     tokenizer = build_tokenizer(cfg.model)
     encoder = UnitEncoder(tokenizer)
-    model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
-    if cfg.train.enable_gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model = ray.train.torch.prepare_model(model)
+    if cfg.train.data_parallel_mode == "fsdp2":  # sharded from the start: no rank builds the full model
+        model = build_sharded_model(cfg.model, tokenizer, device, cfg.train.seed,
+                                    mixed_precision=cfg.train.enable_mixed_precision,
+                                    activation_checkpointing=cfg.train.enable_gradient_checkpointing)  # fmt: skip
+    else:
+        model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
+        if cfg.train.enable_gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if world > 1:
+            run_idle_experts(model)  # DDP's all-reduce needs every expert's gradient from every rank
+        model = ray.train.torch.prepare_model(model)
     if cfg.model.compile:
         model = torch.compile(model)
     optimizer, scheduler = make_optimizer(model, cfg.train)
@@ -476,7 +491,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if view_size:
         source.refresh(limit=view_size)
     full = cfg.data.regime == "fixed" and source.size >= cfg.data.num_demos
-    eval_client = EvalClient(settings.evaluator if rank == 0 else None, cfg.eval.episodes)
+    gather = is_sharded(model) and settings.evaluator is not None  # every rank joins the gather of the weights
+    eval_client = EvalClient(settings.evaluator if rank == 0 else None, cfg.eval.episodes, gather=gather)
     accum = cfg.train.grad_accum_steps()
     mbs = cfg.train.micro_batch_size
     window = {"tokens": 0, "padded": 0, "targets": 0, "loss": 0.0, "steps": 0, "t0": time.perf_counter()}
@@ -498,9 +514,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         window["targets"] += stats.target_tokens
         window["loss"] += stats.loss
         window["steps"] += 1
-        if rank == 0 and step % cfg.eval.every_steps == 0 and step < budget.total:
-            eval_client.submit(model, step)
-        last = step == budget.total
+        if step % cfg.eval.every_steps == 0 and step < budget.total:
+            eval_client.submit(model, step)  # a no-op without an actor (ranks > 0), except for joining a gather
+        last = step == budget.total  # every rank agrees: the budget's total is rank 0's, broadcast
         if step % cfg.train.report_every == 0 or last:
             elapsed = time.perf_counter() - window["t0"]
             metrics: dict[str, Any] = {
@@ -514,17 +530,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "train/total_tokens": total_tokens * world,
                 "train/planned_steps": budget.total,
             }
+            final_eval = eval_client.final(model, step, cfg.eval.final_episodes) if last else {}  # every rank
             if rank == 0:
                 metrics.update(ray.get(buffer.stats.remote()).as_metrics())
                 if last:
-                    metrics.update(eval_client.final(model, step, cfg.eval.final_episodes))
+                    metrics.update(final_eval)
                     metrics["eval/final"] = 1
                 else:
                     metrics.update(eval_client.poll())
             want_ckpt = last or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
             position = {"queue": batches.pending(), "view_size": source.size, "tokens": total_tokens}
             _report(metrics, model, tokenizer, optimizer, scheduler, step, generators, position, rank, world,
-                    bool(want_ckpt))  # fmt: skip
+                    bool(want_ckpt), final=last)  # fmt: skip
             if rank == 0 and settings.metrics_log:
                 _append_jsonl(settings.metrics_log, metrics)
             window.update(tokens=0, padded=0, targets=0, loss=0.0, steps=0, t0=time.perf_counter())
@@ -543,9 +560,12 @@ def _resume(
 ) -> tuple[int, dict[str, Any]]:
     """Load everything the checkpoint holds into this worker; returns the step and this rank's data position."""
     with checkpoint.as_directory() as d:
-        load_weights_into(model, d)
-        state = load_training_state(d)
-    optimizer.load_state_dict(state.optimizer)
+        if is_sharded(model):
+            state = load_sharded_checkpoint(d, model, optimizer)  # weights and optimizer: DCP, collective
+        else:
+            load_weights_into(model, d)
+            state = load_training_state(d)
+            optimizer.load_state_dict(state.optimizer)
     scheduler.load_state_dict(state.scheduler)
     rngs = state.rng["per_rank"]
     restore_rng(rngs.get(rank, rngs[0]), generators)
@@ -573,7 +593,10 @@ def _report(
     rank: int,
     world: int,
     with_checkpoint: bool,
+    final: bool = False,
 ) -> None:
+    """Report ``metrics``, with a checkpoint if asked; a sharded model's ``final`` checkpoint also holds the
+    consolidated Hugging Face export."""
     if not with_checkpoint:
         ray.train.report(metrics)
         return
@@ -585,17 +608,22 @@ def _report(
         torch.distributed.all_gather_object(gathered, mine)
     else:
         gathered = [mine]
+    sharded = is_sharded(model)
+    state = None
+    if rank == 0:
+        state = TrainingState(
+            step=step,
+            optimizer={} if sharded else optimizer.state_dict(),  # sharded: in the DCP files instead
+            scheduler=scheduler.state_dict(),
+            rng={"per_rank": {r: g["rng"] for r, g in enumerate(gathered)}},
+            extra={"metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}},
+            pipeline={"per_rank": {r: g["position"] for r, g in enumerate(gathered)}},
+        )
     with tempfile.TemporaryDirectory(prefix="aoray-ckpt-") as tmp:
-        checkpoint = None
-        if rank == 0:
-            state = TrainingState(
-                step=step,
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
-                rng={"per_rank": {r: g["rng"] for r, g in enumerate(gathered)}},
-                extra={"metrics": {k: v for k, v in metrics.items() if isinstance(v, int | float)}},
-                pipeline={"per_rank": {r: g["position"] for r, g in enumerate(gathered)}},
-            )
-            path = save_checkpoint(Path(tmp) / "checkpoint", model, tokenizer, state)
-            checkpoint = ray.train.Checkpoint.from_directory(str(path))
+        path = Path(tmp) / "checkpoint"
+        if sharded:  # every rank writes its shard into its own folder; Ray merges them into one checkpoint
+            save_sharded_checkpoint(path, model, optimizer, tokenizer, state, export=final)
+        elif rank == 0:
+            save_checkpoint(path, model, tokenizer, state)
+        checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path.exists() else None
         ray.train.report(metrics, checkpoint=checkpoint)

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedTokenizerFast
 
 from anyorder_ray.models.llada2_moe import (
     CheckpointLayout,
     LLaDA2MoeConfig,
     LLaDA2MoeModel,
     LLaDA2MoeModelLM,
+    SafetensorsCheckpoint,
     convert_llada2_checkpoint,
     detect_folder_layout,
     llada2_config,
@@ -436,3 +437,104 @@ def test_load_in_bf16_and_checkpoint_dtype(tmp_path: Path) -> None:
     torch.testing.assert_close(
         load_llada2_model(tmp_path, dtype=torch.bfloat16).lm_head.weight, model.lm_head.weight, rtol=0, atol=0
     )
+
+
+# --- reading slices and writing streams (what a sharded trainer does) --------------------------------------------
+@pytest.mark.parametrize("layout", ["per_expert", "merged"])
+def test_row_reader_reads_rows_of_any_tensor_by_its_per_expert_name(tmp_path: Path, layout: str) -> None:
+    model = _small_model()
+    save_llada2_checkpoint(model, tmp_path, layout=layout, max_shard_bytes=500_000)
+    state = model.state_dict()
+    with SafetensorsCheckpoint.open(tmp_path).row_reader() as reader:
+        assert sorted(reader.keys()) == sorted(state)
+        for key in ("model.layers.1.mlp.experts.5.down_proj.weight", "model.word_embeddings.weight",
+                    "model.norm.weight", "model.layers.1.mlp.gate.expert_bias"):  # fmt: skip
+            full = state[key]
+            assert reader.shape(key) == list(full.shape)
+            torch.testing.assert_close(reader.rows(key, 3, 7), full[3:7], rtol=0, atol=0)
+            assert reader.rows(key, full.shape[0], full.shape[0]).shape[0] == 0
+        with pytest.raises(KeyError, match="experts.9"):
+            reader.rows("model.layers.1.mlp.experts.9.up_proj.weight", 0, 1)
+
+
+def test_save_streams_key_tensor_pairs(tmp_path: Path) -> None:
+    model = _small_model()
+    seen = []
+
+    def pairs():
+        for key, value in model.state_dict().items():
+            seen.append(key)
+            yield key, value
+
+    save_llada2_checkpoint(pairs(), tmp_path, config=model.config, max_shard_bytes=500_000)
+    assert len(seen) == len(model.state_dict())
+    torch.testing.assert_close(_logits(load_llada2_model(tmp_path)), _logits(model), rtol=0, atol=0)
+
+
+# --- a released folder with its own tokenizer drives training and the text world --------------------------------
+def _bpe_tokenizer_like_llada2() -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained here, with the LLaDA2.0 special tokens (eos = pad = <|endoftext|>, mask = <|mask|>)
+    placed after the learned vocabulary, as in the released tokenizer (ids 156892 and 156895 there)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from envs.babyai import world_vocabulary
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    corpus = [" ".join(world_vocabulary()), "Mission: go to the red ball Observation: Action: left right forward"] * 5
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(corpus, trainer)
+    core.add_special_tokens(["<|endoftext|>", "<|role_start|>", "<|mask|>"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<|endoftext|>", mask_token="<|mask|>"
+    )
+
+
+def test_model_path_loads_a_released_folder_with_its_tokenizer_and_the_world_uses_it(tmp_path: Path) -> None:
+    from anyorder_ray.config import load_config
+    from anyorder_ray.factory import build_model, build_model_config, build_tokenizer
+    from anyorder_ray.objective import masked_cross_entropy
+    from anyorder_ray.train import BatchMaker
+    from anyorder_ray.transform import UnitEncoder
+    from envs.babyai import collect_bot_trajectories
+
+    folder = tmp_path / "LLaDA2.0-tiny"
+    tokenizer = _bpe_tokenizer_like_llada2()
+    tokenizer.save_pretrained(folder)
+    mask_id = tokenizer.convert_tokens_to_ids("<|mask|>")
+    pad_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    torch.manual_seed(0)  # the embedding is padded past the tokenizer, as the released 157184 rows are
+    config = llada2_config("tiny", vocab_size=len(tokenizer) + 13, num_hidden_layers=2, pad_token_id=pad_id,
+                           eos_token_id=pad_id, mask_token_id=3)  # fmt: skip
+    source = LLaDA2MoeModelLM(config).eval()
+    state = source.state_dict()
+    _write_shards(folder, {k: state[k].clone() for k in _shapes_of(source.config)},
+                  _released_style_config(source, "llada2_moe"), shards=3)  # fmt: skip
+
+    # The sweep's config names only the folder: model and tokenizer both come from it.
+    cfg = load_config(Path(__file__).resolve().parent.parent / "tune_configs" / "smoke.yaml",
+                      [f"model.model_path={folder}"])  # fmt: skip
+    loaded_tokenizer = build_tokenizer(cfg.model)
+    assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert loaded_tokenizer.mask_token_id == mask_id
+    assert build_model_config(cfg.model, loaded_tokenizer).mask_token_id == mask_id  # not config.json's 3
+    model = build_model(cfg.model, loaded_tokenizer).eval()
+    # Same weights; memory-mapped tensors may take another BLAS path, hence a last-bit tolerance.
+    torch.testing.assert_close(_logits(model), _logits(source), rtol=0, atol=1e-6)
+
+    # The text world encodes through that tokenizer: its markers, its mask id, and nothing unknown to it.
+    encoder = UnitEncoder(loaded_tokenizer)
+    assert not encoder.markers.dedicated and encoder.mask_id == mask_id
+    maker = BatchMaker(cfg.data, cfg.masking, encoder, loaded_tokenizer.pad_token_id, seed=0)
+    trajectories = collect_bot_trajectories(cfg.env.level, range(4))
+    batch = maker.micro_batch(trajectories)
+    targets = batch["labels"] != -100
+    assert targets.any() and bool((batch["input_ids"][targets] == mask_id).all())
+    assert int(batch["input_ids"].max()) < len(loaded_tokenizer)
+    example = maker.example(trajectories[0])
+    visible = [t for t, label in zip(example.input_ids, example.labels, strict=True) if label == -100]
+    assert "Observation:" in loaded_tokenizer.decode(visible)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.isfinite(masked_cross_entropy(logits, batch["labels"]))

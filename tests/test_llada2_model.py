@@ -279,6 +279,15 @@ def test_vectorised_moe_dispatch_equals_naive_per_token_reference(tokens: int) -
     used = set(block.gate(x.reshape(-1, x.shape[-1]))[0].flatten().tolist())
     for e, expert in enumerate(block.experts):
         assert (expert.up_proj.weight.grad is not None) == (e in used)
+    # With run_idle_experts (sharded training) every expert gets a gradient: zero when it had no token.
+    block.zero_grad(set_to_none=True)
+    block.run_idle_experts = True
+    out = block(x)
+    torch.testing.assert_close(out, fast, rtol=0, atol=0)
+    out.sum().backward()
+    for e, expert in enumerate(block.experts):
+        assert expert.up_proj.weight.grad is not None
+        assert (float(expert.up_proj.weight.grad.abs().sum()) > 0) == (e in used)
 
 
 def test_router_selects_within_the_best_groups() -> None:

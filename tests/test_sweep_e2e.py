@@ -144,3 +144,17 @@ def test_time_budget_sweep_trains_the_planned_steps_with_the_any_order_levers(tm
         assert math.isfinite(metrics[-1]["eval/world_model_nll_per_obs"])
     summary = (tmp_path / "budget" / "summary.md").read_text()
     assert "| action_focus@0.3+q0.25+unit+act2 | 2 |" in summary
+
+
+@pytest.mark.slow
+def test_two_ddp_workers_train_the_moe_model(tmp_path):
+    """DDP over 2 gloo workers: an expert that receives no token on one rank still gets a (zero) gradient there,
+    so the all-reduce lines up (without it the backward fails on the first step)."""
+    cmd = [sys.executable, "-m", "anyorder_ray.sweep", "--config", str(SMOKE), "--name", "ddp2", "--num-cpus", "2",
+           f"train.output_dir={tmp_path}", "train.num_workers=2", "train.micro_batch_size=4",
+           "train.cpus_per_worker=0.5", "sweep.arms=[{mode: any_order, mask_prob: 0.5}]"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    with (tmp_path / "ddp2" / "results.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["status"] == "ok" and float(row["train_steps"]) == 12

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from anyorder_ray.models.llada2_moe.checkpoint import (
     CheckpointLayout,
+    RowReader,
     SafetensorsCheckpoint,
     convert_llada2_checkpoint,
     detect_folder_layout,
@@ -47,6 +48,7 @@ __all__ = [
     "LLaDA2MoeModel",
     "LLaDA2MoeModelLM",
     "LLaDA2MoePreTrainedModel",
+    "RowReader",
     "SafetensorsCheckpoint",
     "convert_llada2_checkpoint",
     "detect_folder_layout",

@@ -18,6 +18,7 @@ memory is the model plus one stacked expert tensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -212,6 +213,12 @@ class SafetensorsCheckpoint:
                 for key in keys:
                     yield key, handle.get_tensor(key)
 
+    @contextlib.contextmanager
+    def row_reader(self) -> Iterator[RowReader]:
+        """A ``RowReader`` over this folder; its shard files stay open (memory-mapped) until the context exits."""
+        with contextlib.ExitStack() as stack:
+            yield RowReader(self, stack)
+
     def shapes(self) -> dict[str, list[int]]:
         """Key -> shape from the shard headers, without reading any tensor data."""
         out: dict[str, list[int]] = {}
@@ -223,6 +230,62 @@ class SafetensorsCheckpoint:
                 for key in keys:
                     out[key] = list(handle.get_slice(key).get_shape())
         return out
+
+
+class RowReader:
+    """Reads single tensors, or rows ``[start, stop)`` of them, by their *per-expert* name from a checkpoint in either
+    layout, touching nothing else on disk: a rank of a sharded model reads only its own slice of each weight.
+
+    In a merged-layout folder an expert's weight is sliced out of its layer's stacked ``[E, ...]`` tensor.
+    """
+
+    def __init__(self, checkpoint: SafetensorsCheckpoint, stack: contextlib.ExitStack) -> None:
+        self._checkpoint = checkpoint
+        self._stack = stack
+        self._handles: dict[str, Any] = {}
+
+    def _slice(self, key: str) -> Any:
+        shard = self._checkpoint.weight_map[key]
+        if shard not in self._handles:
+            path = self._checkpoint.folder / shard
+            self._handles[shard] = self._stack.enter_context(safe_open(path, framework="pt", device="cpu"))
+        return self._handles[shard].get_slice(key)
+
+    def _source(self, key: str) -> tuple[str, int | None]:
+        """(key on disk, expert index in the stacked tensor or None)."""
+        if key in self._checkpoint.weight_map:
+            return key, None
+        match = _PER_EXPERT_KEY.match(key)
+        if match is not None:
+            stacked, expert = merged_key(int(match.group(1)), match.group(3)), int(match.group(2))
+            if stacked in self._checkpoint.weight_map and expert < self._slice(stacked).get_shape()[0]:
+                return stacked, expert
+        raise KeyError(f"{key} is not in the checkpoint {self._checkpoint.folder}")
+
+    def keys(self) -> list[str]:
+        """Every tensor name in the per-expert layout (stacked tensors expanded to one name per expert)."""
+        out = []
+        for key in self._checkpoint.weight_map:
+            match = _MERGED_KEY.match(key)
+            if match is None:
+                out.append(key)
+                continue
+            experts = int(self._slice(key).get_shape()[0])
+            out += [per_expert_key(int(match.group(1)), e, match.group(2)) for e in range(experts)]
+        return out
+
+    def shape(self, key: str) -> list[int]:
+        source, expert = self._source(key)
+        shape = [int(n) for n in self._slice(source).get_shape()]
+        return shape if expert is None else shape[1:]
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` along dim 0 (the whole tensor for a 0-d one), in the checkpoint's dtype."""
+        source, expert = self._source(key)
+        view = self._slice(source)
+        if expert is not None:
+            return view[expert : expert + 1, start:stop][0]
+        return view[:] if len(view.get_shape()) == 0 else view[start:stop]
 
 
 def _shard_keys(path: Path) -> set[str]:
@@ -405,22 +468,28 @@ def _write(
 
 
 def save_llada2_checkpoint(
-    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor],
+    model_or_state_dict: torch.nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     folder: str | os.PathLike[str],
     config: LLaDA2MoeConfig | None = None,
     layout: CheckpointLayout | str = CheckpointLayout.PER_EXPERT,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> list[Path]:
     """Write weights + ``config.json`` in ``layout`` ("per_expert" = Hub, "merged" = dFactory), sharded at
-    ``max_shard_bytes``. Returns the safetensors files written."""
+    ``max_shard_bytes``. Returns the safetensors files written.
+
+    The weights are a model, a state dict, or an iterable of ``(key, tensor)`` pairs; an iterable is consumed
+    one tensor at a time, so a generator that gathers each tensor of a sharded model keeps no more than one
+    output shard in memory."""
     if isinstance(model_or_state_dict, torch.nn.Module):
         config = config or model_or_state_dict.config
-        state = model_or_state_dict.state_dict()
+        items: Iterable[tuple[str, torch.Tensor]] = model_or_state_dict.state_dict().items()
+    elif isinstance(model_or_state_dict, Mapping):
+        items = dict(model_or_state_dict).items()
     else:
-        state = dict(model_or_state_dict)
+        items = model_or_state_dict
     if config is None:
         raise ValueError("save_llada2_checkpoint needs config= when given a state dict")
-    return _write(state.items(), config, folder, layout, max_shard_bytes)
+    return _write(items, config, folder, layout, max_shard_bytes)
 
 
 def convert_llada2_checkpoint(
@@ -446,6 +515,7 @@ def convert_llada2_checkpoint(
 
 __all__ = [
     "CheckpointLayout",
+    "RowReader",
     "SafetensorsCheckpoint",
     "convert_llada2_checkpoint",
     "detect_folder_layout",

@@ -246,6 +246,11 @@ class LLaDA2MoeGate(nn.Module):
 class LLaDA2MoeSparseMoeBlock(nn.Module):
     """Routed experts (per-expert modules, the released layout) plus the ungated shared expert."""
 
+    run_idle_experts: bool = False
+    """Also run experts that received no token (on an empty batch), so that every expert gets a gradient, zero
+    when idle. Sharded data parallelism (FSDP2) needs it: its reduce-scatter takes the same gradients from every
+    rank, and an expert idle on one rank may be busy on another. Off, an idle expert's gradient stays ``None``."""
+
     def __init__(self, config: LLaDA2MoeConfig) -> None:
         super().__init__()
         self.num_experts = config.num_experts
@@ -280,7 +285,7 @@ class LLaDA2MoeSparseMoeBlock(nn.Module):
         sorted_x = x.index_select(0, token_of_slot)
         outputs = []
         for expert, chunk in zip(self.experts, sorted_x.split(counts), strict=True):
-            if chunk.shape[0]:
+            if chunk.shape[0] or self.run_idle_experts:
                 outputs.append(expert(chunk))
         sorted_y = torch.cat(outputs, dim=0)
         # Weighting and accumulation in fp32 like the released code (matters for bf16 models only).
