@@ -15,7 +15,6 @@ from anyorder_ray.models.llada2_moe.checkpoint import (
     convert_llada2_checkpoint,
     detect_folder_layout,
     detect_layout,
-    load_llada2_model,
     load_llada2_state_dict,
     merge_experts,
     read_llada2_config,
@@ -31,6 +30,7 @@ from anyorder_ray.models.llada2_moe.modeling_llada2_moe import (
     LLaDA2MoeModel,
     LLaDA2MoeModelLM,
     LLaDA2MoePreTrainedModel,
+    load_llada2_model,
 )
 from anyorder_ray.models.llada2_moe.presets import PRESETS, llada2_config
 

@@ -213,6 +213,10 @@ class SafetensorsCheckpoint:
                 for key in keys:
                     yield key, handle.get_tensor(key)
 
+    def per_expert_items(self, config: LLaDA2MoeConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """``items()`` in the per-expert layout whatever the folder's layout (merged tensors are split)."""
+        return _split_stream(self.items(), config)
+
     @contextlib.contextmanager
     def row_reader(self) -> Iterator[RowReader]:
         """A ``RowReader`` over this folder; its shard files stay open (memory-mapped) until the context exits."""
@@ -321,69 +325,6 @@ def load_llada2_state_dict(
     """All tensors of a folder (either layout) converted to the per-expert layout, in checkpoint dtype."""
     config = config or read_llada2_config(folder)
     return dict(_split_stream(SafetensorsCheckpoint.open(folder).items(), config))
-
-
-def load_llada2_model(
-    folder: str | os.PathLike[str],
-    dtype: torch.dtype | str | None = None,
-    device: torch.device | str = "cpu",
-    strict: bool = True,
-    config: LLaDA2MoeConfig | None = None,
-) -> torch.nn.Module:
-    """Build ``LLaDA2MoeModelLM`` from a per-expert or merged folder without a random init.
-
-    The model is created on the ``meta`` device, checkpoint tensors are checked against it (names and shapes)
-    and then assigned. ``dtype``: ``None`` -> fp32 (as ``from_pretrained``), ``"auto"`` -> the checkpoint's dtype,
-    or a torch dtype. ``strict`` raises on missing or unexpected keys (shape mismatches always raise).
-    ``config`` replaces the folder's ``config.json`` (which must still name a LLaDA 2.0 model type).
-    """
-    from anyorder_ray.models.llada2_moe.modeling_llada2_moe import LLaDA2MoeModelLM, rope_inv_freq
-
-    folder_config = read_llada2_config(folder)
-    config = config or folder_config
-    checkpoint = SafetensorsCheckpoint.open(folder)
-    with torch.device("meta"):
-        model = LLaDA2MoeModelLM(config)
-    expected = {key: tensor.shape for key, tensor in model.state_dict().items()}
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    cast_to = torch.float32 if dtype is None else (None if dtype == "auto" else dtype)
-
-    loaded: dict[str, torch.Tensor] = {}
-    mismatched: list[str] = []
-    for key, tensor in _split_stream(checkpoint.items(), config):
-        if key in expected and tuple(tensor.shape) != tuple(expected[key]):
-            mismatched.append(f"{key}: checkpoint {list(tensor.shape)} vs model {list(expected[key])}")
-            continue
-        if cast_to is not None and tensor.is_floating_point():
-            tensor = tensor.to(cast_to)
-        loaded[key] = tensor.to(device)
-    if mismatched:
-        raise ValueError(
-            f"shape mismatch between {folder} and its config.json ({len(mismatched)} tensors): "
-            + "; ".join(sorted(mismatched)[:10])
-        )
-    missing = sorted(set(expected) - set(loaded))
-    unexpected = sorted(set(loaded) - set(expected))
-    if strict and (missing or unexpected):
-        raise ValueError(
-            f"checkpoint {folder} does not match LLaDA2MoeModelLM: {len(missing)} missing keys "
-            f"{missing[:10]}, {len(unexpected)} unexpected keys {unexpected[:10]}"
-        )
-    if missing:
-        # Non-strict with gaps: materialise and randomly initialise everything, then copy what was loaded.
-        model.to_empty(device=device)
-        if cast_to is not None:
-            model.to(cast_to)
-        model.apply(model._init_weights)
-        model.load_state_dict({k: v for k, v in loaded.items() if k in expected}, strict=False)
-    else:
-        # Every tensor present: adopt the loaded storage directly (no second copy of the model in memory).
-        model.load_state_dict({k: v for k, v in loaded.items() if k in expected}, strict=True, assign=True)
-    rotary = model.model.rotary_emb
-    rotary.register_buffer("inv_freq", rope_inv_freq(config, device=device), persistent=False)
-    model.eval()
-    return model
 
 
 # --- writing ------------------------------------------------------------------------------------------------
@@ -520,7 +461,6 @@ __all__ = [
     "convert_llada2_checkpoint",
     "detect_folder_layout",
     "detect_layout",
-    "load_llada2_model",
     "load_llada2_state_dict",
     "merge_experts",
     "merged_key",

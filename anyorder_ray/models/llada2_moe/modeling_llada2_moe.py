@@ -36,7 +36,12 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 
-from anyorder_ray.models.llada2_moe.checkpoint import CheckpointLayout, detect_folder_layout, load_llada2_model
+from anyorder_ray.models.llada2_moe.checkpoint import (
+    CheckpointLayout,
+    SafetensorsCheckpoint,
+    detect_folder_layout,
+    read_llada2_config,
+)
 from anyorder_ray.models.llada2_moe.configuration_llada2_moe import LLaDA2MoeConfig
 from anyorder_ray.objective import masked_cross_entropy
 
@@ -420,7 +425,7 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
         cls, pretrained_model_name_or_path: str | os.PathLike[str], *model_args: Any, **kwargs: Any
     ) -> LLaDA2MoeModelLM:
         """As ``PreTrainedModel.from_pretrained``; in addition a local folder in dFactory's merged-expert layout
-        (``model_type: llada2_moe_veomni``) is converted on the fly by ``checkpoint.load_llada2_model``.
+        (``model_type: llada2_moe_veomni``) is converted on the fly by ``load_llada2_model``.
         (``AutoModelForMaskedLM`` cannot take that route: ``llada2_moe_veomni`` is not a registered type.)"""
         if detect_folder_layout(pretrained_model_name_or_path) is CheckpointLayout.MERGED:
             unsupported = sorted(set(kwargs) - {"dtype", "torch_dtype", "config"})
@@ -470,6 +475,67 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
+def load_llada2_model(
+    folder: str | os.PathLike[str],
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    strict: bool = True,
+    config: LLaDA2MoeConfig | None = None,
+) -> torch.nn.Module:
+    """Build ``LLaDA2MoeModelLM`` from a per-expert or merged folder without a random init.
+
+    The model is created on the ``meta`` device, checkpoint tensors are checked against it (names and shapes)
+    and then assigned. ``dtype``: ``None`` -> fp32 (as ``from_pretrained``), ``"auto"`` -> the checkpoint's dtype,
+    or a torch dtype. ``strict`` raises on missing or unexpected keys (shape mismatches always raise).
+    ``config`` replaces the folder's ``config.json`` (which must still name a LLaDA 2.0 model type).
+    """
+    folder_config = read_llada2_config(folder)
+    config = config or folder_config
+    checkpoint = SafetensorsCheckpoint.open(folder)
+    with torch.device("meta"):
+        model = LLaDA2MoeModelLM(config)
+    expected = {key: tensor.shape for key, tensor in model.state_dict().items()}
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    cast_to = torch.float32 if dtype is None else (None if dtype == "auto" else dtype)
+
+    loaded: dict[str, torch.Tensor] = {}
+    mismatched: list[str] = []
+    for key, tensor in checkpoint.per_expert_items(config):
+        if key in expected and tuple(tensor.shape) != tuple(expected[key]):
+            mismatched.append(f"{key}: checkpoint {list(tensor.shape)} vs model {list(expected[key])}")
+            continue
+        if cast_to is not None and tensor.is_floating_point():
+            tensor = tensor.to(cast_to)
+        loaded[key] = tensor.to(device)
+    if mismatched:
+        raise ValueError(
+            f"shape mismatch between {folder} and its config.json ({len(mismatched)} tensors): "
+            + "; ".join(sorted(mismatched)[:10])
+        )
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    if strict and (missing or unexpected):
+        raise ValueError(
+            f"checkpoint {folder} does not match LLaDA2MoeModelLM: {len(missing)} missing keys "
+            f"{missing[:10]}, {len(unexpected)} unexpected keys {unexpected[:10]}"
+        )
+    if missing:
+        # Non-strict with gaps: materialise and randomly initialise everything, then copy what was loaded.
+        model.to_empty(device=device)
+        if cast_to is not None:
+            model.to(cast_to)
+        model.apply(model._init_weights)
+        model.load_state_dict({k: v for k, v in loaded.items() if k in expected}, strict=False)
+    else:
+        # Every tensor present: adopt the loaded storage directly (no second copy of the model in memory).
+        model.load_state_dict({k: v for k, v in loaded.items() if k in expected}, strict=True, assign=True)
+    rotary = model.model.rotary_emb
+    rotary.register_buffer("inv_freq", rope_inv_freq(config, device=device), persistent=False)
+    model.eval()
+    return model
+
+
 __all__ = [
     "LLaDA2MoeAttention",
     "LLaDA2MoeDecoderLayer",
@@ -482,6 +548,7 @@ __all__ = [
     "LLaDA2MoeRotaryEmbedding",
     "LLaDA2MoeSparseMoeBlock",
     "apply_partial_rotary",
+    "load_llada2_model",
     "prepare_attention_mask",
     "rope_inv_freq",
     "rotate_half",
