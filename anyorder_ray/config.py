@@ -296,6 +296,7 @@ class EvalConfig:
     """Asynchronous evaluation in the live environment and on held-out trajectories."""
 
     num_actors: int = 1
+    """0 (no evaluation) or 1: one eval actor per trial."""
     num_cpus_per_actor: float = 0.5
     num_gpus_per_actor: float = 0.0
     """GPU share of each eval actor (e.g. 0.25: four share a GPU); > 0 runs its policy and NLL on CUDA."""
@@ -317,7 +318,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         p: list[str] = []
-        _check(p, self.num_actors >= 0, "num_actors must be >= 0")
+        _check(p, self.num_actors in (0, 1), f"num_actors must be 0 (no evaluation) or 1 (one eval actor per trial; "
+               f"splitting evaluations over several actors is not supported), got {self.num_actors}")  # fmt: skip
         _check(p, self.num_cpus_per_actor > 0, "num_cpus_per_actor must be > 0")
         _check(p, self.num_gpus_per_actor >= 0, f"num_gpus_per_actor must be >= 0, got {self.num_gpus_per_actor}")
         _check(p, self.every_steps >= 1, "every_steps must be >= 1")

@@ -147,3 +147,9 @@ def test_loss_weighting_and_causal_mixture_options_are_validated_and_labelled():
     with pytest.raises(ConfigError, match="time_budget_s"):
         load_config(None, ["train.time_budget_s=0"])
     assert load_config(None, ["train.time_budget_s=120"]).train.time_budget_s == 120.0
+
+
+def test_more_than_one_eval_actor_is_refused_not_silently_ignored():
+    with pytest.raises(ConfigError, match="num_actors must be 0 .* or 1"):
+        load_config(None, ["eval.num_actors=2"])
+    assert load_config(None, ["eval.num_actors=0"]).eval.num_actors == 0
