@@ -53,10 +53,14 @@ def test_single_experiment_yamls_run_the_arm_they_are_named_after(name, mode, p)
         assert cfg.masking.mask_prob == pytest.approx(p)
 
 
-def test_default_sweep_covers_the_baselines_and_three_mask_probs():
+def test_default_sweep_covers_the_baselines_three_mask_probs_and_the_variants():
     cfg = load_config(ROOT / "tune_configs" / "sweep.yaml")
     labels = {MaskingConfig(**a).label() for a in cfg.sweep.arms}
-    assert labels == {"causal", "prefix", "any_order@0.15", "any_order@0.3", "any_order@0.5"}
+    assert labels == {"causal", "prefix", "any_order@0.15", "any_order@0.3", "any_order@0.5", "cut_focus@0.3+unit",
+                      "any_order@0.3+unit"}  # fmt: skip
+    assert cfg.train.time_budget_s is not None  # equal wall time per arm
+    study = load_config(ROOT / "tune_configs" / "any_order_study.yaml")
+    assert study.sweep.arms == cfg.sweep.arms and len(study.sweep.seeds) >= 3
 
 
 def test_overrides_apply_with_yaml_types():
