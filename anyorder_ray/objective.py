@@ -136,6 +136,8 @@ def global_target_count(
             (w.to(torch.float32) * (piece != IGNORE_INDEX)).sum() for piece, w in zip(pieces, w_pieces, strict=True)
         ).to(torch.float32)
     if dist.is_available() and dist.is_initialized():
+        if dist.get_backend(group) == "nccl" and count.device.type != "cuda":
+            count = count.to(torch.device("cuda", torch.cuda.current_device()))  # NCCL reduces CUDA tensors only
         dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
     return count
 

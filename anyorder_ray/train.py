@@ -352,10 +352,10 @@ def train_step(
     labels_all = [mb["labels"] for mb in micro_batches]
     weights = None
     if weighting is not None and not weighting.weights_are_uniform():
-        w = weighting
+        m = weighting
         weights = [
             target_token_weights(
-                mb["labels"], mb["unit_ids"], mb["unit_kinds"], w.loss_norm, w.obs_weight, w.act_weight
+                mb["labels"], mb["unit_ids"], mb["unit_kinds"], m.loss_norm, m.obs_weight, m.act_weight
             )
             for mb in micro_batches
         ]
