@@ -9,7 +9,7 @@ Reported: the seconds the first ``--warm`` compiled steps take beyond the eager 
 median step time over the steps after them for each side. The ratio eager / compiled is the speed-up (> 1: compile
 helps); ``model.compile`` defaults to whatever this measures.
 
-Run: ``python bench/compile_speed.py`` (full, ~3 minutes) or ``--quick`` (fewer steps).
+Run: ``python bench/compile_speed.py`` (full, ~2 minutes) or ``--quick`` (fewer steps, < 1 minute here).
 """
 
 from __future__ import annotations
