@@ -200,8 +200,10 @@ def test_a_misspelt_train_loop_config_key_is_refused():
 _TIMING_KEYS = {"train/tokens_per_s"}
 
 
-def _train_run(ray: Any, cfg: ExperimentConfig, buffer: Any, producers: list, out: Path, kill: Any | None) -> Any:
-    """One real TorchTrainer run of ``train_loop_per_worker`` (1 CPU worker, gloo), checkpoints kept."""
+def _train_run(cfg: ExperimentConfig, buffer: Any, producers: list, out: Path, kill: Any | None,
+               evaluator: Any = None) -> Any:  # fmt: skip
+    """One real TorchTrainer run of ``train_loop_per_worker`` (``cfg.train.num_workers`` gloo workers of
+    ``cfg.train.cpus_per_worker`` CPUs), every checkpoint kept."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -213,10 +215,13 @@ def _train_run(ray: Any, cfg: ExperimentConfig, buffer: Any, producers: list, ou
             "cfg": cfg,
             "buffer": buffer,
             "producers": producers,
+            "evaluator": evaluator,
             "metrics_log": str(out / METRICS_LOG),
-            "fault_injection": kill,  # test hook: SIGKILL this worker once
+            "fault_injection": kill,  # test hook: SIGKILL a worker once
         },
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=False, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
+        ),
         run_config=RunConfig(
             name=out.name,
             storage_path=str(out.parent),
@@ -295,8 +300,8 @@ def test_killed_training_worker_resumes_exactly_from_its_last_checkpoint(ray_loc
 
         plain, killed = tmp_path / "plain", tmp_path / "killed"
         marker = tmp_path / "killed.marker"
-        plain_result = _train_run(ray, cfg, buffer, producers, plain, kill=None)
-        killed_result = _train_run(ray, cfg, buffer, producers, killed, kill=KillOnce(step=10, marker=str(marker)))
+        plain_result = _train_run(cfg, buffer, producers, plain, kill=None)
+        killed_result = _train_run(cfg, buffer, producers, killed, kill=KillOnce(step=10, marker=str(marker)))
         ray.kill(buffer, no_restart=True)
 
     assert plain_result.error is None and killed_result.error is None

@@ -6,7 +6,6 @@ Both tests are slow (a local Ray and TorchTrainer start-ups) and run under a har
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from ray import cloudpickle
-from test_fault_tolerance import _TIMING_KEYS, _assert_same, _time_limit
+from test_fault_tolerance import _TIMING_KEYS, _assert_same, _log, _time_limit, _train_run
 
 from anyorder_ray.config import DataConfig, MaskingConfig, ModelConfig, TrainConfig, load_config
 from anyorder_ray.factory import build_model, build_tokenizer
@@ -233,36 +232,6 @@ def test_two_sharded_workers_train_like_one_resume_exactly_and_export(ray_local,
 # -- the product loop --------------------------------------------------------------------------------------------
 
 
-def _loop_run(cfg: Any, buffer: Any, producers: list, out: Path, kill: Any | None, evaluator: Any = None) -> Any:
-    """One TorchTrainer run of ``train_loop_per_worker`` with ``cfg.train.num_workers`` gloo workers."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from anyorder_ray.train import METRICS_LOG, train_loop_per_worker
-
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg,
-            "buffer": buffer,
-            "producers": producers,
-            "evaluator": evaluator,
-            "metrics_log": str(out / METRICS_LOG),
-            "fault_injection": kill,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers, use_gpu=False, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
-        ),
-        run_config=RunConfig(
-            name=out.name,
-            storage_path=str(out.parent),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
-        ),
-    )
-    return trainer.fit()
-
-
 @pytest.mark.slow
 def test_fsdp2_train_loop_resumes_after_a_killed_worker_and_exports(ray_local, tmp_path):
     """``train_loop_per_worker`` with ``data_parallel_mode: fsdp2`` on 2 workers: a worker killed after step 7 is
@@ -270,7 +239,7 @@ def test_fsdp2_train_loop_resumes_after_a_killed_worker_and_exports(ray_local, t
     checkpoint is an HF folder with the same weights in both runs; the eval actor gets the gathered weights."""
     from safetensors.torch import load_file
 
-    from anyorder_ray.train import METRICS_LOG, KillOnce
+    from anyorder_ray.train import KillOnce
     from anyorder_ray.trial import make_buffer, make_evaluator, make_rollout_actor
 
     ray = ray_local
@@ -289,17 +258,14 @@ def test_fsdp2_train_loop_resumes_after_a_killed_worker_and_exports(ray_local, t
         evaluator = make_evaluator(cfg)
         plain, killed = tmp_path / "plain", tmp_path / "killed"
         marker = tmp_path / "killed.marker"
-        plain_result = _loop_run(cfg, buffer, producers, plain, None, evaluator)
+        plain_result = _train_run(cfg, buffer, producers, plain, None, evaluator)
         ray.kill(evaluator, no_restart=True)
-        killed_result = _loop_run(cfg, buffer, producers, killed, KillOnce(step=7, marker=str(marker), rank=1))
+        killed_result = _train_run(cfg, buffer, producers, killed, KillOnce(step=7, marker=str(marker), rank=1))
         ray.kill(buffer, no_restart=True)
     assert plain_result.error is None and killed_result.error is None
     assert marker.exists()
 
-    def log(out: Path) -> list[dict]:
-        return [json.loads(line) for line in (out / METRICS_LOG).read_text().splitlines()]
-
-    plain_log, killed_log = log(plain), log(killed)
+    plain_log, killed_log = _log(plain), _log(killed)
     assert [r["train/step"] for r in plain_log] == [2, 4, 6, 8]
     assert plain_log[-1]["eval/final"] == 1 and plain_log[-1]["eval/step"] == 8  # gathered weights evaluated
     assert [r.get("train/step", r.get("resumed_from_step")) for r in killed_log] == [2, 4, 6, 4, 6, 8]
