@@ -27,12 +27,15 @@ class LRSchedule:
     """``lr_factor`` as a picklable callable whose horizon can be fixed after the run starts.
 
     ``LambdaLR`` saves a callable object's ``__dict__`` in its state dict, so ``total`` (and ``warmup``) set by
-    a time budget (``set_total``) survive a checkpoint and resume exactly.
+    a time budget (``set_total``), and the budget's own progress (``budget_fixes``, ``elapsed_s``, kept by
+    ``train.StepBudget``), survive a checkpoint and resume exactly.
     """
 
     def __init__(self, warmup_ratio: float, total: int, style: str) -> None:
         self.warmup_ratio = float(warmup_ratio)
         self.style = style
+        self.budget_fixes = 0
+        self.elapsed_s = 0.0
         self.set_total(total)
 
     def set_total(self, total: int) -> None:

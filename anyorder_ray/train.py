@@ -277,9 +277,6 @@ class StepBudget:
         self.max_steps = max_steps
         self.budget_s = budget_s
         self.schedule = schedule
-        if budget_s is not None and not hasattr(schedule, "budget_fixes"):
-            schedule.budget_fixes = 0
-            schedule.elapsed_s = 0.0
         self._start_step = start_step
         self._next_fix = start_step + self.FIRST_FIX
         self._t_last: float | None = None

@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 import torch.distributed as dist
+from test_train_parts import SMALL
 from torch.distributed.tensor import DTensor
 
 from anyorder_ray.checkpointing import TrainingState, is_complete_checkpoint
@@ -30,8 +31,6 @@ from anyorder_ray.train import BatchMaker, train_step
 from anyorder_ray.transform import UnitEncoder
 from envs.babyai import collect_bot_trajectories
 
-SMALL = {"hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16, "num_hidden_layers": 2,
-         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}  # fmt: skip
 CPU = torch.device("cpu")
 
 
