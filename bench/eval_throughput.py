@@ -123,7 +123,7 @@ def matmul_share(model: nn.Module, scorer: ActionScorer, queries: list[PolicyQue
 
 
 def timed_episodes(
-    model: nn.Module, scorer: ActionScorer, level: str, seeds: Sequence[int], batch_envs: int, encoding: str = "grid"
+    model: nn.Module, scorer: ActionScorer, level: str, seeds: Sequence[int], batch_envs: int, encoding: str
 ) -> tuple[EpisodeStats, TimedScorer]:
     timed = TimedScorer(scorer)
     stats = run_episodes(model, timed, level, seeds, batch_envs=batch_envs, encoding=encoding)  # type: ignore[arg-type]
