@@ -9,7 +9,9 @@ modeling code):
 - Per-head RMSNorm on Q and K (over ``head_dim``) *before* RoPE.
 - Partial rotary embedding: only the first ``head_dim * partial_rotary_factor`` channels of each head rotate
   (rotate-half layout inside that slice, theta 600000); the remaining channels carry no position.
-- Grouped-query attention through ``torch.nn.functional.scaled_dot_product_attention``.
+- Grouped-query attention through ``torch.nn.functional.scaled_dot_product_attention`` (``attn_implementation``
+  ``"sdpa"``, the default) or the explicit softmax of the scores (``"eager"``: the naive reference the tests compare
+  the fast path against).
 - Pre-norm residual blocks; every RMSNorm is computed in fp32 and its weight applied after casting back.
 - The first ``first_k_dense_replace`` layers use a dense SwiGLU MLP; later layers a sparse MoE block:
   sigmoid router in fp32, experts *selected* by ``score + expert_bias`` with group-limited top-k (groups ranked by
@@ -43,7 +45,7 @@ from anyorder_ray.models.llada2_moe.checkpoint import (
     read_llada2_config,
 )
 from anyorder_ray.models.llada2_moe.configuration_llada2_moe import LLaDA2MoeConfig
-from anyorder_ray.objective import masked_cross_entropy
+from anyorder_ray.training.objective import masked_cross_entropy
 
 
 class LLaDA2MoeRMSNorm(nn.Module):
@@ -144,11 +146,28 @@ def prepare_attention_mask(
     )
 
 
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + mask) v`` written out: q ``[B, H, L, D]``, k and v ``[B, H_kv, L, D]`` (GQA: each
+    KV head serves ``H / H_kv`` query heads), ``mask`` as ``prepare_attention_mask`` returns it."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, p=dropout_p)
+    return probs @ v
+
+
 class LLaDA2MoeAttention(nn.Module):
     """Bidirectional GQA with fused QKV, per-head QK RMSNorm and partial RoPE."""
 
     def __init__(self, config: LLaDA2MoeConfig, layer_idx: int) -> None:
         super().__init__()
+        self.config = config  # read at every call: ``attn_implementation`` may be set after the build
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -181,15 +200,15 @@ class LLaDA2MoeAttention(nn.Module):
         cos, sin = position_embeddings  # [B|1, L, rot] -> broadcast over heads
         q = apply_partial_rotary(q, cos[:, :, None, :], sin[:, :, None, :])
         k = apply_partial_rotary(k, cos[:, :, None, :], sin[:, :, None, :])
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=attention_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            is_causal=False,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        dropout = self.attention_dropout if self.training else 0.0
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.config._attn_implementation == "eager":
+            out = eager_attention(q, k, v, attention_mask, dropout)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention_mask, dropout_p=dropout, is_causal=False,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )  # fmt: skip
         return self.dense(out.transpose(1, 2).reshape(bsz, length, self.num_heads * self.head_dim))
 
 
@@ -454,8 +473,8 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
         output_router_logits: bool | None = None,
     ) -> MaskedLMOutput:
         """Logits ``[B, L, V]`` (fp32) at every position; with ``labels`` (-100 = not a target) also the masked
-        cross-entropy of ``anyorder_ray.objective.masked_cross_entropy`` (``num_targets`` / ``token_weights`` are
-        passed through, e.g. the global target count under data parallelism).
+        cross-entropy of ``anyorder_ray.training.objective.masked_cross_entropy`` (``num_targets`` /
+        ``token_weights`` are passed through, e.g. the global target count under data parallelism).
 
         ``use_cache`` / ``output_router_logits`` exist so dFactory-style calls (which pass ``False``) work: a
         bidirectional model has no KV cache, and router logits are not returned.
