@@ -3,6 +3,12 @@
 One frozen dataclass per concern; ``ExperimentConfig`` groups them. YAML files in ``tune_configs/``
 load into it, and CLI overrides (``train.lr=1e-3``) apply on top. Every problem in a file is
 reported at once, naming the file, the key and the allowed values.
+
+Composition: a YAML file may name a ``base:`` file (relative to itself) and state only what differs. Mappings
+merge key by key (the file's keys win), lists and scalars replace. Sweep arms are resolved once, when the config
+loads: each entry of ``sweep.arms`` is a partial ``masking`` section merged onto the file's ``masking`` section,
+so ``ExperimentConfig.arms()`` holds complete ``MaskingConfig`` values and every label, trial and table is made
+from them. Without ``sweep.arms`` the sweep has one arm, the ``masking`` section itself.
 """
 
 from __future__ import annotations
@@ -20,8 +26,10 @@ from typing import Any, Literal
 
 import yaml
 
-MASK_MODES = ("causal", "prefix", "any_order", "obs_only", "act_only", "mixture", "action_focus", "cut_focus")
-P_MODES = ("any_order", "obs_only", "act_only", "action_focus", "cut_focus")  # modes whose mask_prob matters
+from anyorder_ray.data.masking import MaskMode
+from envs.config import EnvConfig
+from envs.registry import env_problems
+
 LOSS_NORMS = ("token", "unit")
 
 
@@ -42,40 +50,14 @@ def _raise(name: str, problems: list[str]) -> None:
         raise ConfigError(f"invalid {name} config: " + "; ".join(problems))
 
 
-@dataclass(frozen=True)
-class EnvConfig:
-    """Which world the agent lives in."""
-
-    level: str = "BabyAI-GoToRedBallGrey-v0"
-    """Registered BabyAI level id (short names like ``GoToLocal`` are accepted)."""
-    max_episode_steps: int | None = None
-    """Cap on episode length; None uses the level's own limit."""
-    obs_encoding: str = "grid"
-    """How observations are written as text (see ``envs.babyai``)."""
-
-    def __post_init__(self) -> None:
-        p: list[str] = []
-        _check(p, self.max_episode_steps is None or self.max_episode_steps > 0, "max_episode_steps must be > 0")
-        _raise("env", p)
-
-
 def validate_env(env: EnvConfig, source: str = "config") -> None:
-    """Check the keys only the environment package can judge: ``level`` and ``obs_encoding``.
+    """Check the keys only the world's adapter can judge (``env.level``, ``env.obs_encoding``).
 
-    Not part of ``EnvConfig.__post_init__`` because it imports minigrid (about a second) and configs are
-    rebuilt inside every trial; entry points call it once, before Ray starts, so a misspelt level fails
-    at once instead of inside every rollout actor.
+    Not part of ``EnvConfig.__post_init__`` because it imports the world's packages (about a second for
+    minigrid) and configs are rebuilt inside every trial; entry points call it once, before Ray starts, so a
+    misspelt level fails at once instead of inside every rollout actor.
     """
-    from envs.babyai import ObsEncoding, normalize_level
-
-    p: list[str] = []
-    try:
-        normalize_level(env.level)
-    except ValueError as e:
-        p.append(f"{source}: env.level: {e}; set env.level to one of them")
-    allowed = [e.value for e in ObsEncoding]
-    _check(p, env.obs_encoding in allowed, f"{source}: env.obs_encoding {env.obs_encoding!r} is unknown; allowed: "
-           f"{', '.join(allowed)}")  # fmt: skip
+    p = [f"{source}: {problem}" for problem in env_problems(env)]
     if p:
         raise ConfigError(f"{len(p)} problem(s) in config:\n  - " + "\n  - ".join(p))
 
@@ -153,6 +135,8 @@ class ModelConfig:
     tokenizer_path: str | None = None
     """Local tokenizer folder; None builds the word-level world tokenizer (or uses model_path's)."""
     attn_implementation: str = "sdpa"
+    """``sdpa`` (``torch.nn.functional.scaled_dot_product_attention``) or ``eager`` (the explicit softmax of the
+    scores: the naive reference, slower, same results to float rounding)."""
     overrides: dict = field(default_factory=dict)
     """Config fields to override on the preset, e.g. ``{num_hidden_layers: 2}``."""
     compile: bool = False
@@ -190,7 +174,8 @@ class MaskingConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "mixture_range", tuple(self.mixture_range))
         p: list[str] = []
-        _check(p, self.mode in MASK_MODES, f"mode {self.mode!r} is unknown; allowed: {', '.join(MASK_MODES)}")
+        _check(p, self.mode in tuple(MaskMode), f"mode {self.mode!r} is unknown; allowed: "
+               f"{', '.join(m.value for m in MaskMode)}")  # fmt: skip
         _check(p, 0.0 < self.mask_prob <= 1.0, f"mask_prob must be in (0, 1], got {self.mask_prob}")
         lo, hi = self.mixture_range
         _check(p, 0.0 < lo <= hi <= 1.0, f"mixture_range must satisfy 0 < low <= high <= 1, got {self.mixture_range}")
@@ -201,9 +186,16 @@ class MaskingConfig:
         _check(p, self.obs_weight + self.act_weight > 0, "obs_weight and act_weight cannot both be 0")
         _raise("masking", p)
 
+    def uses_mask_prob(self) -> bool:
+        """Whether ``mask_prob`` shapes this arm's masks."""
+        return MaskMode(self.mode).uses_mask_prob
+
     def label(self) -> str:
-        """Short arm name for tables: ``causal``, ``any_order@0.3``, ``action_focus@0.3+unit+act4``."""
-        name = f"{self.mode}@{self.mask_prob:g}" if self.mode in P_MODES else self.mode
+        """Short arm name for tables, from every field that differs from its default (so two different arms never
+        share one): ``causal``, ``any_order@0.3``, ``action_focus@0.3+unit+act4``, ``mixture[0.1-0.5]``."""
+        name = f"{self.mode}@{self.mask_prob:g}" if self.uses_mask_prob() else self.mode
+        if self.mode == MaskMode.MIXTURE and self.mixture_range != MaskingConfig.mixture_range:
+            name += f"[{self.mixture_range[0]:g}-{self.mixture_range[1]:g}]"
         if self.causal_prob:
             name += f"+q{self.causal_prob:g}"
         if self.loss_norm != "token":
@@ -233,8 +225,8 @@ class TrainConfig:
     max_steps: int = 600
     time_budget_s: float | None = None
     """Train for this many seconds of wall time instead (capped by ``max_steps``): the step count, and with it
-    the LR schedule's horizon, is fixed from the measured step rate early in the run (see ``train.StepBudget``).
-    Arms of one sweep then get equal wall time however costly their steps are."""
+    the LR schedule's horizon, is fixed from the measured step rate early in the run (see
+    ``training.budget.StepBudget``). Arms of one sweep then get equal wall time however costly their steps are."""
     num_workers: int = 1
     """Ray Train workers (DDP over gloo on CPU, NCCL on GPU)."""
     cpus_per_worker: float = 1.0
@@ -247,7 +239,7 @@ class TrainConfig:
     enable_gradient_checkpointing: bool = False
     data_parallel_mode: Literal["ddp", "fsdp2"] = "ddp"
     """``ddp``: every worker holds the whole model; ``fsdp2``: parameters, gradients and optimizer state sharded over
-    the workers (``anyorder_ray.sharding``), sharded checkpoints, a consolidated HF export in the final one."""
+    the workers (``anyorder_ray.training.sharding``), sharded checkpoints, a consolidated HF export in the final one."""
     report_every: int = 25
     """Steps between ``ray.train.report`` calls."""
     checkpoint_every: int = 200
@@ -295,8 +287,12 @@ class TrainConfig:
 class EvalConfig:
     """Asynchronous evaluation in the live environment and on held-out trajectories."""
 
-    num_actors: int = 1
-    """0 (no evaluation) or 1: one eval actor per trial."""
+    enabled: bool = True
+    """Run the trial's eval actor (live episodes and held-out NLL while training, and the final evaluation)."""
+    weights: Literal["object_store", "checkpoint"] = "object_store"
+    """How the eval actor gets the weights: ``object_store`` (rank 0 puts an fp32 state dict; fine for the presets)
+    or ``checkpoint`` (each evaluation follows a checkpointed report and the actor loads that persisted checkpoint's
+    Hugging Face weights itself: no full copy in rank 0's memory or the object store, for real-size models)."""
     num_cpus_per_actor: float = 0.5
     num_gpus_per_actor: float = 0.0
     """GPU share of each eval actor (e.g. 0.25: four share a GPU); > 0 runs its policy and NLL on CUDA."""
@@ -316,10 +312,14 @@ class EvalConfig:
     """Past steps the policy sees; None derives it from data.window_steps - 1."""
     max_restarts: int = 3
 
+    def actors(self) -> int:
+        """Eval actors of one trial (0 or 1)."""
+        return 1 if self.enabled else 0
+
     def __post_init__(self) -> None:
         p: list[str] = []
-        _check(p, self.num_actors in (0, 1), f"num_actors must be 0 (no evaluation) or 1 (one eval actor per trial; "
-               f"splitting evaluations over several actors is not supported), got {self.num_actors}")  # fmt: skip
+        _check(p, self.weights in ("object_store", "checkpoint"), f"weights must be 'object_store' or 'checkpoint', "
+               f"got {self.weights!r}")  # fmt: skip
         _check(p, self.num_cpus_per_actor > 0, "num_cpus_per_actor must be > 0")
         _check(p, self.num_gpus_per_actor >= 0, f"num_gpus_per_actor must be >= 0, got {self.num_gpus_per_actor}")
         _check(p, self.every_steps >= 1, "every_steps must be >= 1")
@@ -335,8 +335,10 @@ class SweepConfig:
     """The Ray Tune search over training arms."""
 
     name: str = "anyorder"
-    arms: tuple[dict, ...] = ({"mode": "any_order", "mask_prob": 0.5},)
-    """Masking arms, each a partial ``masking`` section, e.g. ``{mode: any_order, mask_prob: 0.3}``."""
+    arms: tuple[MaskingConfig, ...] = ()
+    """Masking arms. In YAML each is a partial ``masking`` section merged onto the file's ``masking`` section when
+    the config loads (e.g. ``{mode: any_order, mask_prob: 0.3}``); here they are complete. Empty: one arm, the
+    ``masking`` section."""
     seeds: tuple[int, ...] = (0,)
     """Training seeds; each arm runs once per seed."""
     search: Literal["grid", "random"] = "grid"
@@ -354,18 +356,15 @@ class SweepConfig:
     """CPU share of each trial's driver function (the workers hold the real resources)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "arms", tuple(dict(a) for a in self.arms))
+        object.__setattr__(self, "arms", tuple(self.arms))
         object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
         object.__setattr__(self, "mask_prob_range", tuple(self.mask_prob_range))
         p: list[str] = []
-        _check(p, len(self.arms) >= 1, "arms must list at least one arm")
-        for i, arm in enumerate(self.arms):
-            try:
-                MaskingConfig(**arm)
-            except TypeError as e:
-                p.append(f"arms[{i}] {arm}: {e}; allowed keys: {[f.name for f in fields(MaskingConfig)]}")
-            except ConfigError as e:
-                p.append(f"arms[{i}] {arm}: {e}")
+        bad = [i for i, arm in enumerate(self.arms) if not isinstance(arm, MaskingConfig)]
+        _check(p, not bad, f"arms {bad} are not MaskingConfig values (YAML arms are resolved by config_from_dict)")
+        labels = [arm.label() for arm in self.arms if isinstance(arm, MaskingConfig)]
+        dupes = sorted({label for label in labels if labels.count(label) > 1})
+        _check(p, not dupes, f"arms {dupes} appear more than once")
         _check(p, len(self.seeds) >= 1, "seeds must list at least one seed")
         _check(p, self.search in ("grid", "random"), f"search must be 'grid' or 'random', got {self.search!r}")
         lo, hi = self.mask_prob_range
@@ -394,11 +393,40 @@ class ExperimentConfig:
         """Past steps in the policy's query: as many as a training window holds before its last step."""
         return self.eval.history_steps if self.eval.history_steps is not None else self.data.window_steps - 1
 
+    def arms(self) -> tuple[MaskingConfig, ...]:
+        """The sweep's arms, resolved: ``sweep.arms``, or the ``masking`` section alone."""
+        return self.sweep.arms or (self.masking,)
+
+    def arm(self, label: str) -> MaskingConfig:
+        """The arm whose ``label()`` is ``label``."""
+        for arm in self.arms():
+            if arm.label() == label:
+                return arm
+        raise KeyError(f"no arm labelled {label!r}; arms: {[a.label() for a in self.arms()]}")
+
+    def trial(self, params: Mapping[str, Any]) -> ExperimentConfig:
+        """The config of one Tune trial: ``params["arm"]`` (a label) as the ``masking`` section, with a sampled
+        ``params["mask_prob"]`` (random search) applied where the arm's mode uses it, and ``params["seed"]``."""
+        masking = self.arm(params["arm"]) if "arm" in params else self.masking
+        if "mask_prob" in params and masking.uses_mask_prob():
+            masking = dataclasses.replace(masking, mask_prob=float(params["mask_prob"]))
+        train = dataclasses.replace(self.train, seed=int(params.get("seed", self.train.seed)))
+        return dataclasses.replace(self, masking=masking, train=train, sweep=dataclasses.replace(self.sweep, arms=()))
+
     def replace(self, **sections: Any) -> ExperimentConfig:
         return dataclasses.replace(self, **sections)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain YAML-ready data (lists for tuples) that ``config_from_dict`` loads back to an equal config."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 _SECTION_TYPES: dict[str, type] = {
@@ -450,41 +478,90 @@ def _type_name(annotation: Any) -> str:
     return str(annotation).replace("typing.", "")
 
 
+def _section_kwargs(cls: type, name: str, value: Any, source: str, problems: list[str]) -> dict[str, Any] | None:
+    """The keyword arguments of section ``name`` (a mapping of ``cls``'s fields), or None with its problems."""
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        problems.append(f"{source}: {name} must be a mapping, got {type(value).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in fields(cls)]
+    kwargs, ok = {}, True
+    for key, v in value.items():
+        if key not in allowed:
+            problems.append(
+                f"{source}: unknown key {name}.{key}{_did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}"
+            )
+            ok = False
+        elif not _type_ok(v, hints[key]):
+            problems.append(f"{source}: {name}.{key} = {v!r} has the wrong type; expected {_type_name(hints[key])}")
+            ok = False
+        else:
+            kwargs[key] = float(v) if hints[key] is float and isinstance(v, int) else v
+    return kwargs if ok else None
+
+
+def _build(cls: type, kwargs: dict[str, Any], source: str, problems: list[str], base: Any = None) -> Any:
+    """``cls(**kwargs)`` (or ``base`` with ``kwargs`` replaced), its validation errors collected in ``problems``."""
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ValueError as e:  # ConfigError, or EnvConfig's own
+        problems.append(f"{source}: {e}")
+        return None
+
+
+def _resolve_arms(raw_arms: Any, masking: MaskingConfig, source: str, problems: list[str]) -> tuple | None:
+    """Each partial masking section of ``sweep.arms`` merged onto ``masking``: the arms as complete values."""
+    if not isinstance(raw_arms, Sequence) or isinstance(raw_arms, str):
+        problems.append(f"{source}: sweep.arms must be a list of partial masking sections, got {raw_arms!r}")
+        return None
+    arms = []
+    for i, raw in enumerate(raw_arms):
+        if isinstance(raw, MaskingConfig):
+            arms.append(raw)
+            continue
+        kwargs = _section_kwargs(MaskingConfig, f"sweep.arms[{i}]", raw, source, problems)
+        arm = _build(MaskingConfig, kwargs, f"{source}: sweep.arms[{i}] {raw}", problems, base=masking) if (
+            kwargs is not None) else None  # fmt: skip
+        arms.append(arm)
+    return tuple(arms) if all(a is not None for a in arms) else None
+
+
 def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> ExperimentConfig:
-    """Build an ``ExperimentConfig`` from nested mappings, reporting every problem at once."""
+    """Build an ``ExperimentConfig`` from nested mappings, reporting every problem at once.
+
+    ``sweep.arms`` entries are partial masking sections, resolved against the ``masking`` section here.
+    """
     problems: list[str] = []
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: top level must be a mapping of sections {sorted(_SECTION_TYPES)}")
-    sections: dict[str, Any] = {}
-    for name, value in raw.items():
+    for name in raw:
         if name not in _SECTION_TYPES:
             problems.append(
                 f"{source}: unknown section {name!r}{_did_you_mean(name, _SECTION_TYPES)}; "
                 f"allowed: {', '.join(_SECTION_TYPES)}"
             )
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTION_TYPES.items():
+        if name not in raw:
             continue
-        cls = _SECTION_TYPES[name]
-        if value is None:
-            value = {}
-        if not isinstance(value, Mapping):
-            problems.append(f"{source}: section {name!r} must be a mapping, got {type(value).__name__}")
+        value = raw[name]
+        arms = None
+        if name == "sweep" and isinstance(value, Mapping) and "arms" in value:
+            value = {k: v for k, v in value.items() if k != "arms"}
+            masking = sections.get("masking", MaskingConfig()) or MaskingConfig()
+            arms = _resolve_arms(raw[name]["arms"], masking, source, problems)
+            if arms is None:
+                continue
+        kwargs = _section_kwargs(cls, name, value, source, problems)
+        if kwargs is None:
             continue
-        hints = typing.get_type_hints(cls)
-        allowed = [f.name for f in fields(cls)]
-        kwargs = {}
-        for key, v in value.items():
-            if key not in allowed:
-                problems.append(
-                    f"{source}: unknown key {name}.{key}{_did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}"
-                )
-            elif not _type_ok(v, hints[key]):
-                problems.append(f"{source}: {name}.{key} = {v!r} has the wrong type; expected {_type_name(hints[key])}")
-            else:
-                kwargs[key] = float(v) if hints[key] is float and isinstance(v, int) else v
-        try:
-            sections[name] = cls(**kwargs)
-        except ConfigError as e:
-            problems.append(f"{source}: {e}")
+        if arms is not None:
+            kwargs["arms"] = arms
+        section = _build(cls, kwargs, source, problems)
+        if section is not None:
+            sections[name] = section
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in config:\n  - " + "\n  - ".join(problems))
     return ExperimentConfig(**sections)
@@ -517,9 +594,16 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     return out
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
-    """Read a YAML config file with errors that name the file."""
+BASE_KEY = "base"
+"""Top-level YAML key naming the file this one extends (a path relative to this file)."""
+
+
+def read_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML config file, with its ``base:`` chain merged in, and errors that name the file."""
     path = Path(path)
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"{path}: the base: chain loops back on itself ({cycle})")
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -532,7 +616,24 @@ def read_yaml(path: str | os.PathLike) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
-    return _coerce_floats(raw)
+    raw = _coerce_floats(raw)
+    base = raw.pop(BASE_KEY, None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: {BASE_KEY} must be a file path (relative to {path.parent}), got {base!r}")
+    return merge_config(read_yaml(path.parent / base, (*_chain, path.resolve())), raw)
+
+
+def merge_config(base: Mapping[str, Any], delta: Mapping[str, Any]) -> dict:
+    """``delta`` over ``base``: mappings merge key by key (``delta`` wins), lists and scalars replace."""
+    out = dict(base)
+    for key, value in delta.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _coerce_floats(obj: Any) -> Any:

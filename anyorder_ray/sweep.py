@@ -20,16 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from anyorder_ray.config import (
-    ConfigError,
-    ExperimentConfig,
-    MaskingConfig,
-    default_config_path,
-    load_config,
-    read_yaml,
-    validate_env,
-)
-from anyorder_ray.results import atomic_write, results_rows, write_plots, write_summary, write_tables
+from anyorder_ray.config import ConfigError, ExperimentConfig, default_config_path, load_config, read_yaml, validate_env
+from anyorder_ray.fileio import atomic_write
+from anyorder_ray.results.plots import write_plots
+from anyorder_ray.results.tables import results_rows, write_summary, write_tables
 
 RUN_CONFIG_FILE = "experiment.yaml"
 
@@ -50,7 +44,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` if set, else start a bounded local Ray."""
     import ray
 
-    from anyorder_ray.trial import local_env_vars
+    from anyorder_ray.roles.trial import local_env_vars
 
     if ray.is_initialized():
         return
@@ -69,7 +63,7 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 def resource_problems(cfg: ExperimentConfig, have_cpus: float, have_gpus: float) -> list[str]:
     """What one trial asks for beyond ``have_cpus`` / ``have_gpus``, each naming the keys to lower."""
-    from anyorder_ray.trial import trial_cpus
+    from anyorder_ray.roles.trial import trial_cpus
 
     problems = []
     need_cpu = trial_cpus(cfg)
@@ -77,7 +71,7 @@ def resource_problems(cfg: ExperimentConfig, have_cpus: float, have_gpus: float)
         terms = [
             ("train.num_workers x train.cpus_per_worker", cfg.train.num_workers, cfg.train.cpus_per_worker),
             ("rollout.num_actors x rollout.num_cpus_per_actor", cfg.rollout.num_actors, cfg.rollout.num_cpus_per_actor),
-            ("eval.num_actors x eval.num_cpus_per_actor", cfg.eval.num_actors, cfg.eval.num_cpus_per_actor),
+            ("eval.enabled x eval.num_cpus_per_actor", cfg.eval.actors(), cfg.eval.num_cpus_per_actor),
         ]
         parts = [f"{keys} = {n} x {c:g} = {n * c:g}" for keys, n, c in terms if n * c > 0]
         parts.append(f"sweep.trial_cpus = {cfg.sweep.trial_cpus:g}")
@@ -86,11 +80,11 @@ def resource_problems(cfg: ExperimentConfig, have_cpus: float, have_gpus: float)
             "these keys so they fit, or use a bigger cluster (a local Ray gets --num-cpus, default all cores)"
         )
     need_train_gpu = cfg.train.num_workers if cfg.train.use_gpu else 0
-    need_eval_gpu = cfg.eval.num_actors * cfg.eval.num_gpus_per_actor
+    need_eval_gpu = cfg.eval.actors() * cfg.eval.num_gpus_per_actor
     if need_train_gpu + need_eval_gpu > have_gpus + 1e-9:
         problems.append(
             f"one trial needs {need_train_gpu + need_eval_gpu:g} GPU(s) (train.use_gpu={cfg.train.use_gpu} with "
-            f"train.num_workers={cfg.train.num_workers}; eval.num_actors x eval.num_gpus_per_actor = "
+            f"train.num_workers={cfg.train.num_workers}; eval.enabled x eval.num_gpus_per_actor = "
             f"{need_eval_gpu:g}) but the cluster has {have_gpus:g}: set train.use_gpu=false, lower "
             "train.num_workers or eval.num_gpus_per_actor"
         )
@@ -118,7 +112,7 @@ def _trainable(cfg: ExperimentConfig, run_dir: Path):
     original ran."""
     from ray import tune
 
-    from anyorder_ray.trial import run_trial
+    from anyorder_ray.roles.trial import run_trial
 
     return tune.with_resources(
         tune.with_parameters(run_trial, base=cfg, run_dir=str(run_dir)), {"cpu": cfg.sweep.trial_cpus}
@@ -130,7 +124,7 @@ def build_tuner(cfg: ExperimentConfig, run_dir: Path):
     from ray.tune.schedulers import ASHAScheduler
 
     param_space: dict[str, Any] = {
-        "arm": tune.grid_search([dict(a) for a in cfg.sweep.arms]),
+        "arm": tune.grid_search([arm.label() for arm in cfg.arms()]),
         "seed": tune.grid_search(list(cfg.sweep.seeds)),
     }
     if cfg.sweep.search == "random":
@@ -233,17 +227,17 @@ def main(argv: list[str] | None = None) -> int:
         if started_ray:
             ray.shutdown()
         return 2
-    arms = ", ".join(MaskingConfig(**a).label() for a in cfg.sweep.arms)
+    arms = ", ".join(arm.label() for arm in cfg.arms())
     print(f"[sweep] run directory: {run_dir}", flush=True)
     print(f"[sweep] level {cfg.env.level}; arms: {arms}; seeds {list(cfg.sweep.seeds)}", flush=True)
     print(f"[sweep] TensorBoard: tensorboard --logdir {run_dir / 'tune'}", flush=True)
     start = time.time()
     tuner = restore_tuner(cfg, run_dir) if args.resume is not None else build_tuner(cfg, run_dir)
     grid = tuner.fit()
-    rows = results_rows(grid)
+    rows = results_rows(grid, cfg)
     table_md = write_tables(rows, run_dir)
     summary_md = write_summary(rows, run_dir)
-    write_plots(grid, rows, run_dir)
+    write_plots(grid, cfg, rows, run_dir)
     print(table_md, flush=True)
     if len(cfg.sweep.seeds) > 1:
         print("\nPer arm over seeds (summary.md):\n" + summary_md, flush=True)
@@ -255,13 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 def _write_config(cfg: ExperimentConfig, path: Path) -> None:
     import yaml
 
-    raw = cfg.to_dict()
-    raw["sweep"]["arms"] = [dict(a) for a in raw["sweep"]["arms"]]
-    for section in raw.values():
-        for k, v in section.items():
-            if isinstance(v, tuple):
-                section[k] = list(v)
-    text = yaml.safe_dump(raw, sort_keys=False)
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
     def write_checked(tmp: Path) -> None:
         tmp.write_text(text, encoding="utf-8")

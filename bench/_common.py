@@ -15,15 +15,15 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from anyorder_ray.models.llada2_moe import LLaDA2MoeConfig
-    from anyorder_ray.trajectory import Trajectory
+    from envs import CollectStats, EnvConfig, Trajectory
 
 # ---------------------------------------------------------------------------------------------------------
 # Compute.
@@ -67,18 +67,11 @@ def measure_matmul_flops(seconds: float = 2.0) -> float:
     return best
 
 
-class LocalSource:
-    """Stands in for ``anyorder_ray.train.BufferSource`` without Ray: ``BatchMaker.bucketed`` only calls
-    ``sample``, which draws uniformly with replacement over the held trajectories, as the real one does."""
+def expert_data(env: EnvConfig, seeds: Iterable[int]) -> tuple[list[Trajectory], CollectStats]:
+    """Expert trajectories of the world ``env`` for ``seeds``, through the environment registry."""
+    from envs import collect_expert_trajectories, make_world
 
-    def __init__(self, trajectories: list[Trajectory], seed: int = 0) -> None:
-        if not trajectories:
-            raise ValueError("LocalSource needs at least one trajectory")
-        self._trajectories = trajectories
-        self._rng = np.random.default_rng(seed)
-
-    def sample(self, n: int) -> list[Trajectory]:
-        return [self._trajectories[i] for i in self._rng.integers(0, len(self._trajectories), size=n)]
+    return collect_expert_trajectories(make_world(env), seeds)
 
 
 # ---------------------------------------------------------------------------------------------------------

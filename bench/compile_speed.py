@@ -19,26 +19,27 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
-from _common import LocalSource, Result, load_average, print_results
+from _common import Result, expert_data, load_average, print_results
 
 from anyorder_ray.config import ExperimentConfig, load_config
-from anyorder_ray.factory import build_model, build_tokenizer
-from anyorder_ray.optim import make_optimizer
-from anyorder_ray.train import BatchMaker, train_step
-from anyorder_ray.transform import UnitEncoder
-from envs.babyai import collect_bot_trajectories_with_stats
+from anyorder_ray.data.batching import BatchMaker, LocalSource
+from anyorder_ray.data.encoding import UnitEncoder
+from anyorder_ray.models.factory import build_model, build_tokenizer
+from anyorder_ray.training.optim import make_optimizer
+from anyorder_ray.training.recipe import train_step
 
 
 def step_times(cfg: ExperimentConfig, data: list, steps: int, compiled: bool) -> list[float]:
     """Seconds of each of ``steps`` training steps (batch making excluded), eager or compiled."""
-    tokenizer = build_tokenizer(cfg.model)
+    tokenizer = build_tokenizer(cfg.model, cfg.env)
     model = build_model(cfg.model, tokenizer, seed=0)
     if compiled:
         model = torch.compile(model, dynamic=True)
     optimizer, scheduler = make_optimizer(model, cfg.train)
     batches = BatchMaker(cfg.data, cfg.masking, UnitEncoder(tokenizer), tokenizer.pad_token_id, seed=0)
-    source = LocalSource(data, seed=0)
+    source = LocalSource(data, np.random.default_rng(0))
     times = []
     for _ in range(steps):
         micro = [batches.bucketed(source, cfg.train.micro_batch_size) for _ in range(cfg.train.grad_accum_steps())]
@@ -59,9 +60,7 @@ def main(argv: list[str]) -> list[Result]:
     warm = args.warm or 20
     measured = args.steps or (20 if args.quick else 80)
     torch.set_num_threads(cfg.train.torch_threads)
-    data, _ = collect_bot_trajectories_with_stats(
-        cfg.env.level, range(200 if args.quick else 1000), cfg.env.max_episode_steps, encoding=cfg.env.obs_encoding
-    )
+    data, _ = expert_data(cfg.env, range(200 if args.quick else 1000))
     print(f"config {args.config}: encoding {cfg.env.obs_encoding}, masking {cfg.masking.label()}, "
           f"torch threads {torch.get_num_threads()}, {load_average()}", flush=True)  # fmt: skip
     eager = step_times(cfg, data, warm + measured, compiled=False)

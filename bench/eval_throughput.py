@@ -1,7 +1,7 @@
 """Eval throughput: episodes/s of the batched eval loop vs one environment at a time, same seeds and model.
 
-Both sides are ``anyorder_ray.policy.run_episodes`` (what the eval actor runs) with the ``ActionScorer`` of the
-default sweep (``tune_configs/sweep.yaml``: its tiny model, ``history_steps`` and ``max_seq_len``), on the same
+Both sides are ``anyorder_ray.evaluation.episodes.run_episodes`` (what the eval actor runs) with the ``ActionScorer`` of
+the default sweep (``tune_configs/sweep.yaml``: its tiny model, ``history_steps`` and ``max_seq_len``), on the same
 held-out eval seeds: ``batch_envs=64`` (every lockstep step of all live episodes is one batched forward) vs
 ``batch_envs=1``. The model is trained briefly first (``--train-steps`` steps of the trainer's ``BatchMaker`` +
 ``train_step`` on bot trajectories, causal mode: the quickest to act sensibly) so episodes end when the policy
@@ -28,19 +28,21 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
-from _common import LocalSource, Result, load_average, print_results
+from _common import Result, expert_data, load_average, print_results
 from torch import nn
 
 from anyorder_ray.config import ExperimentConfig, MaskingConfig, load_config
-from anyorder_ray.factory import build_model, build_tokenizer
-from anyorder_ray.optim import make_optimizer
-from anyorder_ray.policy import ActionScorer, EpisodeStats, PolicyQuery, run_episodes
-from anyorder_ray.seeds import eval_episode_seeds, heldout_trajectory_seeds
-from anyorder_ray.train import BatchMaker, train_step
-from anyorder_ray.trajectory import Trajectory
-from anyorder_ray.transform import UnitEncoder
-from envs.babyai import ACTION_NAMES, collect_bot_trajectories_with_stats, normalize_level
+from anyorder_ray.data.batching import BatchMaker, LocalSource
+from anyorder_ray.data.encoding import UnitEncoder
+from anyorder_ray.data.seeds import eval_episode_seeds, heldout_trajectory_seeds
+from anyorder_ray.evaluation.episodes import EpisodeStats, run_episodes
+from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
+from anyorder_ray.models.factory import build_model, build_tokenizer
+from anyorder_ray.training.optim import make_optimizer
+from anyorder_ray.training.recipe import train_step
+from envs import EnvConfig, Trajectory, make_world
 
 
 class TimedScorer:
@@ -72,7 +74,7 @@ def train_briefly(
     optimizer, scheduler = make_optimizer(model, train_cfg)
     masking = MaskingConfig(**{**dataclasses.asdict(cfg.masking), "mode": "causal"})
     batches = BatchMaker(cfg.data, masking, encoder, encoder.tokenizer.pad_token_id, seed=0)
-    source = LocalSource(data, seed=0)
+    source = LocalSource(data, np.random.default_rng(0))
     start, loss = time.perf_counter(), float("nan")
     for step in range(steps):
         micro = [batches.bucketed(source, train_cfg.micro_batch_size) for _ in range(train_cfg.grad_accum_steps())]
@@ -123,10 +125,11 @@ def matmul_share(model: nn.Module, scorer: ActionScorer, queries: list[PolicyQue
 
 
 def timed_episodes(
-    model: nn.Module, scorer: ActionScorer, level: str, seeds: Sequence[int], batch_envs: int, encoding: str
+    model: nn.Module, scorer: ActionScorer, env: EnvConfig, seeds: Sequence[int], batch_envs: int
 ) -> tuple[EpisodeStats, TimedScorer]:
     timed = TimedScorer(scorer)
-    stats = run_episodes(model, timed, level, seeds, batch_envs=batch_envs, encoding=encoding)  # type: ignore[arg-type]
+    worlds = lambda: make_world(env, expert=False)  # noqa: E731
+    stats = run_episodes(model, timed, worlds, seeds, batch_envs=batch_envs)  # type: ignore[arg-type]
     print(
         f"[eval] batch_envs={batch_envs}: {stats.episodes} episodes in {stats.seconds:.1f} s = "
         f"{stats.episodes_per_s:.2f} episodes/s, success {stats.success_rate:.2f}, mean length "
@@ -150,33 +153,29 @@ def main(argv: list[str] | None = None) -> list[Result]:
     cfg = load_config(args.config)
     if args.checkpoint:
         cfg = cfg.replace(model=dataclasses.replace(cfg.model, model_path=args.checkpoint))
-    level = normalize_level(cfg.env.level)
+    level = make_world(cfg.env, expert=False).level
     train_steps = args.train_steps if args.train_steps is not None else (40 if args.quick else 200)
     episodes = args.episodes or (32 if args.quick else 256)
 
-    tokenizer = build_tokenizer(cfg.model)
+    tokenizer = build_tokenizer(cfg.model, cfg.env)
     encoder = UnitEncoder(tokenizer)
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
-    heldout, _ = collect_bot_trajectories_with_stats(
-        level, heldout_trajectory_seeds(cfg.eval, 64), encoding=cfg.env.obs_encoding
-    )
+    heldout, _ = expert_data(cfg.env, heldout_trajectory_seeds(cfg.eval, 64))
     if not args.checkpoint and train_steps > 0:
         torch.set_num_threads(cfg.train.torch_threads)
-        data, _ = collect_bot_trajectories_with_stats(
-            level, range(200 if args.quick else cfg.data.num_demos), encoding=cfg.env.obs_encoding
-        )
+        data, _ = expert_data(cfg.env, range(200 if args.quick else cfg.data.num_demos))
         train_briefly(cfg, model, encoder, data, train_steps)
     torch.set_num_threads(args.threads)
     model.eval()
-    scorer = ActionScorer(encoder, ACTION_NAMES, cfg.history_steps(), cfg.data.max_seq_len)
+    scorer = ActionScorer(encoder, make_world(cfg.env).action_names, cfg.history_steps(), cfg.data.max_seq_len)
     seeds = list(eval_episode_seeds(cfg.eval, episodes))
     print(
         f"{level}: {episodes} eval seeds, history_steps {cfg.history_steps()}, torch threads {torch.get_num_threads()}",
         flush=True,
     )
 
-    batched, timed_b = timed_episodes(model, scorer, level, seeds, args.batch_envs, cfg.env.obs_encoding)
-    single, timed_s = timed_episodes(model, scorer, level, seeds, 1, cfg.env.obs_encoding)
+    batched, timed_b = timed_episodes(model, scorer, cfg.env, seeds, args.batch_envs)
+    single, timed_s = timed_episodes(model, scorer, cfg.env, seeds, 1)
     same = sum(a.actions == b.actions for a, b in zip(batched.results, single.results, strict=True))
     print(f"same actions in {same}/{len(seeds)} episodes (float noise between batch shapes can flip near-ties)")
     speedup = batched.episodes_per_s / single.episodes_per_s

@@ -30,10 +30,11 @@ import torch.distributed as dist
 from _common import Result, measure_matmul_flops, model_flops_per_token, print_results
 
 from anyorder_ray.config import ModelConfig, TrainConfig
-from anyorder_ray.factory import build_model_config, build_tokenizer
-from anyorder_ray.objective import masked_cross_entropy
-from anyorder_ray.optim import make_optimizer
-from anyorder_ray.sharding import build_sharded_model
+from anyorder_ray.models.factory import build_model_config, build_tokenizer
+from anyorder_ray.training.objective import masked_cross_entropy
+from anyorder_ray.training.optim import make_optimizer
+from anyorder_ray.training.sharding import build_sharded_model
+from envs import EnvConfig
 
 ONE_B = {
     "hidden_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4,
@@ -90,7 +91,7 @@ def main(argv: list[str]) -> list[Result]:
         if cuda:
             torch.cuda.set_device(device)
         model_cfg = ModelConfig(preset="mini", overrides=ONE_B) if cuda else ModelConfig()
-        tokenizer = build_tokenizer(ModelConfig())
+        tokenizer = build_tokenizer(ModelConfig(), EnvConfig())
         config = build_model_config(model_cfg, tokenizer)
         model = build_sharded_model(model_cfg, tokenizer, device, seed=0, mixed_precision=cuda,
                                     activation_checkpointing=cuda)  # fmt: skip

@@ -9,13 +9,13 @@ a training worker, which caches every batch of the buffer (``BufferSource``), me
 
 Peak RSS of a training worker, the default sweep's model (``tiny`` preset with the sweep's overrides) and data:
 - ``train_worker_peak_rss_mib`` (full run only): a real 1-worker ``TorchTrainer`` running
-  ``anyorder_ray.train.train_loop_per_worker`` for ``--steps`` steps, fed by the trial's buffer and rollout actor
-  (``anyorder_ray.trial.start_actors``, no eval actor); the worker process's ``VmHWM`` (the kernel's peak-RSS counter)
-  is polled from ``/proc``. It includes Ray's core worker, Ray Train's worker-side modules and the mapped pages of
-  objects read from the shared-memory object store.
+  ``anyorder_ray.roles.train_loop.train_loop_per_worker`` for ``--steps`` steps, fed by the trial's buffer and rollout
+  actor (``anyorder_ray.roles.trial.start_actors``, no eval actor); the worker process's ``VmHWM`` (the kernel's
+  peak-RSS counter) is polled from ``/proc``. It includes Ray's core worker, Ray Train's worker-side modules and the
+  mapped pages of objects read from the shared-memory object store.
 - ``train_loop_peak_rss_mib`` (always): a fresh subprocess that imports what the worker imports
-  (``anyorder_ray.train`` pulls in ray, ray.train and torch), holds ``data.num_demos`` trajectories (the whole
-  fixed-regime buffer), builds the model and its AdamW and runs ``--steps`` steps of the loop pieces
+  (``anyorder_ray.roles.train_loop`` pulls in ray, ray.train and torch), holds ``data.num_demos`` trajectories (the
+  whole fixed-regime buffer), builds the model and its AdamW and runs ``--steps`` steps of the loop pieces
   (``BatchMaker.bucketed`` + ``train_step``); ``resource.getrusage(RUSAGE_SELF).ru_maxrss``. The difference to the
   figure above is what being a Ray Train worker costs.
 
@@ -35,11 +35,11 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from _common import LocalSource, Result, init_local_ray, print_results
+import numpy as np
+from _common import Result, expert_data, init_local_ray, print_results
 
 from anyorder_ray.config import RolloutConfig, load_config
-from anyorder_ray.trajectory import Trajectory
-from envs.babyai import collect_bot_trajectories_with_stats, normalize_level
+from envs import Trajectory
 
 _PEAK_TAG = "PEAK_RSS_BYTES"
 
@@ -121,10 +121,10 @@ def ray_train_worker_peak(config: str, steps: int) -> int:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from anyorder_ray.train import train_loop_per_worker
-    from anyorder_ray.trial import start_actors
+    from anyorder_ray.roles.train_loop import train_loop_per_worker
+    from anyorder_ray.roles.trial import start_actors
 
-    cfg = load_config(config, [f"train.max_steps={steps}", "eval.num_actors=0", "train.report_every=25"])
+    cfg = load_config(config, [f"train.max_steps={steps}", "eval.enabled=false", "train.report_every=25"])
     peak_kib, stop = [0], threading.Event()
 
     def poll() -> None:
@@ -169,22 +169,21 @@ def worker_process(config: str, steps: int, demos: int) -> None:
     """The training-worker stand-in (runs in a subprocess); prints its peak RSS last."""
     import torch
 
-    from anyorder_ray.factory import build_model, build_tokenizer
-    from anyorder_ray.optim import make_optimizer
-    from anyorder_ray.train import BatchMaker, train_step
-    from anyorder_ray.transform import UnitEncoder
+    from anyorder_ray.data.batching import BatchMaker, LocalSource
+    from anyorder_ray.data.encoding import UnitEncoder
+    from anyorder_ray.models.factory import build_model, build_tokenizer
+    from anyorder_ray.training.optim import make_optimizer
+    from anyorder_ray.training.recipe import train_step
 
     after_imports = _rss_bytes()
     cfg = load_config(config)
     torch.set_num_threads(cfg.train.torch_threads)
-    data, _ = collect_bot_trajectories_with_stats(
-        cfg.env.level, range(demos), cfg.env.max_episode_steps, encoding=cfg.env.obs_encoding
-    )
-    tokenizer = build_tokenizer(cfg.model)
+    data, _ = expert_data(cfg.env, range(demos))
+    tokenizer = build_tokenizer(cfg.model, cfg.env)
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
     optimizer, scheduler = make_optimizer(model, cfg.train)
     batches = BatchMaker(cfg.data, cfg.masking, UnitEncoder(tokenizer), tokenizer.pad_token_id, seed=cfg.train.seed)
-    source = LocalSource(data, seed=cfg.train.seed)
+    source = LocalSource(data, np.random.default_rng(cfg.train.seed))
     mbs, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps()
     start = time.perf_counter()
     trace = [f"{_rss_bytes() / 2**20:.0f}"]  # RSS (MiB) before the first step, then every 10 steps: plateau?
@@ -234,11 +233,8 @@ def main(argv: list[str] | None = None) -> list[Result]:
         worker_process(args.config, steps, demos)
         return []
 
-    level = normalize_level(cfg.env.level)
     n = args.trajectories or (256 if args.quick else 2048)
-    trajectories, _ = collect_bot_trajectories_with_stats(
-        level, range(n), cfg.env.max_episode_steps, encoding=cfg.env.obs_encoding
-    )
+    trajectories, _ = expert_data(cfg.env, range(n))
     per = args.episodes_per_batch
     batches = [trajectories[s : s + per] for s in range(0, len(trajectories) - per + 1, per)]
     import ray
@@ -256,7 +252,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     raw_per = statistics.mean(text_bytes(t) for b in batches for t in b)
     steps_per = statistics.mean(t.num_actions for b in batches for t in b)
     print(
-        f"{level}: {held} trajectories ({steps_per:.1f} steps each) in {len(batches)} batches of {per}: "
+        f"{cfg.env.level}: {held} trajectories ({steps_per:.1f} steps each) in {len(batches)} batches of {per}: "
         f"object store {store_per:.0f} B/trajectory, pickle {sum(pickled) / held:.0f} B, raw unit text "
         f"{raw_per:.0f} B, deserialized Python heap {heap_per:.0f} B",
         flush=True,

@@ -29,7 +29,7 @@ import torch
 from _common import measure_matmul_flops, model_flops_per_token
 
 from anyorder_ray.models.llada2_moe import LLaDA2MoeModelLM, llada2_config
-from anyorder_ray.objective import masked_cross_entropy
+from anyorder_ray.training.objective import masked_cross_entropy
 
 __all__ = ["Measurement", "measure_matmul_flops", "measure_training", "model_flops_per_token"]
 

@@ -4,7 +4,7 @@ Plain process: ``envs.babyai.collect_bot_trajectories_with_stats`` over N seeds 
 once before Ray starts and once after it shut down; the baseline is their mean (it controls for drift of the
 machine during the run).
 
-Ray path: exactly what a trial starts (``anyorder_ray.trial.start_actors``): a ``TrajectoryBuffer`` actor
+Ray path: exactly what a trial starts (``anyorder_ray.roles.trial.start_actors``): a ``TrajectoryBuffer`` actor
 (``num_cpus=0``) with a fixed budget ``target=N`` and ``RolloutWorker`` actors with ``num_cpus=1`` each on a Ray
 started with ``num_cpus=2``. Each actor runs the bot on its own seed range, hands batches of
 ``episodes_per_batch`` trajectories to the buffer by value, and the buffer puts them into the object store (it owns
@@ -26,12 +26,12 @@ import sys
 import time
 from dataclasses import dataclass
 
-from _common import Result, init_local_ray, load_average, print_results
+from _common import Result, expert_data, init_local_ray, load_average, print_results
 
-from anyorder_ray.buffer import TrajectoryBuffer
-from anyorder_ray.config import EnvConfig, RolloutConfig
-from anyorder_ray.rollout import RolloutWorker
-from envs.babyai import collect_bot_trajectories_with_stats, normalize_level
+from anyorder_ray.config import RolloutConfig
+from anyorder_ray.roles.buffer import TrajectoryBuffer
+from anyorder_ray.roles.rollout import RolloutWorker
+from envs import EnvConfig, make_world
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class RayTiming:
 
 def plain_process(level: str, n: int, seed_start: int) -> float:
     """Successful bot trajectories per second over ``n`` seeds in this process."""
-    trajectories, stats = collect_bot_trajectories_with_stats(level, range(seed_start, seed_start + n))
+    trajectories, stats = expert_data(EnvConfig(level=level), range(seed_start, seed_start + n))
     rate = len(trajectories) / stats.seconds
     print(
         f"[plain] {len(trajectories)}/{stats.attempted} successful in {stats.seconds:.1f} s: {rate:.0f} traj/s "
@@ -68,8 +68,8 @@ def ray_rollout(level: str, n: int, actors: int, episodes_per_batch: int, poll_s
     rollout = RolloutConfig(
         num_actors=actors, num_cpus_per_actor=1.0, episodes_per_batch=episodes_per_batch, max_restarts=0
     )
-    # Created as in anyorder_ray.trial.start_actors (fixed-budget regime: target = capacity = n).
-    buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0, max_restarts=0).remote(n, seed=0, target=n)
+    # Created as in anyorder_ray.roles.trial.start_actors (fixed-budget regime: target = capacity = n).
+    buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0, max_restarts=0).remote(n, target=n)
     start = time.perf_counter()
     workers = [
         ray.remote(RolloutWorker)
@@ -109,11 +109,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
     )
     parser.add_argument("--episodes-per-batch", type=int, default=128)
     args = parser.parse_args(argv)
-    level = normalize_level(args.level)
+    level = make_world(EnvConfig(level=args.level), expert=False).level
     n = args.trajectories or (1000 if args.quick else 8000)
     print(f"rollout scaling on {level}: N={n} trajectories per timing, {args.episodes_per_batch} per batch", flush=True)
 
-    collect_bot_trajectories_with_stats(level, range(10**8, 10**8 + 20))  # warm imports and level generation
+    expert_data(EnvConfig(level=level), range(10**8, 10**8 + 20))  # warm imports and level generation
     before = plain_process(level, n, seed_start=0)
 
     import ray

@@ -1,12 +1,12 @@
 """Training throughput: tokens/s, model-FLOPs utilisation (MFU) and padding waste of the trainer's own loop.
 
-What is timed is exactly what ``anyorder_ray.train.train_loop_per_worker`` runs per step, minus Ray:
-``BatchMaker.bucketed`` (crop a window, draw a fresh mask, encode, bucket a pool of 8 micro-batches by length,
-collate) and ``train_step`` (forward, masked CE, backward, gradient clipping, AdamW + LR schedule). Model, tokenizer,
-data and optimizer settings come from the default sweep (``tune_configs/sweep.yaml``) through
-``anyorder_ray.factory`` and ``anyorder_ray.optim``; the data are real bot trajectories sampled uniformly with
-replacement, as ``BufferSource.sample`` does over a cached buffer. Measured for the ``causal`` and ``any_order``
-modes (the masked fraction changes the loss and labels, not the forward/backward cost).
+What is timed is exactly what ``anyorder_ray.roles.train_loop.train_loop_per_worker`` runs per step, minus Ray:
+``BatchMaker.bucketed`` (crop a window, draw a fresh mask, encode, bucket a pool of 8 micro-batches by length, collate)
+and ``train_step`` (forward, masked CE, backward, gradient clipping, AdamW + LR schedule). Model, tokenizer, data and
+optimizer settings come from the default sweep (``tune_configs/sweep.yaml``) through ``anyorder_ray.models.factory`` and
+``anyorder_ray.training.optim``; the data are real bot trajectories sampled uniformly with replacement, as
+``BufferSource.sample`` does over a cached buffer. Measured for the ``causal`` and ``any_order`` modes (the masked
+fraction changes the loss and labels, not the forward/backward cost).
 
 Model FLOPs of a training step (``_common.model_flops_per_token``, the same count as ``bench/model_throughput.py``):
     3 x forward (one forward, two for backward) x [2 x active matmul params per token  +  4 x L x n_q x d per layer]
@@ -31,17 +31,18 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from _common import LocalSource, Result, load_average, measure_matmul_flops, model_flops_per_token, print_results
+from _common import Result, expert_data, load_average, measure_matmul_flops, model_flops_per_token, print_results
 
 from anyorder_ray.config import ExperimentConfig, MaskingConfig, load_config
-from anyorder_ray.factory import build_model, build_model_config, build_tokenizer
+from anyorder_ray.data.batching import BatchMaker, LocalSource
+from anyorder_ray.data.encoding import UnitEncoder, padding_waste
+from anyorder_ray.models.factory import build_model, build_model_config, build_tokenizer
 from anyorder_ray.models.llada2_moe import LLaDA2MoeConfig
-from anyorder_ray.optim import make_optimizer
-from anyorder_ray.train import BatchMaker, train_step
-from anyorder_ray.trajectory import Trajectory
-from anyorder_ray.transform import UnitEncoder, padding_waste
-from envs.babyai import collect_bot_trajectories_with_stats
+from anyorder_ray.training.optim import make_optimizer
+from anyorder_ray.training.recipe import train_step
+from envs import Trajectory
 
 
 @dataclass(frozen=True)
@@ -81,12 +82,12 @@ def step_model_flops(config: LLaDA2MoeConfig, micro_batches: list[dict[str, torc
 
 def measure_mode(cfg: ExperimentConfig, mode: str, data: list[Trajectory], steps: int, warmup: int) -> ModeResult:
     masking = MaskingConfig(**{**dataclasses.asdict(cfg.masking), "mode": mode})
-    tokenizer = build_tokenizer(cfg.model)
+    tokenizer = build_tokenizer(cfg.model, cfg.env)
     encoder = UnitEncoder(tokenizer)
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
     optimizer, scheduler = make_optimizer(model, cfg.train)
     device = torch.device("cpu")
-    source = LocalSource(data, seed=cfg.train.seed)
+    source = LocalSource(data, np.random.default_rng(cfg.train.seed))
     batches = BatchMaker(cfg.data, masking, encoder, tokenizer.pad_token_id, seed=cfg.train.seed)
     mbs, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps()
 
@@ -110,8 +111,9 @@ def measure_mode(cfg: ExperimentConfig, mode: str, data: list[Trajectory], steps
     # straddle two length clusters (encoding only, no training).
     wastes = {}
     for pool_batches in (8, 32):
-        probe = BatchMaker(cfg.data, masking, encoder, tokenizer.pad_token_id, seed=cfg.train.seed + 1)
-        micro = [probe.bucketed(source, mbs, pool_batches=pool_batches) for _ in range(64)]
+        data_cfg = dataclasses.replace(cfg.data, bucket_pool_batches=pool_batches)
+        probe = BatchMaker(data_cfg, masking, encoder, tokenizer.pad_token_id, seed=cfg.train.seed + 1)
+        micro = [probe.bucketed(source, mbs) for _ in range(64)]
         wastes[pool_batches] = 1.0 - sum(int(m["attention_mask"].sum()) for m in micro) / sum(
             m["attention_mask"].numel() for m in micro
         )
@@ -149,9 +151,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         f"{cfg.train.global_batch_size} (micro {cfg.train.micro_batch_size}), torch threads {torch.get_num_threads()}",
         flush=True,
     )
-    data, stats = collect_bot_trajectories_with_stats(
-        cfg.env.level, range(demos), cfg.env.max_episode_steps, encoding=cfg.env.obs_encoding
-    )
+    data, stats = expert_data(cfg.env, range(demos))
     print(f"{len(data)} bot trajectories in {stats.seconds:.1f} s", flush=True)
 
     peak_before = measure_matmul_flops(1.0 if args.quick else 2.0)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     peak = max(peak_before, measure_matmul_flops(1.0 if args.quick else 2.0))
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s (before: {peak_before / 1e9:.1f})")
 
-    config = build_model_config(cfg.model, build_tokenizer(cfg.model))
+    config = build_model_config(cfg.model, build_tokenizer(cfg.model, cfg.env))
     mean_len = statistics.mean(r.tokens / r.steps / cfg.train.global_batch_size for r in results)
     print(
         f"model: {config.hidden_size} wide, {config.num_hidden_layers} layers, {config.num_experts} experts top-"

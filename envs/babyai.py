@@ -1,5 +1,8 @@
 """BabyAI (minigrid) as a text world: levels by id, the ``BabyAIBot`` expert, lossless text observations.
 
+The registry's adapter for ``env.world: babyai`` (``make_world``, ``vocabulary``, ``problems`` at the end of this
+module); the library never imports this module directly.
+
 Observation text (encoding ``"grid"``, 50 whitespace-separated words, always):
 
 * word 0: the agent's absolute heading, one of ``east south west north`` (``obs["direction"]`` 0..3);
@@ -32,10 +35,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import io
-import logging
-import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from enum import StrEnum
 
 import gymnasium as gym
@@ -45,10 +45,8 @@ from minigrid.core.constants import COLOR_NAMES, IDX_TO_COLOR, IDX_TO_OBJECT, ST
 from minigrid.envs.babyai.core.verifier import LOC_NAMES, OBJ_TYPES
 from minigrid.utils.baby_ai_bot import BabyAIBot, DisappearedBoxError
 
-from anyorder_ray.trajectory import Trajectory
-from envs.base import StepResult
-
-logger = logging.getLogger(__name__)
+from envs.base import ExpertUnavailable, StepResult
+from envs.config import EnvConfig
 
 ACTION_NAMES: tuple[str, ...] = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
 _ACTION_INDEX: dict[str, int] = {name: i for i, name in enumerate(ACTION_NAMES)}
@@ -336,7 +334,7 @@ def make_env(level: str, seed: int | None = None, max_steps: int | None = None) 
 
 
 class BabyAIWorld:
-    """A BabyAI level as a ``TextWorld``: reset by seed, step by action name, optional bot expert.
+    """A BabyAI level as a ``World``: reset by seed, step by action name, optional bot expert.
 
     With ``expert=True`` a fresh ``BabyAIBot`` is built after every reset and told every action actually
     taken (the bot must see each step to keep its plan valid, even when it is not asked), so
@@ -363,6 +361,7 @@ class BabyAIWorld:
         self._last_action: int | None = None
         self._obs: dict | None = None
         self._done = True
+        self._success = False
         self.mission = ""
         self.num_steps = 0
 
@@ -386,11 +385,20 @@ class BabyAIWorld:
     def done(self) -> bool:
         return self._done
 
+    @property
+    def success(self) -> bool:
+        """The episode terminated with a positive reward (BabyAI's success: the mission was completed)."""
+        return self._success
+
+    def valid_actions(self) -> tuple[str, ...]:
+        return ACTION_NAMES
+
     def reset(self, seed: int) -> tuple[str, str]:
         self._obs = reset_env(self._env, seed)
         self.mission = self._obs["mission"]
         self.num_steps = 0
         self._done = False
+        self._success = False
         self._last_action = None
         self._suggestion = None
         self._bot_error = None
@@ -408,14 +416,14 @@ class BabyAIWorld:
             self._bot = None
 
     def expert_action(self) -> str:
-        """The bot's action for the current state. Raises RuntimeError if the bot gave up this episode."""
+        """The bot's action for the current state. Raises ``ExpertUnavailable`` if the bot gave up this episode."""
         if self._done:
             raise RuntimeError("episode is over; call reset()")
         if not self._use_expert:
             raise RuntimeError("this BabyAIWorld was built with expert=False")
         self._consult_bot()
         if self._suggestion is None:
-            raise RuntimeError(f"the bot gave up on this episode: {self._bot_error!r}") from self._bot_error
+            raise ExpertUnavailable(f"the bot gave up on this episode: {self._bot_error!r}") from self._bot_error
         return ACTION_NAMES[self._suggestion]
 
     def step(self, action: str) -> StepResult:
@@ -430,6 +438,7 @@ class BabyAIWorld:
         self._suggestion = None
         self.num_steps += 1
         self._done = bool(terminated or truncated)
+        self._success = bool(terminated and reward > 0)
         return StepResult(self._serialize(self._obs["image"], self._obs["direction"]), float(reward),
                           bool(terminated), bool(truncated))  # fmt: skip
 
@@ -441,89 +450,27 @@ class BabyAIWorld:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Expert trajectories.
+# The adapter (see ``envs.registry``).
 
 
-@dataclass(frozen=True, slots=True)
-class CollectStats:
-    """Outcome counts of one ``collect_bot_trajectories_with_stats`` call."""
-
-    level: str
-    attempted: int
-    succeeded: int
-    failed: int
-    failed_seeds: tuple[int, ...]
-    seconds: float
-
-    @property
-    def success_rate(self) -> float:
-        return self.succeeded / self.attempted if self.attempted else 0.0
-
-    @property
-    def episodes_per_s(self) -> float:
-        return self.attempted / self.seconds if self.seconds > 0 else float("inf")
+def make_world(cfg: EnvConfig, expert: bool = True) -> BabyAIWorld:
+    """A ``BabyAIWorld`` for ``cfg``: its level, episode cap and observation encoding."""
+    return BabyAIWorld(cfg.level, max_steps=cfg.max_episode_steps, encoding=cfg.obs_encoding, expert=expert)
 
 
-def _run_bot_episode(world: BabyAIWorld, seed: int) -> Trajectory | None:
-    """One bot episode; None when the bot fails (gives up, wrong ``done``, or hits the step cap)."""
-    obs_text, mission = world.reset(seed)
-    observations, actions = [obs_text], []
-    reward, terminated = 0.0, False
-    while not world.done:
-        try:
-            action = world.expert_action()
-        except RuntimeError:
-            return None
-        obs_text, reward, terminated, _ = world.step(action)
-        observations.append(obs_text)  # includes obs_T after the last action
-        actions.append(action)
-    if not (terminated and reward > 0):
-        return None
-    return Trajectory.from_steps(
-        mission, world.level, seed, observations, actions, success=True,
-        meta={"num_steps": len(actions), "reward": round(reward, 4)},
-    )  # fmt: skip
+def vocabulary(cfg: EnvConfig) -> list[str]:
+    """``world_vocabulary()``: the same for every level and encoding, so one tokenizer serves them all."""
+    return world_vocabulary()
 
 
-def collect_bot_trajectories_with_stats(
-    level: str,
-    seeds: Iterable[int],
-    max_steps: int | None = None,
-    encoding: ObsEncoding | str = ObsEncoding.GRID,
-) -> tuple[list[Trajectory], CollectStats]:
-    """Bot trajectories for ``seeds`` (successful episodes only, in seed order) and their counts.
-
-    ``max_steps`` caps each episode; reaching it without success is a failure. Failed episodes are dropped.
-    """
-    world = BabyAIWorld(level, max_steps=max_steps, encoding=encoding, expert=True)
-    out: list[Trajectory] = []
-    failed: list[int] = []
-    attempted = 0
-    start = time.perf_counter()
-    for seed in seeds:
-        attempted += 1
-        traj = _run_bot_episode(world, int(seed))
-        if traj is None:
-            failed.append(int(seed))
-        else:
-            out.append(traj)
-    stats = CollectStats(
-        level=world.level,
-        attempted=attempted,
-        succeeded=len(out),
-        failed=len(failed),
-        failed_seeds=tuple(failed),
-        seconds=time.perf_counter() - start,
-    )
-    return out, stats
-
-
-def collect_bot_trajectories(level: str, seeds: Iterable[int], max_steps: int | None = None) -> list[Trajectory]:
-    """Successful bot trajectories for ``seeds``; failed episodes are dropped and logged as a warning."""
-    trajectories, stats = collect_bot_trajectories_with_stats(level, seeds, max_steps)
-    if stats.failed:
-        logger.warning(
-            "%s: bot failed %d of %d episodes (dropped; seeds %s)",
-            stats.level, stats.failed, stats.attempted, list(stats.failed_seeds[:10]),
-        )  # fmt: skip
-    return trajectories
+def problems(cfg: EnvConfig) -> list[str]:
+    """What is wrong with ``cfg.level`` and ``cfg.obs_encoding`` (close matches for a misspelt level)."""
+    out = []
+    try:
+        normalize_level(cfg.level)
+    except ValueError as e:
+        out.append(f"env.level: {e}; set env.level to one of them")
+    allowed = [e.value for e in ObsEncoding]
+    if cfg.obs_encoding not in allowed:
+        out.append(f"env.obs_encoding {cfg.obs_encoding!r} is unknown; allowed: {', '.join(allowed)}")
+    return out

@@ -1,17 +1,17 @@
-"""Typed trajectory records: the one data type that crosses process and actor boundaries.
+"""Typed trajectory records: the one data type that crosses process, actor and package boundaries.
 
 A trajectory is the serialized episode ``obs_0, act_0, obs_1, act_1, ...`` plus its goal text
 (the mission). Units are whole observations or whole actions; masking never splits a unit.
+
+The record lives in ``envs`` (the lower layer: worlds produce it) and the library imports it from here, so the
+two packages share it without an import cycle (``envs`` never imports ``anyorder_ray``). Files of trajectories
+are read and written by ``anyorder_ray.data.jsonl``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 UnitKind = Literal["obs", "act"]
@@ -118,43 +118,3 @@ class Trajectory:
             if t < len(actions):
                 units.append(Unit("act", actions[t], t))
         return cls(mission, level, seed, tuple(units), success, dict(meta or {}))
-
-
-class TrajectoryFileError(ValueError):
-    """A JSONL trajectory file could not be read; names the file and line."""
-
-
-def save_jsonl(path: str | os.PathLike, trajectories: Iterable[Trajectory]) -> int:
-    """Write trajectories one JSON object per line, atomically (temp file + rename). Returns the count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for traj in trajectories:
-                f.write(json.dumps(traj.to_dict(), separators=(",", ":")))
-                f.write("\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return n
-
-
-def load_jsonl(path: str | os.PathLike) -> list[Trajectory]:
-    """Read a JSONL trajectory file. Atomic: any malformed line fails the whole load, naming its number."""
-    path = Path(path)
-    out: list[Trajectory] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append(Trajectory.from_dict(json.loads(line)))
-            except (ValueError, TypeError, KeyError) as e:
-                raise TrajectoryFileError(f"{path}:{lineno}: malformed trajectory record: {e}") from e
-    return out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import pickle
 import random
 import re
@@ -16,7 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from anyorder_ray.trajectory import load_jsonl, save_jsonl
+from anyorder_ray.data.jsonl import load_jsonl, save_jsonl
+from envs import EnvConfig, World, collect_expert_trajectories, env_problems, make_world
+from envs import world_vocabulary as vocab_of
 from envs.babyai import (
     ACTION_NAMES,
     GRID_OBS_WORDS,
@@ -24,8 +25,6 @@ from envs.babyai import (
     ObsEncoding,
     babyai_levels,
     cell_words,
-    collect_bot_trajectories,
-    collect_bot_trajectories_with_stats,
     make_env,
     normalize_level,
     parse_obs,
@@ -33,7 +32,17 @@ from envs.babyai import (
     serialize_obs,
     world_vocabulary,
 )
-from envs.base import TextWorld
+from envs.base import CollectStats
+from envs.trajectory import Trajectory
+
+
+def collect_with_stats(level: str, seeds, max_steps: int | None = None) -> tuple[list[Trajectory], CollectStats]:
+    return collect_expert_trajectories(BabyAIWorld(level, max_steps=max_steps), seeds)
+
+
+def collect(level: str, seeds, max_steps: int | None = None) -> list[Trajectory]:
+    return collect_with_stats(level, seeds, max_steps)[0]
+
 
 TRAIN_LEVELS = (
     "BabyAI-GoToRedBallGrey-v0",
@@ -84,15 +93,15 @@ def test_make_env_same_seed_same_level() -> None:
 
 @pytest.mark.parametrize("level", ["GoToLocal", "PutNextLocal"])
 def test_same_seed_identical_trajectory(level: str) -> None:
-    first = collect_bot_trajectories(level, range(8))
-    second = collect_bot_trajectories(level, range(8))
+    first = collect(level, range(8))
+    second = collect(level, range(8))
     assert first == second
     assert [t.meta for t in first] == [t.meta for t in second]
     assert len({t.units for t in first}) == len(first)  # different seeds really differ
 
 
 def test_trajectories_pickle_and_jsonl_roundtrip(tmp_path) -> None:
-    trajs = collect_bot_trajectories("PickupLoc", range(5))
+    trajs = collect("PickupLoc", range(5))
     assert pickle.loads(pickle.dumps(trajs)) == trajs
     path = tmp_path / "bot.jsonl"
     assert save_jsonl(path, trajs) == len(trajs)
@@ -103,7 +112,7 @@ def test_trajectories_pickle_and_jsonl_roundtrip(tmp_path) -> None:
 
 @pytest.mark.parametrize("level", TRAIN_LEVELS)
 def test_bot_solves_training_levels(level: str) -> None:
-    trajs, stats = collect_bot_trajectories_with_stats(level, range(100))
+    trajs, stats = collect_with_stats(level, range(100))
     assert stats.attempted == 100 and stats.succeeded + stats.failed == 100
     assert stats.success_rate >= 0.98, stats
     assert len(trajs) == stats.succeeded
@@ -123,19 +132,16 @@ def test_bot_solves_training_levels(level: str) -> None:
         assert terminated and reward > 0
 
 
-def test_failed_episodes_are_dropped_and_counted(caplog) -> None:
+def test_failed_episodes_are_dropped_and_counted() -> None:
     # PutNext needs at least a pickup and a drop, so one step can never succeed.
-    trajs, stats = collect_bot_trajectories_with_stats("PutNextLocal", range(6), max_steps=1)
+    trajs, stats = collect_with_stats("PutNextLocal", range(6), max_steps=1)
     assert trajs == [] and (stats.attempted, stats.succeeded, stats.failed) == (6, 0, 6)
     assert stats.failed_seeds == tuple(range(6))
     # GoToLocal with a 2-step cap: some episodes succeed, the rest are dropped, none is a fake success.
-    trajs, stats = collect_bot_trajectories_with_stats("GoToLocal", range(40), max_steps=2)
+    trajs, stats = collect_with_stats("GoToLocal", range(40), max_steps=2)
     assert stats.failed >= 1 and stats.succeeded + stats.failed == 40 and len(trajs) == stats.succeeded
     assert all(t.success and t.meta["num_steps"] <= 2 for t in trajs)
-    with caplog.at_level(logging.WARNING, logger="envs.babyai"):
-        plain = collect_bot_trajectories("GoToLocal", range(40), max_steps=2)
-    assert plain == trajs
-    assert f"failed {stats.failed} of 40" in caplog.text
+    assert collect("GoToLocal", range(40), max_steps=2) == trajs  # the same seeds drop the same episodes
 
 
 def test_collection_does_not_print_sampling_rejected(capfd) -> None:
@@ -143,11 +149,44 @@ def test_collection_does_not_print_sampling_rejected(capfd) -> None:
     raw = gym.make("BabyAI-GoToObjDoor-v0", disable_env_checker=True).unwrapped
     raw.reset(seed=0)
     assert "Sampling rejected" in capfd.readouterr().out
-    collect_bot_trajectories("GoToObjDoor", range(3))
-    collect_bot_trajectories("PutNextLocal", range(3, 6))  # seed 4 also rejects samples
+    collect("GoToObjDoor", range(3))
+    collect("PutNextLocal", range(3, 6))  # seed 4 also rejects samples
     reset_env(raw, 0)
     captured = capfd.readouterr()
     assert "Sampling rejected" not in captured.out + captured.err
+
+
+# --- the registry adapter ------------------------------------------------------------------------------------
+
+
+def test_the_registry_builds_the_configured_world_and_judges_its_keys() -> None:
+    cfg = EnvConfig(world="babyai", level="GoToLocal", max_episode_steps=7, obs_encoding="compact")
+    world = make_world(cfg, expert=False)
+    assert isinstance(world, BabyAIWorld) and world.level == "BabyAI-GoToLocal-v0"
+    assert world.encoding == ObsEncoding.COMPACT and world.env.max_steps == 7
+    with pytest.raises(RuntimeError, match="expert=False"):
+        world.reset(0)
+        world.expert_action()
+    assert vocab_of(cfg) == world_vocabulary()
+    assert env_problems(cfg) == []
+    problems = env_problems(EnvConfig(level="GoToLocl", obs_encoding="pixels"))
+    assert len(problems) == 2 and "BabyAI-GoToLocal-v0" in problems[0] and "grid, compact" in problems[1]
+    with pytest.raises(ValueError, match="world 'minecraft' is unknown; allowed: babyai"):
+        EnvConfig(world="minecraft")
+
+
+def test_success_is_the_worlds_own_check() -> None:
+    trajectory = collect("GoToRedBallGrey", [5])[0]
+    world = BabyAIWorld("GoToRedBallGrey", expert=False)
+    world.reset(5)
+    for action in trajectory.actions:
+        assert not world.success
+        world.step(action)
+    assert world.done and world.success
+    world.reset(5)
+    while not world.done:  # turning in place never reaches the ball: truncated, not a success
+        world.step("left")
+    assert not world.success
 
 
 # --- the runner --------------------------------------------------------------------------------------------
@@ -155,7 +194,7 @@ def test_collection_does_not_print_sampling_rejected(capfd) -> None:
 
 def test_world_is_a_text_world_and_rejects_misuse() -> None:
     world = BabyAIWorld("GoToRedBallGrey")
-    assert isinstance(world, TextWorld) and world.action_names == ACTION_NAMES
+    assert isinstance(world, World) and world.action_names == ACTION_NAMES == world.valid_actions()
     with pytest.raises(RuntimeError, match="reset"):
         world.step("left")
     world.reset(0)
@@ -295,9 +334,9 @@ def test_compact_encoding_roundtrips_arbitrary_triples(image: np.ndarray, direct
 
 
 def test_compact_encoding_is_lossless_and_short_on_real_observations(real_observations) -> None:
-    from anyorder_ray.tokenization import build_world_tokenizer
+    from anyorder_ray.data.tokenization import build_world_tokenizer
 
-    tokenizer = build_world_tokenizer()
+    tokenizer = build_world_tokenizer(world_vocabulary())
     lengths = []
     for obs, grid_text in real_observations:
         text = serialize_obs(obs, encoding=ObsEncoding.COMPACT)

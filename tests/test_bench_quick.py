@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = [
@@ -25,6 +26,7 @@ SCRIPTS = [
     "memory",
     "fsdp2_gpu",
     "compile_speed",
+    "behaviour_parity",
 ]
 
 
@@ -78,7 +80,7 @@ def test_bench_quick_prints_results(script: str) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,  # --quick is meant to take < 60 s; the margin absorbs a loaded machine
+        timeout=HANG_GUARD_S,  # a hang guard only: --quick takes about a minute, far more on a loaded machine
         check=False,
     )
     assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"

@@ -1,13 +1,16 @@
-"""Buffer bookkeeping (pure) and the rollout -> buffer path on a real local Ray."""
+"""Buffer bookkeeping and the trainer's sampler (pure), and the rollout -> buffer -> trainer path on a real local
+Ray."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import HANG_GUARD_S
 
-from anyorder_ray.buffer import BufferState
 from anyorder_ray.config import EvalConfig, RolloutConfig
-from anyorder_ray.seeds import eval_episode_seeds, heldout_trajectory_seeds, rollout_seed_range
+from anyorder_ray.data.batching import LocalSource, TrajectoryView
+from anyorder_ray.data.seeds import eval_episode_seeds, heldout_trajectory_seeds, rollout_seed_range
+from anyorder_ray.roles.buffer import BufferState
 
 
 def test_eviction_keeps_the_newest_trajectories():
@@ -20,16 +23,32 @@ def test_eviction_keeps_the_newest_trajectories():
     assert state.snapshot() == [("b1", 1, 2), ("b2", 0, 3)]
 
 
-def test_sampling_is_uniform_over_held_trajectories_only():
-    state = BufferState(capacity=6, seed=0)
-    state.add("old", 4)
-    state.add("new", 4)  # evicts 2 of "old"
-    picks = state.sample(20000)
-    held = {("old", 2), ("old", 3)} | {("new", i) for i in range(4)}
+def test_the_view_samples_uniformly_over_held_trajectories_only():
+    # Batches as the buffer snapshots them after evicting 2 of "old": (batch, first held index, held count).
+    old, new = [f"old{i}" for i in range(4)], [f"new{i}" for i in range(4)]
+    view = TrajectoryView(np.random.default_rng(0))
+    assert view.update([(old, 2, 2), (new, 0, 4)]) == 6
+    picks = view.sample(20000)
+    held = {"old2", "old3", *new}
     assert set(picks) == held
     counts = np.array([picks.count(k) for k in sorted(held)])
     assert counts.min() > 20000 / 6 * 0.9 and counts.max() < 20000 / 6 * 1.1
-    assert state.stats().sampled == 20000
+    # Same generator state, same draws; an update to a later snapshot forgets evicted trajectories.
+    again = TrajectoryView(np.random.default_rng(0))
+    again.update([(old, 2, 2), (new, 0, 4)])
+    assert again.sample(50) == picks[:50]
+    view.update([(new, 3, 1)])
+    assert set(view.sample(100)) == {"new3"}
+
+
+def test_the_view_refuses_bad_entries_and_sampling_before_data():
+    view = TrajectoryView(np.random.default_rng(0))
+    with pytest.raises(RuntimeError, match="wait for data"):
+        view.sample(1)
+    with pytest.raises(ValueError, match="does not fit a batch of 3"):
+        view.update([(["a", "b", "c"], 2, 2)])
+    with pytest.raises(ValueError, match="at least one trajectory"):
+        LocalSource([])
 
 
 def test_fixed_budget_holds_exactly_the_target_and_stops_producers():
@@ -50,8 +69,8 @@ def test_resume_seed_survives_for_a_restarted_producer():
     assert state.resume_seed(1) == 132 and state.resume_seed(0) == 40
 
 
-def test_empty_buffer_samples_nothing_and_bad_capacity_is_refused():
-    assert BufferState(capacity=3).sample(5) == []
+def test_bad_capacity_is_refused():
+    assert BufferState(capacity=3).snapshot() == []
     with pytest.raises(ValueError, match="capacity"):
         BufferState(capacity=0)
     with pytest.raises(ValueError, match="target"):
@@ -74,17 +93,18 @@ def test_rollout_and_eval_seeds_never_overlap(num_actors):
 @pytest.mark.slow
 def test_rollout_actors_fill_a_fixed_budget_with_unique_demos(ray_local):
     ray = ray_local
-    from anyorder_ray.buffer import TrajectoryBuffer
-    from anyorder_ray.config import EnvConfig
-    from anyorder_ray.rollout import RolloutWorker
+    from anyorder_ray.roles.buffer import TrajectoryBuffer
+    from anyorder_ray.roles.rollout import RolloutWorker
+    from anyorder_ray.roles.train_loop import BufferSource
+    from envs import EnvConfig
 
     budget = 50
     rollout = RolloutConfig(num_actors=2, num_cpus_per_actor=0.5, episodes_per_batch=8)
-    buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0).remote(100, seed=0, target=budget)
+    buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0).remote(100, target=budget)
     workers = [
         ray.remote(RolloutWorker).options(num_cpus=0.5).remote(EnvConfig(), rollout, i, buffer) for i in range(2)
     ]
-    reports = ray.get([w.run.remote() for w in workers], timeout=120)
+    reports = ray.get([w.run.remote() for w in workers], timeout=HANG_GUARD_S)
     assert all(r.trajectories > 0 for r in reports)
     stats = ray.get(buffer.stats.remote())
     assert stats.size == stats.produced == budget
@@ -94,6 +114,12 @@ def test_rollout_actors_fill_a_fixed_budget_with_unique_demos(ray_local):
     assert len(held) == budget
     assert len({t.seed for t in held}) == budget  # unique demos
     assert all(t.success for t in held)
+    # The trainer's side: a worker-local view over the same buffer, sampled without the actor.
+    source = BufferSource(buffer, rng=np.random.default_rng(1))
+    assert source.wait_until(budget) == budget
+    drawn = source.sample(2000)
+    assert {t.seed for t in drawn} == {t.seed for t in held}  # every held demo drawn, nothing else
+    assert source.refresh(limit=20) == 20 and {t.seed for t in source.sample(500)} == {t.seed for t in held[:20]}
     for w in workers:
         ray.kill(w)
     ray.kill(buffer)

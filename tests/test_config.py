@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from anyorder_ray.config import (
     load_config,
     parse_override,
 )
-from anyorder_ray.trial import trial_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TUNE_CONFIGS = sorted((ROOT / "tune_configs").glob("*.yaml"))
@@ -25,7 +23,7 @@ TUNE_CONFIGS = sorted((ROOT / "tune_configs").glob("*.yaml"))
 def test_the_issue_lists_every_experiment_yaml():
     names = {p.stem for p in TUNE_CONFIGS}
     expected = {"causal_sft", "prefix_sft", "any_order_p15", "any_order_p30", "any_order_sft", "obs_only", "act_only",
-                "sweep", "smoke"}  # fmt: skip
+                "sweep", "smoke", "base"}  # fmt: skip
     assert expected <= names
 
 
@@ -33,10 +31,23 @@ def test_the_issue_lists_every_experiment_yaml():
 def test_every_tune_config_loads_and_its_arms_resolve(path):
     cfg = load_config(path)
     assert isinstance(cfg, ExperimentConfig)
-    for arm in cfg.sweep.arms:
-        trial = trial_config(cfg, {"arm": arm, "seed": 3})
-        assert trial.masking.mode == arm["mode"]
-        assert trial.train.seed == 3
+    assert cfg.arms() and all(isinstance(arm, MaskingConfig) for arm in cfg.arms())
+    for arm in cfg.arms():
+        trial = cfg.trial({"arm": arm.label(), "seed": 3})
+        assert trial.masking == arm and trial.train.seed == 3
+        assert trial.sweep.arms == ()  # a trial runs one arm
+
+
+@pytest.mark.parametrize("path", TUNE_CONFIGS, ids=lambda p: p.name)
+def test_every_experiment_file_states_only_what_differs_from_its_base(path):
+    import yaml
+
+    raw = yaml.safe_load(path.read_text())
+    if path.stem in ("base", "smoke", "llada2_mini_gpu"):  # the roots: a laptop experiment, a smoke test, GPU size
+        assert "base" not in raw
+        return
+    assert "base" in raw, f"{path.name} should extend a base file"
+    assert "masking" not in raw or "arms" not in raw.get("sweep", {}), "an arm stated twice (masking and arms)"
 
 
 @pytest.mark.parametrize(
@@ -47,15 +58,14 @@ def test_every_tune_config_loads_and_its_arms_resolve(path):
 )  # fmt: skip
 def test_single_experiment_yamls_run_the_arm_they_are_named_after(name, mode, p):
     cfg = load_config(ROOT / "tune_configs" / f"{name}.yaml")
-    assert len(cfg.sweep.arms) == 1
-    assert cfg.masking.mode == mode == cfg.sweep.arms[0]["mode"]
+    assert len(cfg.arms()) == 1 and cfg.arms()[0].mode == mode
     if p is not None:
-        assert cfg.masking.mask_prob == pytest.approx(p)
+        assert cfg.arms()[0].mask_prob == pytest.approx(p)
 
 
 def test_default_sweep_covers_the_baselines_three_mask_probs_and_the_variants():
     cfg = load_config(ROOT / "tune_configs" / "sweep.yaml")
-    labels = {MaskingConfig(**a).label() for a in cfg.sweep.arms}
+    labels = {arm.label() for arm in cfg.arms()}
     assert labels == {"causal", "prefix", "any_order@0.15", "any_order@0.3", "any_order@0.5", "cut_focus@0.3+unit",
                       "any_order@0.3+unit"}  # fmt: skip
     assert cfg.train.time_budget_s is not None  # equal wall time per arm
@@ -118,8 +128,10 @@ def test_unreadable_and_malformed_yaml_name_the_file(tmp_path):
 def test_sweep_arms_are_validated():
     with pytest.raises(ConfigError, match=r"arms\[1\]"):
         config_from_dict({"sweep": {"arms": [{"mode": "causal"}, {"mode": "sideways"}]}})
-    with pytest.raises(ConfigError, match="allowed keys"):
+    with pytest.raises(ConfigError, match=r"unknown key sweep.arms\[0\].p; allowed: mode"):
         config_from_dict({"sweep": {"arms": [{"mode": "causal", "p": 0.3}]}})
+    with pytest.raises(ConfigError, match=r"arms \['causal'\] appear more than once"):
+        config_from_dict({"sweep": {"arms": [{"mode": "causal"}, {"mode": "causal", "mask_prob": 0.2}]}})
 
 
 def test_eval_seeds_are_kept_away_from_rollout_seeds():
@@ -127,12 +139,46 @@ def test_eval_seeds_are_kept_away_from_rollout_seeds():
         config_from_dict({"eval": {"seed_start": 5}})
 
 
-def test_config_round_trips_through_dict():
-    cfg = load_config(ROOT / "tune_configs" / "sweep.yaml")
-    raw = cfg.to_dict()
-    raw["sweep"]["arms"] = list(raw["sweep"]["arms"])
-    again = config_from_dict(raw)
-    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+@pytest.mark.parametrize("path", TUNE_CONFIGS, ids=lambda p: p.name)
+def test_config_round_trips_through_plain_data(path):
+    import yaml
+
+    cfg = load_config(path)
+    again = config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+    assert again == cfg
+
+
+def test_an_arm_is_labelled_by_what_it_trains_when_the_masking_section_disagrees(tmp_path):
+    # The file's masking section sets the unit-mean loss and obs weight; the arms do not mention them, so both arms
+    # train with them, and their labels say so (and the trial config, the tables' source, agrees).
+    path = tmp_path / "exp.yaml"
+    path.write_text("masking: {mode: any_order, mask_prob: 0.4, loss_norm: unit, obs_weight: 0.5}\n"
+                    "sweep: {arms: [{mode: causal}, {mode: cut_focus, mask_prob: 0.3}]}\n")  # fmt: skip
+    cfg = load_config(path)
+    assert [arm.label() for arm in cfg.arms()] == ["causal+unit+obs0.5", "cut_focus@0.3+unit+obs0.5"]
+    trial = cfg.trial({"arm": "cut_focus@0.3+unit+obs0.5", "seed": 1, "mask_prob": 0.25})
+    assert (trial.masking.mode, trial.masking.mask_prob, trial.masking.loss_norm) == ("cut_focus", 0.25, "unit")
+    assert trial.masking.label() == "cut_focus@0.25+unit+obs0.5"
+    assert cfg.trial({"arm": "causal+unit+obs0.5", "mask_prob": 0.25}).masking.mask_prob == 0.4  # causal ignores it
+    with pytest.raises(KeyError, match="no arm labelled 'causal'"):
+        cfg.trial({"arm": "causal"})
+
+
+def test_a_base_file_is_extended_key_by_key_and_a_loop_is_refused(tmp_path):
+    (tmp_path / "root.yaml").write_text("train: {lr: 0.001, max_steps: 50}\nmodel: {overrides: {hidden_size: 64}}\n")
+    (tmp_path / "mid.yaml").write_text("base: root.yaml\ntrain: {max_steps: 70}\nsweep: {seeds: [1, 2]}\n")
+    (tmp_path / "leaf.yaml").write_text("base: mid.yaml\nmodel: {overrides: {num_hidden_layers: 2}}\n"
+                                        "sweep: {seeds: [3]}\n")  # fmt: skip
+    cfg = load_config(tmp_path / "leaf.yaml")
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.sweep.seeds) == (0.001, 70, (3,))  # lists replace
+    assert cfg.model.overrides == {"hidden_size": 64, "num_hidden_layers": 2}  # mappings merge
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="cannot read config file .*nowhere.yaml"):
+        load_config(tmp_path / "c.yaml")
 
 
 def test_loss_weighting_and_causal_mixture_options_are_validated_and_labelled():
@@ -153,7 +199,12 @@ def test_loss_weighting_and_causal_mixture_options_are_validated_and_labelled():
     assert load_config(None, ["train.time_budget_s=120"]).train.time_budget_s == 120.0
 
 
-def test_more_than_one_eval_actor_is_refused_not_silently_ignored():
-    with pytest.raises(ConfigError, match="num_actors must be 0 .* or 1"):
-        load_config(None, ["eval.num_actors=2"])
-    assert load_config(None, ["eval.num_actors=0"]).eval.num_actors == 0
+def test_evaluation_is_switched_by_a_boolean_and_weights_come_from_a_known_place():
+    assert load_config(None, ["eval.enabled=false"]).eval.actors() == 0
+    assert load_config(None).eval.actors() == 1
+    with pytest.raises(ConfigError, match="eval.enabled = 2 has the wrong type; expected bool"):
+        load_config(None, ["eval.enabled=2"])
+    with pytest.raises(ConfigError, match="unknown key eval.num_actors"):
+        load_config(None, ["eval.num_actors=1"])
+    with pytest.raises(ConfigError, match="weights"):
+        load_config(None, ["eval.weights=disk"])

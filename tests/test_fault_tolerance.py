@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import HANG_GUARD_S
 
-from anyorder_ray.buffer import BufferState
 from anyorder_ray.config import ExperimentConfig, load_config
+from anyorder_ray.roles.buffer import BufferState
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
@@ -47,7 +48,7 @@ def _time_limit(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = HANG_GUARD_S) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, f"gave up after {timeout_s:.0f} s waiting for {what}"
@@ -56,14 +57,14 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60.0)
 
 def _pid(ray: Any, actor: Any) -> int:
     """The OS process of an actor (``__ray_call__`` runs a function on the actor instance, in its process)."""
-    return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=60)
+    return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=HANG_GUARD_S)
 
 
 def _held(ray: Any, buffer: Any) -> list:
     """Every trajectory the buffer holds, in buffer order."""
     out = []
-    for ref, start, count in ray.get(buffer.snapshot.remote(), timeout=30):
-        out += ray.get(ref, timeout=30)[start : start + count]
+    for ref, start, count in ray.get(buffer.snapshot.remote(), timeout=HANG_GUARD_S):
+        out += ray.get(ref, timeout=HANG_GUARD_S)[start : start + count]
     return out
 
 
@@ -83,12 +84,12 @@ def test_a_batch_repeating_acknowledged_seeds_is_kept_once():
 
 @pytest.mark.slow
 def test_killed_rollout_actor_restarts_resumes_and_loses_no_acknowledged_batch(ray_local):
-    from anyorder_ray.trial import make_buffer, make_rollout_actor
+    from anyorder_ray.roles.trial import make_buffer, make_rollout_actor
 
     ray = ray_local
     cfg = _smoke("data.regime=streaming", "data.buffer_capacity=100000", "rollout.episodes_per_batch=8",
                  "rollout.max_restarts=1")  # fmt: skip
-    with _time_limit(120):
+    with _time_limit(HANG_GUARD_S):
         buffer = make_buffer(cfg)
         actor = make_rollout_actor(cfg, 0, buffer)  # the trial's options: max_restarts, max_task_retries=-1
         try:
@@ -96,17 +97,17 @@ def test_killed_rollout_actor_restarts_resumes_and_loses_no_acknowledged_batch(r
             run = actor.run.remote()  # streaming: runs until the buffer says stop
             _wait_for(lambda: ray.get(buffer.stats.remote()).batches >= 3, "three acknowledged batches")
 
-            acknowledged = ray.get(buffer.snapshot.remote(), timeout=30)
-            contents = [ray.get(ref, timeout=30) for ref, _, _ in acknowledged]
+            acknowledged = ray.get(buffer.snapshot.remote(), timeout=HANG_GUARD_S)
+            contents = [ray.get(ref, timeout=HANG_GUARD_S) for ref, _, _ in acknowledged]
             os.kill(first_pid, signal.SIGKILL)
-            at_kill = ray.get(buffer.stats.remote(), timeout=30)
-            resume_at_kill = ray.get(buffer.resume_seed.remote(0), timeout=30)
+            at_kill = ray.get(buffer.stats.remote(), timeout=HANG_GUARD_S)
+            resume_at_kill = ray.get(buffer.resume_seed.remote(0), timeout=HANG_GUARD_S)
 
             # The buffer keeps growing: at most one `add` of the dead process was in flight, so two more
             # batches mean the restarted actor is producing.
             _wait_for(lambda: ray.get(buffer.stats.remote()).batches >= at_kill.batches + 2, "the restarted actor")
-            ray.get(buffer.stop.remote(), timeout=30)
-            report = ray.get(run, timeout=60)  # `run` was retried on the new process and finished there
+            ray.get(buffer.stop.remote(), timeout=HANG_GUARD_S)
+            report = ray.get(run, timeout=HANG_GUARD_S)  # `run` was retried on the new process and finished there
             second_pid = _pid(ray, actor)
         finally:
             ray.kill(actor, no_restart=True)
@@ -119,12 +120,12 @@ def test_killed_rollout_actor_restarts_resumes_and_loses_no_acknowledged_batch(r
 
         # Every batch acknowledged before the kill is still there, resolvable, with the same content.
         for (ref, start, count), before in zip(acknowledged, contents, strict=True):
-            assert ray.get(ref, timeout=30) == before
+            assert ray.get(ref, timeout=HANG_GUARD_S) == before
             assert (start, count) == (0, len(before))  # capacity is large: nothing evicted
-        now = ray.get(buffer.snapshot.remote(), timeout=30)
+        now = ray.get(buffer.snapshot.remote(), timeout=HANG_GUARD_S)
         assert now[: len(acknowledged)] == acknowledged  # same references, still held, in the same order
         held = _held(ray, buffer)
-        stats = ray.get(buffer.stats.remote(), timeout=30)
+        stats = ray.get(buffer.stats.remote(), timeout=HANG_GUARD_S)
         assert stats.size == len(held) > sum(len(c) for c in contents)
         seeds = [t.seed for t in held]
         assert len(set(seeds)) == len(seeds)  # no seed twice across the whole buffer
@@ -141,24 +142,27 @@ def test_killed_rollout_actor_restarts_resumes_and_loses_no_acknowledged_batch(r
 def test_training_goes_on_while_the_eval_actor_dies(ray_local, max_restarts):
     """Kill the eval actor with an evaluation in flight, keep training: with a restart left the evaluation is
     retried on the new process and later ones arrive; without one the failures are counted, never raised."""
-    from anyorder_ray.factory import build_model, build_tokenizer
-    from anyorder_ray.optim import make_optimizer
-    from anyorder_ray.train import BatchMaker, EvalClient, train_step
-    from anyorder_ray.transform import UnitEncoder
-    from anyorder_ray.trial import make_evaluator
-    from envs.babyai import collect_bot_trajectories
+    from helpers import expert_trajectories
+
+    from anyorder_ray.data.batching import BatchMaker
+    from anyorder_ray.data.encoding import UnitEncoder
+    from anyorder_ray.models.factory import build_model, build_tokenizer
+    from anyorder_ray.roles.train_loop import EvalClient
+    from anyorder_ray.roles.trial import make_evaluator
+    from anyorder_ray.training.optim import make_optimizer
+    from anyorder_ray.training.recipe import train_step
 
     ray = ray_local
     cfg = _smoke(f"eval.max_restarts={max_restarts}", "eval.episodes=4", "eval.heldout_trajectories=4")
     torch.set_num_threads(1)
-    tokenizer = build_tokenizer(cfg.model)
+    tokenizer = build_tokenizer(cfg.model, cfg.env)
     model = build_model(cfg.model, tokenizer, seed=0)
     optimizer, scheduler = make_optimizer(model, cfg.train)
     maker = BatchMaker(cfg.data, cfg.masking, UnitEncoder(tokenizer), tokenizer.pad_token_id, seed=0)
-    batch = maker.micro_batch(collect_bot_trajectories(cfg.env.level, range(8)))
+    batch = maker.micro_batch(expert_trajectories(cfg.env.level, range(8)))
     steps, kill_at, every = 12, 4, 2
 
-    with _time_limit(150):
+    with _time_limit(HANG_GUARD_S):
         actor = make_evaluator(cfg)  # the trial's options: max_restarts from config, max_task_retries=-1
         client = EvalClient(actor, cfg.eval.episodes)
         first_pid = _pid(ray, actor)
@@ -174,7 +178,7 @@ def test_training_goes_on_while_the_eval_actor_dies(ray_local, max_restarts):
             if latest:
                 arrived.append(latest["eval/step"])
         assert step == steps  # training ran every step while the actor was dead or restarting
-        final = client.final(model, steps, cfg.eval.episodes, timeout=60)
+        final = client.final(model, steps, cfg.eval.episodes, timeout=HANG_GUARD_S)
 
     if max_restarts:
         assert final["eval/step"] == steps  # evaluation after the restart still arrives
@@ -190,7 +194,7 @@ def test_training_goes_on_while_the_eval_actor_dies(ray_local, max_restarts):
 
 
 def test_a_misspelt_train_loop_config_key_is_refused():
-    from anyorder_ray.train import LoopSettings
+    from anyorder_ray.roles.train_loop import LoopSettings
 
     with pytest.raises(ValueError, match=r"\['metric_log'\].*allowed.*metrics_log"):
         LoopSettings.from_dict({"cfg": _smoke(), "buffer": None, "metric_log": "/tmp/m.jsonl"})
@@ -207,7 +211,7 @@ def _train_run(cfg: ExperimentConfig, buffer: Any, producers: list, out: Path, k
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from anyorder_ray.train import METRICS_LOG, train_loop_per_worker
+    from anyorder_ray.roles.train_loop import METRICS_LOG, train_loop_per_worker
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -217,7 +221,7 @@ def _train_run(cfg: ExperimentConfig, buffer: Any, producers: list, out: Path, k
             "producers": producers,
             "evaluator": evaluator,
             "metrics_log": str(out / METRICS_LOG),
-            "fault_injection": kill,  # test hook: SIGKILL a worker once
+            "after_step": kill,  # test hook: SIGKILL a worker once
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=False, resources_per_worker={"CPU": cfg.train.cpus_per_worker}
@@ -233,14 +237,14 @@ def _train_run(cfg: ExperimentConfig, buffer: Any, producers: list, out: Path, k
 
 
 def _log(out: Path) -> list[dict]:
-    from anyorder_ray.train import METRICS_LOG
+    from anyorder_ray.roles.train_loop import METRICS_LOG
 
     return [json.loads(line) for line in (out / METRICS_LOG).read_text().splitlines()]
 
 
 def _checkpoints(out: Path) -> dict[int, Path]:
     """Checkpoint folders of a run by step."""
-    from anyorder_ray.checkpointing import load_training_state
+    from anyorder_ray.training.checkpoint import load_training_state
 
     folders = [p.parent for p in out.rglob("training_state.pt")]
     by_step = {load_training_state(p).step: p for p in folders}
@@ -269,11 +273,12 @@ def _assert_same(a: Any, b: Any, where: str) -> None:
 def _assert_same_checkpoint(a: Path, b: Path) -> None:
     from safetensors.torch import load_file
 
-    from anyorder_ray.checkpointing import load_training_state
+    from anyorder_ray.training.checkpoint import load_training_state
 
     sa, sb = load_training_state(a), load_training_state(b)
-    for part in ("step", "optimizer", "scheduler", "rng", "pipeline"):
+    for part in ("step", "optimizer", "scheduler"):
         _assert_same(getattr(sa, part), getattr(sb, part), f"{a.name} {part}")
+    _assert_same(sa.to_dict()["ranks"], sb.to_dict()["ranks"], f"{a.name} ranks")  # RNG streams, data position
     _assert_same(load_file(a / "model.safetensors"), load_file(b / "model.safetensors"), f"{a.name} weights")
 
 
@@ -281,21 +286,22 @@ def _assert_same_checkpoint(a: Path, b: Path) -> None:
 def test_killed_training_worker_resumes_exactly_from_its_last_checkpoint(ray_local, tmp_path):
     """SIGKILL the training worker after step 10 (last checkpoint: step 6). FailureConfig restarts it from that
     checkpoint, and from there on every report and every later checkpoint equals an uninterrupted run's."""
-    from anyorder_ray.train import KillOnce
-    from anyorder_ray.trial import make_buffer, make_rollout_actor
+    from helpers import KillOnce
+
+    from anyorder_ray.roles.trial import make_buffer, make_rollout_actor
 
     ray = ray_local
     # Fixed data, all of it present before step 0; CPU, one thread: the run is deterministic. Checkpoints at 6
     # and 12 fall mid-way through BatchMaker's pool of 8 pre-bucketed batches, so the pending ones matter.
     cfg = _smoke("data.num_demos=32", "data.min_buffer_size=32", "train.max_steps=18", "train.report_every=3",
                  "train.checkpoint_every=6", "train.cpus_per_worker=1", "train.torch_threads=1",
-                 "train.max_failures=1", "eval.num_actors=0", "rollout.num_actors=1",
+                 "train.max_failures=1", "eval.enabled=false", "rollout.num_actors=1",
                  "data.bucket_pool_batches=8")  # fmt: skip
-    with _time_limit(150):
+    with _time_limit(HANG_GUARD_S):
         buffer = make_buffer(cfg)
         producer = make_rollout_actor(cfg, 0, buffer)
         producers = [producer.run.remote()]
-        ray.get(producers, timeout=60)  # the fixed budget is full: the producer stopped
+        ray.get(producers, timeout=HANG_GUARD_S)  # the fixed budget is full: the producer stopped
         ray.kill(producer, no_restart=True)  # the buffer owns the data; both runs read the same 32 demos
 
         plain, killed = tmp_path / "plain", tmp_path / "killed"
@@ -327,10 +333,10 @@ def test_killed_training_worker_resumes_exactly_from_its_last_checkpoint(ray_loc
     assert sorted(plain_ckpts) == sorted(killed_ckpts) == [6, 12, 18]
     for step in (6, 12, 18):
         _assert_same_checkpoint(plain_ckpts[step], killed_ckpts[step])
-    from anyorder_ray.checkpointing import load_training_state
+    from anyorder_ray.training.checkpoint import load_training_state
 
     at_restore = load_training_state(killed_ckpts[6])
     assert at_restore.scheduler["last_epoch"] == 6
-    assert len(at_restore.pipeline["per_rank"][0]["queue"]) == 2  # 8 pooled batches, 6 used: 2 pending
+    assert len(at_restore.rank(0).pending) == 2  # 8 pooled batches, 6 used: 2 pending
     assert killed_result.checkpoint is not None
     assert load_training_state(Path(killed_result.checkpoint.path)).step == 18

@@ -477,12 +477,15 @@ def _bpe_tokenizer_like_llada2() -> PreTrainedTokenizerFast:
     placed after the learned vocabulary, as in the released tokenizer (ids 156892 and 156895 there)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from envs.babyai import world_vocabulary
+    from envs import EnvConfig, world_vocabulary
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    corpus = [" ".join(world_vocabulary()), "Mission: go to the red ball Observation: Action: left right forward"] * 5
+    corpus = [
+        " ".join(world_vocabulary(EnvConfig())),
+        "Mission: go to the red ball Observation: Action: left right forward",
+    ] * 5
     trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     core.train_from_iterator(corpus, trainer)
     core.add_special_tokens(["<|endoftext|>", "<|role_start|>", "<|mask|>"])
@@ -492,12 +495,13 @@ def _bpe_tokenizer_like_llada2() -> PreTrainedTokenizerFast:
 
 
 def test_model_path_loads_a_released_folder_with_its_tokenizer_and_the_world_uses_it(tmp_path: Path) -> None:
+    from helpers import expert_trajectories
+
     from anyorder_ray.config import load_config
-    from anyorder_ray.factory import build_model, build_model_config, build_tokenizer
-    from anyorder_ray.objective import masked_cross_entropy
-    from anyorder_ray.train import BatchMaker
-    from anyorder_ray.transform import UnitEncoder
-    from envs.babyai import collect_bot_trajectories
+    from anyorder_ray.data.batching import BatchMaker
+    from anyorder_ray.data.encoding import UnitEncoder
+    from anyorder_ray.models.factory import build_model, build_model_config, build_tokenizer
+    from anyorder_ray.training.objective import masked_cross_entropy
 
     folder = tmp_path / "LLaDA2.0-tiny"
     tokenizer = _bpe_tokenizer_like_llada2()
@@ -515,7 +519,7 @@ def test_model_path_loads_a_released_folder_with_its_tokenizer_and_the_world_use
     # The sweep's config names only the folder: model and tokenizer both come from it.
     cfg = load_config(Path(__file__).resolve().parent.parent / "tune_configs" / "smoke.yaml",
                       [f"model.model_path={folder}"])  # fmt: skip
-    loaded_tokenizer = build_tokenizer(cfg.model)
+    loaded_tokenizer = build_tokenizer(cfg.model, cfg.env)
     assert loaded_tokenizer.get_vocab() == tokenizer.get_vocab()
     assert loaded_tokenizer.mask_token_id == mask_id
     assert build_model_config(cfg.model, loaded_tokenizer).mask_token_id == mask_id  # not config.json's 3
@@ -527,7 +531,7 @@ def test_model_path_loads_a_released_folder_with_its_tokenizer_and_the_world_use
     encoder = UnitEncoder(loaded_tokenizer)
     assert not encoder.markers.dedicated and encoder.mask_id == mask_id
     maker = BatchMaker(cfg.data, cfg.masking, encoder, loaded_tokenizer.pad_token_id, seed=0)
-    trajectories = collect_bot_trajectories(cfg.env.level, range(4))
+    trajectories = expert_trajectories(cfg.env.level, range(4))
     batch = maker.micro_batch(trajectories)
     targets = batch["labels"] != -100
     assert targets.any() and bool((batch["input_ids"][targets] == mask_id).all())

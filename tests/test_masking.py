@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anyorder_ray.masking import AnyOrderMaskSampler, MaskMode, UnitRole
+from anyorder_ray.data.masking import AnyOrderMaskSampler, MaskMode, UnitRole
 
 V, T, D = UnitRole.VISIBLE, UnitRole.TARGET, UnitRole.DROPPED
 

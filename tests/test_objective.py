@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from anyorder_ray.objective import (
+from anyorder_ray.training.objective import (
     IGNORE_INDEX,
     data_parallel_normaliser,
     global_target_count,
@@ -198,14 +198,14 @@ def test_token_weights_express_per_unit_normalisation() -> None:
 
 def _real_batch():
     """A collated batch of real encoded examples: mission, observations of 50 tokens, 1-token actions."""
-    from anyorder_ray.masking import UnitRole
-    from anyorder_ray.tokenization import build_world_tokenizer
-    from anyorder_ray.transform import collate, encode_units
-    from envs.babyai import collect_bot_trajectories
+    from helpers import expert_trajectories, world_tokenizer
 
-    tokenizer = build_world_tokenizer()
+    from anyorder_ray.data.encoding import collate, encode_units
+    from anyorder_ray.data.masking import UnitRole
+
+    tokenizer = world_tokenizer()
     T, V = UnitRole.TARGET, UnitRole.VISIBLE
-    traj = collect_bot_trajectories("BabyAI-GoToRedBallGrey-v0", [3])[0]
+    traj = expert_trajectories("BabyAI-GoToRedBallGrey-v0", [3])[0]
     units = traj.units[:5]  # obs act obs act obs
     roles = [[T, T, V, V, V], [V, T, T, T, V], [V, V, V, T, V]]
     examples = [encode_units(traj.mission, units, r, tokenizer, 512) for r in roles]

@@ -11,27 +11,27 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import babyai, expert_trajectories, world_tokenizer
 from torch import nn
 
 from anyorder_ray.config import EvalConfig, RolloutConfig
-from anyorder_ray.masking import UnitRole
-from anyorder_ray.policy import (
-    ActionScorer,
-    EpisodeStats,
-    NLLStats,
-    PolicyQuery,
-    eval_metrics,
-    heldout_nll,
-    nll_queries,
-    run_episodes,
-    wilson_interval,
-)
-from anyorder_ray.seeds import eval_episode_seeds, heldout_trajectory_seeds, rollout_seed_range
-from anyorder_ray.tokenization import SPECIAL_TOKENS, build_world_tokenizer
-from anyorder_ray.transform import IGNORE_INDEX, UnitEncoder
-from envs.babyai import ACTION_NAMES, collect_bot_trajectories
+from anyorder_ray.data.encoding import IGNORE_INDEX, UnitEncoder
+from anyorder_ray.data.masking import UnitRole
+from anyorder_ray.data.seeds import eval_episode_seeds, heldout_trajectory_seeds, rollout_seed_range
+from anyorder_ray.data.tokenization import SPECIAL_TOKENS
+from anyorder_ray.evaluation.episodes import EpisodeStats, run_episodes
+from anyorder_ray.evaluation.nll import NLLStats, heldout_nll, nll_queries
+from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
+from anyorder_ray.evaluation.stats import eval_metrics, wilson_interval
+from envs import make_world
 
 LEVEL = "BabyAI-GoToRedBallGrey-v0"
+ACTION_NAMES = make_world(babyai(LEVEL), expert=False).action_names
+
+
+def worlds(max_steps: int | None = None):
+    """The world factory ``run_episodes`` takes: a fresh GoToRedBallGrey world without its expert."""
+    return lambda: make_world(babyai(LEVEL, max_episode_steps=max_steps), expert=False)
 
 
 @dataclass
@@ -95,7 +95,7 @@ class ReplayPolicy(nn.Module):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_world_tokenizer()
+    return world_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def encoder(tokenizer):
 
 @pytest.fixture(scope="module")
 def bot_trajectories():
-    return collect_bot_trajectories(LEVEL, range(1_700_000_000, 1_700_000_006))
+    return expert_trajectories(LEVEL, range(1_700_000_000, 1_700_000_006))
 
 
 def _query(traj, t: int) -> PolicyQuery:
@@ -197,8 +197,8 @@ def test_batched_episodes_equal_unbatched(tokenizer, encoder):
     model = ContentHashPolicy(tokenizer.mask_token_id, len(tokenizer), _ids(tokenizer, ACTION_NAMES))
     scorer = ActionScorer(encoder, ACTION_NAMES, 2, 256)
     seeds = list(eval_episode_seeds(EvalConfig(), 12))
-    batched = run_episodes(model, scorer, LEVEL, seeds, batch_envs=5, max_steps=12)
-    single = run_episodes(model, scorer, LEVEL, seeds, batch_envs=1, max_steps=12)
+    batched = run_episodes(model, scorer, worlds(12), seeds, batch_envs=5)
+    single = run_episodes(model, scorer, worlds(12), seeds, batch_envs=1)
     assert batched.results == single.results
     assert [r.seed for r in batched.results] == seeds
     assert len({r.actions for r in batched.results}) > 1  # the policy really depends on what it sees
@@ -213,7 +213,7 @@ def test_forced_useless_policy_fails_every_episode(tokenizer, encoder, action):
     row[0, tokenizer.convert_tokens_to_ids(action)] = 5.0
     model = ForcedMaskLogits(tokenizer.mask_token_id, row, torch.zeros(vocab))
     seeds = list(eval_episode_seeds(EvalConfig(), 6))
-    stats = run_episodes(model, ActionScorer(encoder, ACTION_NAMES, 2, 256), LEVEL, seeds, batch_envs=4, max_steps=7)
+    stats = run_episodes(model, ActionScorer(encoder, ACTION_NAMES, 2, 256), worlds(7), seeds, batch_envs=4)
     # In GoTo levels "done" does not end the episode: both policies run into the step cap.
     assert stats.episodes == 6 and stats.successes == 0 and stats.success_rate == 0.0
     assert stats.mean_length == 7.0
@@ -231,7 +231,7 @@ def test_replayed_bot_actions_succeed(tokenizer, encoder, bot_trajectories):
         for t in range(traj.num_actions)
     }
     seeds = [traj.seed for traj in bot_trajectories]
-    stats = run_episodes(ReplayPolicy(table, len(tokenizer)), scorer, LEVEL, seeds, batch_envs=4)
+    stats = run_episodes(ReplayPolicy(table, len(tokenizer)), scorer, worlds(), seeds, batch_envs=4)
     assert stats.successes == stats.episodes == len(seeds)
     assert [r.length for r in stats.results] == [traj.num_actions for traj in bot_trajectories]
     assert all(r.reward > 0 for r in stats.results)
@@ -367,7 +367,7 @@ def test_scorer_on_tiny_llada2(tokenizer, encoder, bot_trajectories):
     single = torch.cat([scorer.log_probs(model, [q]) for q in queries])
     assert torch.isfinite(batched).all() and (batched <= 0).all()
     torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
-    stats = run_episodes(model, scorer, LEVEL, list(eval_episode_seeds(EvalConfig(), 3)), batch_envs=3, max_steps=4)
+    stats = run_episodes(model, scorer, worlds(4), list(eval_episode_seeds(EvalConfig(), 3)), batch_envs=3)
     assert stats.episodes == 3 and 1 <= stats.mean_length <= 4
     nll = heldout_nll(model, encoder, bot_trajectories[:2], 2, 256)
     assert 0 < nll.action_nll < 3 * math.log(len(tokenizer)) and nll.world_model_nll > 0

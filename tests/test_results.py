@@ -11,17 +11,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import HANG_GUARD_S
 
-from anyorder_ray.results import (
-    COLUMNS,
-    arm_summary,
-    atomic_write,
-    make_row,
-    markdown_table,
-    write_plots,
-    write_summary,
-    write_tables,
-)
+from anyorder_ray.config import ExperimentConfig, config_from_dict
+from anyorder_ray.fileio import atomic_directory, atomic_write
+from anyorder_ray.results.plots import write_plots
+from anyorder_ray.results.tables import COLUMNS, arm_summary, make_row, markdown_table, write_summary, write_tables
+
+
+def _trial(arm: dict, seed: int = 0, **params) -> ExperimentConfig:
+    """The resolved config of the trial of ``arm`` (a partial masking section) with ``seed`` and sampled ``params``."""
+    cfg = config_from_dict({"sweep": {"arms": [arm]}})
+    return cfg.trial({"arm": cfg.arms()[0].label(), "seed": seed, **params})
 
 
 def test_rows_name_the_arm_and_carry_the_final_metrics(tmp_path):
@@ -29,8 +30,8 @@ def test_rows_name_the_arm_and_carry_the_final_metrics(tmp_path):
                "eval/world_model_nll": 0.5, "eval/action_nll": 0.2, "train/step": 600, "train/total_tokens": 1e6,
                "time_total_s": 250.0, "checkpoint_path": "/x/ckpt"}  # fmt: skip
     rows = [
-        make_row("t1", {"arm": {"mode": "any_order", "mask_prob": 0.3}, "seed": 0}, metrics, "ok"),
-        make_row("t2", {"arm": {"mode": "causal"}, "seed": 1}, {}, "error"),
+        make_row("t1", _trial({"mode": "any_order", "mask_prob": 0.3}, 0), metrics, "ok"),
+        make_row("t2", _trial({"mode": "causal"}, 1), {}, "error"),
     ]
     assert rows[0]["arm"] == "any_order@0.3" and rows[0]["mask_prob"] == 0.3
     assert rows[1]["arm"] == "causal" and math.isnan(rows[1]["mask_prob"]) and math.isnan(rows[1]["success"])
@@ -38,18 +39,19 @@ def test_rows_name_the_arm_and_carry_the_final_metrics(tmp_path):
     assert md == markdown_table(rows)
     lines = md.splitlines()
     assert len(lines) == 4
-    assert "| any_order@0.3 | 0 | 0.900 [0.850, 0.940] | 200.000 | 0.500 | 0.200 | 600.000 |" in lines[2]
+    assert "| any_order@0.3 | 0 | 0.900 [0.850, 0.940] | 200 | 0.500 | 0.200 | 600 | 1000000 |" in lines[2]
     assert lines[3].startswith("| causal | 1 | – [–, –]") and lines[3].endswith("error |")
     with (tmp_path / "results.csv").open() as f:
         read = list(csv.DictReader(f))
     assert list(read[0]) == list(COLUMNS)
     assert float(read[0]["success"]) == 0.9 and read[0]["checkpoint"] == "/x/ckpt"
+    assert (read[0]["episodes"], read[0]["train_steps"], read[0]["train_tokens"]) == ("200", "600", "1000000")
     assert (tmp_path / "results.md").read_text().strip() == md
 
 
 def test_sampled_mask_prob_overrides_the_arm_default():
-    row = make_row("t", {"arm": {"mode": "obs_only"}, "mask_prob": 0.42, "seed": 2}, {}, "ok")
-    assert row["arm"] == "obs_only@0.42"
+    row = make_row("t", _trial({"mode": "obs_only"}, 2, mask_prob=0.42), {}, "ok")
+    assert row["arm"] == "obs_only@0.42" and row["mask_prob"] == 0.42 and row["seed"] == 2
 
 
 class _Unprintable:
@@ -60,7 +62,7 @@ class _Unprintable:
 
 
 def _row(trial: str, success: float) -> dict:
-    return make_row(trial, {"arm": {"mode": "causal"}, "seed": 0}, {"eval/success_rate": success}, "ok")
+    return make_row(trial, _trial({"mode": "causal"}), {"eval/success_rate": success}, "ok")
 
 
 def test_a_failure_mid_write_keeps_the_previous_tables(tmp_path):
@@ -99,7 +101,7 @@ def test_a_process_killed_mid_write_leaves_the_previous_file(tmp_path):
     code = f"""
 import os, signal
 from pathlib import Path
-from anyorder_ray.results import atomic_write
+from anyorder_ray.fileio import atomic_write
 
 def half_then_die(tmp):
     with tmp.open("w") as f:
@@ -110,7 +112,7 @@ def half_then_die(tmp):
 
 atomic_write(Path({str(path)!r}), half_then_die)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert path.read_text() == "| old table |\n"
     leftovers = [p.name for p in tmp_path.iterdir() if p != path]
@@ -118,17 +120,17 @@ atomic_write(Path({str(path)!r}), half_then_die)
 
 
 def test_plots_are_written_as_complete_pngs(tmp_path):
-    rows = [_row("t1", 0.5), make_row("t2", {"arm": {"mode": "any_order", "mask_prob": 0.3}}, {}, "error")]
-    paths = write_plots([], rows, tmp_path)
+    rows = [_row("t1", 0.5), make_row("t2", _trial({"mode": "any_order", "mask_prob": 0.3}), {}, "error")]
+    paths = write_plots([], _trial({"mode": "causal"}), rows, tmp_path)
     assert [p.name for p in paths] == ["success_vs_step.png", "final_per_arm.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)  # no temp files left
     for p in paths:
         assert p.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and p.stat().st_size > 1000
     # With final evaluations (episodes and NLLs) the success / world-model trade-off plot is drawn too.
-    finals = [make_row("a", {"arm": {"mode": "causal"}, "seed": 0}, _final(0.9), "ok"),
-              make_row("b", {"arm": {"mode": "prefix"}, "seed": 0}, _final(0.0), "ok")]  # fmt: skip
+    finals = [make_row("a", _trial({"mode": "causal"}, 0), _final(0.9), "ok"),
+              make_row("b", _trial({"mode": "prefix"}, 0), _final(0.0), "ok")]  # fmt: skip
     (tmp_path / "more").mkdir()
-    more = write_plots([], finals, tmp_path / "more")
+    more = write_plots([], _trial({"mode": "causal"}), finals, tmp_path / "more")
     assert [p.name for p in more] == ["success_vs_step.png", "final_per_arm.png", "success_vs_world_model.png"]
     assert more[-1].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
@@ -142,12 +144,12 @@ def _final(success: float, episodes: int = 200, **extra: float) -> dict:
 def test_arm_summary_pools_seeds_and_compares_with_the_reference(tmp_path):
     causal, focus = {"mode": "causal"}, {"mode": "action_focus", "mask_prob": 0.3, "loss_norm": "unit"}
     rows = [
-        make_row("a", {"arm": causal, "seed": 0}, _final(0.90), "ok"),
-        make_row("b", {"arm": causal, "seed": 1}, _final(0.80), "ok"),
-        make_row("c", {"arm": focus, "seed": 0}, _final(0.85), "ok"),
-        make_row("d", {"arm": focus, "seed": 1}, _final(0.75), "ok"),
-        make_row("e", {"arm": {"mode": "prefix"}, "seed": 0}, _final(0.0), "ok"),
-        make_row("f", {"arm": {"mode": "prefix"}, "seed": 1}, {}, "error"),  # no final evaluation: left out
+        make_row("a", _trial(causal, 0), _final(0.90), "ok"),
+        make_row("b", _trial(causal, 1), _final(0.80), "ok"),
+        make_row("c", _trial(focus, 0), _final(0.85), "ok"),
+        make_row("d", _trial(focus, 1), _final(0.75), "ok"),
+        make_row("e", _trial({"mode": "prefix"}, 0), _final(0.0), "ok"),
+        make_row("f", _trial({"mode": "prefix"}, 1), {}, "error"),  # no final evaluation: left out
     ]
     by_arm = {r["arm"]: r for r in arm_summary(rows)}
     c, f, p = by_arm["causal"], by_arm["action_focus@0.3+unit"], by_arm["prefix"]
@@ -160,5 +162,26 @@ def test_arm_summary_pools_seeds_and_compares_with_the_reference(tmp_path):
     md = write_summary(rows, tmp_path)
     assert (tmp_path / "summary.md").read_text().strip() == md
     assert "| causal | 2 | 0.850 [" in md and "-0.050 (0.0" in md
+    assert "| 100 | 60.000 |" in md  # mean steps of the seeds as a count
     with (tmp_path / "summary.csv").open() as f_csv:
         assert len(list(csv.DictReader(f_csv))) == 3
+
+
+def test_an_atomic_directory_appears_whole_with_normal_permissions(tmp_path):
+    target = tmp_path / "checkpoint"
+    with pytest.raises(RuntimeError, match="disk"), atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("half")
+        raise RuntimeError("disk gone")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left
+    with atomic_directory(target) as tmp:
+        (tmp / "weights").write_text("whole")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert (target / "weights").read_text() == "whole" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint",
+        "plain",
+    ]
+    assert stat.S_IMODE(target.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)  # not tempfile's 0700
+    with atomic_directory(target) as tmp:  # an existing folder is replaced whole
+        (tmp / "other").write_text("x")
+    assert [p.name for p in target.iterdir()] == ["other"]

@@ -1,5 +1,5 @@
-"""FSDP2 sharded training (``anyorder_ray.sharding``) in one process: a single-rank gloo group exercises the same
-code as a multi-rank one (meta build, shard loading, DCP checkpoints, export); the 2-rank runs under Ray's
+"""FSDP2 sharded training (``anyorder_ray.training.sharding``) in one process: a single-rank gloo group exercises the
+same code as a multi-rank one (meta build, shard loading, DCP checkpoints, export); the 2-rank runs under Ray's
 TorchTrainer are in ``test_sharding_ray.py``."""
 
 from __future__ import annotations
@@ -9,15 +9,19 @@ import logging
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import expert_trajectories
 from test_train_parts import SMALL
 from torch.distributed.tensor import DTensor
 
-from anyorder_ray.checkpointing import TrainingState, is_complete_checkpoint
 from anyorder_ray.config import DataConfig, MaskingConfig, ModelConfig, TrainConfig
-from anyorder_ray.factory import build_model, build_tokenizer
+from anyorder_ray.data.batching import BatchMaker
+from anyorder_ray.data.encoding import UnitEncoder
+from anyorder_ray.models.factory import build_model, build_tokenizer
 from anyorder_ray.models.llada2_moe import LLaDA2MoeModelLM, load_llada2_model, save_llada2_checkpoint
-from anyorder_ray.optim import make_optimizer
-from anyorder_ray.sharding import (
+from anyorder_ray.training.checkpoint import TrainingState, is_complete_checkpoint
+from anyorder_ray.training.optim import make_optimizer
+from anyorder_ray.training.recipe import train_step
+from anyorder_ray.training.sharding import (
     build_sharded_model,
     export_hf_checkpoint,
     gradient_sync,
@@ -27,9 +31,7 @@ from anyorder_ray.sharding import (
     mixed_precision_policy,
     save_sharded_checkpoint,
 )
-from anyorder_ray.train import BatchMaker, train_step
-from anyorder_ray.transform import UnitEncoder
-from envs.babyai import collect_bot_trajectories
+from envs import EnvConfig
 
 CPU = torch.device("cpu")
 
@@ -46,10 +48,10 @@ def group(one_torch_thread):
 
 @pytest.fixture(scope="module")
 def world(group):
-    tokenizer = build_tokenizer(ModelConfig())
+    tokenizer = build_tokenizer(ModelConfig(), EnvConfig())
     maker = BatchMaker(DataConfig(), MaskingConfig("any_order", 0.5), UnitEncoder(tokenizer), tokenizer.pad_token_id,
                        seed=0)  # fmt: skip
-    trajectories = collect_bot_trajectories("GoToRedBallGrey", range(12))
+    trajectories = expert_trajectories("GoToRedBallGrey", range(12))
     micro = [maker.micro_batch(trajectories[i : i + 3]) for i in range(0, 12, 3)]
     return tokenizer, micro
 
@@ -116,7 +118,7 @@ def test_sharded_build_loads_model_path_in_either_layout(world, tmp_path, layout
     tokenizer.save_pretrained(tmp_path)
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
 
-    from anyorder_ray.sharding import load_local_shards
+    from anyorder_ray.training.sharding import load_local_shards
 
     cfg = ModelConfig(model_path=str(tmp_path))
     sharded = build_sharded_model(cfg, tokenizer, CPU, seed=0)
@@ -157,7 +159,7 @@ def test_sharded_checkpoint_resumes_and_exports_a_loadable_hf_folder(world, tmp_
     cfg = ModelConfig(overrides=SMALL)
     model = build_sharded_model(cfg, tokenizer, CPU, seed=0)
     _, optimizer, scheduler = _train(model, micro, 2)
-    state = TrainingState(2, {}, scheduler.state_dict(), {"per_rank": {}}, {})
+    state = TrainingState(2, {}, scheduler.state_dict(), ())
     path = save_sharded_checkpoint(tmp_path / "ckpt", model, optimizer, tokenizer, state)
     assert is_sharded_checkpoint(path) and is_complete_checkpoint(path)
     expected, _, _ = _train(model, micro, 2, optimizer, scheduler)

@@ -8,11 +8,13 @@ import torch
 import torch.distributed as dist
 
 from anyorder_ray.config import DataConfig, MaskingConfig, ModelConfig, TrainConfig
-from anyorder_ray.factory import build_tokenizer
-from anyorder_ray.optim import make_optimizer
-from anyorder_ray.sharding import build_sharded_model
-from anyorder_ray.train import BatchMaker, train_step
-from anyorder_ray.transform import UnitEncoder
+from anyorder_ray.data.batching import BatchMaker
+from anyorder_ray.data.encoding import UnitEncoder
+from anyorder_ray.models.factory import build_tokenizer
+from anyorder_ray.training.optim import make_optimizer
+from anyorder_ray.training.recipe import train_step
+from anyorder_ray.training.sharding import build_sharded_model
+from envs import EnvConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -32,12 +34,12 @@ def nccl_group():
 
 
 def test_bf16_compute_with_fp32_master_weights_trains_like_fp32(nccl_group):
-    from envs.babyai import collect_bot_trajectories
+    from helpers import expert_trajectories
 
-    tokenizer = build_tokenizer(ModelConfig())
+    tokenizer = build_tokenizer(ModelConfig(), EnvConfig())
     maker = BatchMaker(DataConfig(), MaskingConfig("any_order", 0.5), UnitEncoder(tokenizer), tokenizer.pad_token_id,
                        seed=0)  # fmt: skip
-    trajectories = collect_bot_trajectories("GoToRedBallGrey", range(16))
+    trajectories = expert_trajectories("GoToRedBallGrey", range(16))
     micro = [maker.micro_batch(trajectories[i : i + 8]) for i in (0, 8)]
     device = torch.device("cuda")
     losses = {}

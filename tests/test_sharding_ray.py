@@ -12,14 +12,17 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import HANG_GUARD_S
 from ray import cloudpickle
 from test_fault_tolerance import _TIMING_KEYS, _assert_same, _log, _time_limit, _train_run
 
 from anyorder_ray.config import DataConfig, MaskingConfig, ModelConfig, TrainConfig, load_config
-from anyorder_ray.factory import build_model, build_tokenizer
-from anyorder_ray.optim import make_optimizer
-from anyorder_ray.train import BatchMaker, train_step
-from anyorder_ray.transform import UnitEncoder
+from anyorder_ray.data.batching import BatchMaker
+from anyorder_ray.data.encoding import UnitEncoder
+from anyorder_ray.models.factory import build_model, build_tokenizer
+from anyorder_ray.training.optim import make_optimizer
+from anyorder_ray.training.recipe import train_step
+from envs import EnvConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
@@ -57,8 +60,8 @@ def _sharded_loop(config: dict) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from anyorder_ray.checkpointing import TrainingState
-    from anyorder_ray.sharding import (
+    from anyorder_ray.training.checkpoint import TrainingState
+    from anyorder_ray.training.sharding import (
         build_sharded_model,
         load_local_shards,
         load_sharded_checkpoint,
@@ -69,7 +72,7 @@ def _sharded_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     cfg = ModelConfig(model_path=config["model_path"])
-    tokenizer = build_tokenizer(cfg)  # the tokenizer that came with the checkpoint
+    tokenizer = build_tokenizer(cfg, EnvConfig())  # the tokenizer that came with the checkpoint
     model = build_sharded_model(cfg, tokenizer, torch.device("cpu"), seed=0)
 
     # Each rank holds its torch.chunk of every weight, nothing more (the full model exists on no rank).
@@ -93,7 +96,7 @@ def _sharded_loop(config: dict) -> None:
         dist.all_reduce(loss)
         losses[step] = float(loss) / world
         if step in (RESUME_AT, len(config["steps"])):
-            state = TrainingState(step, {}, scheduler.state_dict(), {"per_rank": {}}, {}) if rank == 0 else None
+            state = TrainingState(step, {}, scheduler.state_dict(), ()) if rank == 0 else None
             with tempfile.TemporaryDirectory() as tmp:
                 final = step == len(config["steps"])
                 path = save_sharded_checkpoint(Path(tmp) / "ckpt", model, optimizer, tokenizer, state, export=final)
@@ -111,17 +114,18 @@ def _sharded_loop(config: dict) -> None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A LLaDA2 checkpoint folder (per-expert shards + tokenizer) and 6 steps of 4 fixed micro-batches."""
+    from helpers import expert_trajectories
+
     from anyorder_ray.models.llada2_moe import save_llada2_checkpoint
-    from envs.babyai import collect_bot_trajectories
 
     folder = tmp_path_factory.mktemp("llada2")
-    tokenizer = build_tokenizer(ModelConfig())
+    tokenizer = build_tokenizer(ModelConfig(), EnvConfig())
     source = build_model(ModelConfig(overrides=SMALL), tokenizer, seed=11)
     save_llada2_checkpoint(source, folder, max_shard_bytes=40_000)
     tokenizer.save_pretrained(folder)
     maker = BatchMaker(DataConfig(), MaskingConfig("any_order", 0.5), UnitEncoder(tokenizer), tokenizer.pad_token_id,
                        seed=0)  # fmt: skip
-    trajectories = collect_bot_trajectories("GoToRedBallGrey", range(24))
+    trajectories = expert_trajectories("GoToRedBallGrey", range(24))
     steps = [[maker.micro_batch(trajectories[(4 * s + i) % 24 :][:3]) for i in range(4)] for s in range(STEPS)]
     return folder, steps
 
@@ -130,7 +134,7 @@ def _reference(folder: Path, steps: list) -> tuple[dict[int, float], torch.Tenso
     """One unsharded worker on the same data and weights: every step's 4 micro-batches accumulated."""
     torch.set_num_threads(1)
     cfg = ModelConfig(model_path=str(folder))
-    model = build_model(cfg, build_tokenizer(cfg))
+    model = build_model(cfg, build_tokenizer(cfg, EnvConfig()))
     optimizer, scheduler = make_optimizer(model, OPTIM)
     losses = {}
     for i, micro in enumerate(steps, start=1):
@@ -145,13 +149,13 @@ def _resume_on_one_rank(folder: Path, steps: list, checkpoint: str) -> dict[int,
     """Resume a sharded checkpoint in this process as a one-rank group and train the remaining steps."""
     import torch.distributed as dist
 
-    from anyorder_ray.sharding import build_sharded_model, load_sharded_checkpoint
+    from anyorder_ray.training.sharding import build_sharded_model, load_sharded_checkpoint
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         cfg = ModelConfig(model_path=str(folder))
-        model = build_sharded_model(cfg, build_tokenizer(cfg), torch.device("cpu"), seed=0)
+        model = build_sharded_model(cfg, build_tokenizer(cfg, EnvConfig()), torch.device("cpu"), seed=0)
         optimizer, scheduler = make_optimizer(model, OPTIM)
         state = load_sharded_checkpoint(checkpoint, model, optimizer)
         scheduler.load_state_dict(state.scheduler)
@@ -173,11 +177,11 @@ def test_two_sharded_workers_train_like_one_resume_exactly_and_export(ray_local,
         detect_folder_layout,
         load_llada2_model,
     )
-    from anyorder_ray.sharding import SHARDED_STATE, is_sharded_checkpoint
+    from anyorder_ray.training.sharding import SHARDED_STATE, is_sharded_checkpoint
 
     folder, steps = data
     base = {"model_path": str(folder), "steps": steps}
-    with _time_limit(120):
+    with _time_limit(HANG_GUARD_S):
         full_result = _fit({**base, "out": str(tmp_path / "full.pt")}, tmp_path / "full")
         assert full_result.error is None
         by_step = {metrics["step"]: ckpt for ckpt, metrics in full_result.best_checkpoints}
@@ -226,7 +230,10 @@ def test_two_sharded_workers_train_like_one_resume_exactly_and_export(ray_local,
         with torch.no_grad():
             logits = loaded(input_ids=steps[0][0]["input_ids"], attention_mask=steps[0][0]["attention_mask"]).logits
         torch.testing.assert_close(logits, run["logits"], rtol=0, atol=1e-6)
-    assert build_tokenizer(ModelConfig(model_path=str(final))).get_vocab() == build_tokenizer(ModelConfig()).get_vocab()
+    assert (
+        build_tokenizer(ModelConfig(model_path=str(final)), EnvConfig()).get_vocab()
+        == build_tokenizer(ModelConfig(), EnvConfig()).get_vocab()
+    )
 
 
 # -- the product loop --------------------------------------------------------------------------------------------
@@ -237,10 +244,10 @@ def test_fsdp2_train_loop_resumes_after_a_killed_worker_and_exports(ray_local, t
     """``train_loop_per_worker`` with ``data_parallel_mode: fsdp2`` on 2 workers: a worker killed after step 7 is
     restarted from the step-4 sharded checkpoint and reports what an uninterrupted run reports; the final
     checkpoint is an HF folder with the same weights in both runs; the eval actor gets the gathered weights."""
+    from helpers import KillOnce
     from safetensors.torch import load_file
 
-    from anyorder_ray.train import KillOnce
-    from anyorder_ray.trial import make_buffer, make_evaluator, make_rollout_actor
+    from anyorder_ray.roles.trial import make_buffer, make_evaluator, make_rollout_actor
 
     ray = ray_local
     cfg = load_config(SMOKE, ["train.data_parallel_mode=fsdp2", "train.num_workers=2", "train.micro_batch_size=4",
@@ -249,11 +256,11 @@ def test_fsdp2_train_loop_resumes_after_a_killed_worker_and_exports(ray_local, t
                               "train.max_failures=1", "data.num_demos=32", "data.min_buffer_size=32",
                               "data.bucket_pool_batches=4", "eval.every_steps=4", "eval.episodes=4",
                               "eval.final_episodes=4", "eval.heldout_trajectories=4"])  # fmt: skip
-    with _time_limit(150):
+    with _time_limit(HANG_GUARD_S):
         buffer = make_buffer(cfg)
         producer = make_rollout_actor(cfg, 0, buffer)
         producers = [producer.run.remote()]
-        ray.get(producers, timeout=60)  # the fixed budget is full: both runs read the same 32 demos
+        ray.get(producers, timeout=HANG_GUARD_S)  # the fixed budget is full: both runs read the same 32 demos
         ray.kill(producer, no_restart=True)
         evaluator = make_evaluator(cfg)
         plain, killed = tmp_path / "plain", tmp_path / "killed"

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import HANG_GUARD_S
 
 from anyorder_ray import sweep
 from anyorder_ray.config import load_config
@@ -119,7 +120,7 @@ def test_resource_problems_name_the_keys_to_lower():
     # Eval actors' GPU shares count too.
     eval_gpu = gpu_cfg.replace(eval=dataclasses.replace(gpu_cfg.eval, num_gpus_per_actor=0.5))
     (problem,) = sweep.resource_problems(eval_gpu, have_cpus=8, have_gpus=2)
-    assert "needs 2.5 GPU(s)" in problem and "eval.num_actors x eval.num_gpus_per_actor = 0.5" in problem
+    assert "needs 2.5 GPU(s)" in problem and "eval.enabled x eval.num_gpus_per_actor = 0.5" in problem
 
 
 # ----------------------------------------------------------------------------------- subprocess helpers
@@ -206,7 +207,7 @@ def _run(cmd: list[str], scope: _RayScope, timeout: float) -> subprocess.Complet
 )  # fmt: skip
 def test_a_trial_bigger_than_the_local_cluster_fails_fast(tmp_path, ray_scope, overrides, expected):
     out = tmp_path / "runs"
-    proc = _run(_cli(*_smoke_args(out, *overrides)), ray_scope, timeout=180)
+    proc = _run(_cli(*_smoke_args(out, *overrides)), ray_scope, timeout=HANG_GUARD_S)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     for fragment in expected:
         assert fragment in proc.stderr, proc.stderr[-3000:]
@@ -267,7 +268,7 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
         finished_result = (_trial_dir(tune_dir, finished) / "result.json").read_bytes()
         assert _reported_final(finished_result)
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything in its process group
-        driver.wait(timeout=30)
+        driver.wait(timeout=HANG_GUARD_S)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
@@ -276,7 +277,7 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
     ray_scope.kill_leftovers()
     assert sorted(_trial_states(tune_dir).values()) != ["TERMINATED"] * len(ARMS)  # really interrupted
 
-    proc = _run(_cli("--resume", str(run_dir)), ray_scope, timeout=400)
+    proc = _run(_cli("--resume", str(run_dir)), ray_scope, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert f"[sweep] run directory: {run_dir}" in proc.stdout
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
@@ -29,8 +30,8 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _check_smoke_results(run_dir: Path) -> None:
-    from anyorder_ray.checkpointing import load_training_state
     from anyorder_ray.models.llada2_moe import LLaDA2MoeModelLM
+    from anyorder_ray.training.checkpoint import load_training_state
 
     with (run_dir / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -57,7 +58,7 @@ def _check_smoke_results(run_dir: Path) -> None:
 def test_smoke_sweep_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "anyorder_ray.sweep", "--config", str(SMOKE), "--name", "smoke-test",
            "--num-cpus", "2", f"train.output_dir={tmp_path}"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     run_dir = tmp_path / "smoke-test"
     assert f"[sweep] run directory: {run_dir}" in proc.stdout
@@ -92,7 +93,7 @@ def test_smoke_sweep_through_ray_job_submit(tmp_path):
         deadline = time.time() + 90
         while True:
             probe = subprocess.run([str(ray_bin), "job", "list", "--address", address], env=env,
-                                   capture_output=True, text=True, timeout=60)  # fmt: skip
+                                   capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
             if probe.returncode == 0:
                 break
             assert head.poll() is None, head.stdout.read()
@@ -104,7 +105,7 @@ def test_smoke_sweep_through_ray_job_submit(tmp_path):
         # The head's job agent comes up some seconds after the dashboard answers (longer on a busy machine).
         agent_deadline = time.time() + 180
         while True:
-            submit = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420, cwd=ROOT)
+            submit = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=ROOT)
             if "No available agent" not in submit.stderr + submit.stdout or time.time() > agent_deadline:
                 break
             time.sleep(3)
@@ -117,7 +118,7 @@ def test_smoke_sweep_through_ray_job_submit(tmp_path):
         with_group = os.getpgid(head.pid)
         os.killpg(with_group, signal.SIGTERM)
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=HANG_GUARD_S)
         except subprocess.TimeoutExpired:
             os.killpg(with_group, signal.SIGKILL)
 
@@ -130,7 +131,7 @@ def test_time_budget_sweep_trains_the_planned_steps_with_the_any_order_levers(tm
     cmd = [sys.executable, "-m", "anyorder_ray.sweep", "--config", str(SMOKE), "--name", "budget", "--num-cpus", "2",
            f"train.output_dir={tmp_path}", "train.time_budget_s=5", "train.max_steps=100000", f"sweep.arms={arm}",
            "env.obs_encoding=compact", "sweep.seeds=[0, 1]"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "[train] time budget 5 s:" in proc.stdout + proc.stderr
     with (tmp_path / "budget" / "results.csv").open() as f:
@@ -153,7 +154,7 @@ def test_two_ddp_workers_train_the_moe_model(tmp_path):
     cmd = [sys.executable, "-m", "anyorder_ray.sweep", "--config", str(SMOKE), "--name", "ddp2", "--num-cpus", "2",
            f"train.output_dir={tmp_path}", "train.num_workers=2", "train.micro_batch_size=4",
            "train.cpus_per_worker=0.5", "sweep.arms=[{mode: any_order, mask_prob: 0.5}]"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     with (tmp_path / "ddp2" / "results.csv").open() as f:
         (row,) = list(csv.DictReader(f))

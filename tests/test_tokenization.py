@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from anyorder_ray.tokenization import (
+from anyorder_ray.data.tokenization import (
     ACT_TOKEN,
     EOS_TOKEN,
     MASK_TOKEN,
@@ -154,13 +154,11 @@ def test_foreign_tokenizer_that_cannot_spell_markers_is_rejected() -> None:
         UnitMarkers.for_tokenizer(wl)
 
 
-def test_default_vocabulary_covers_the_world() -> None:
-    try:
-        from envs.babyai import world_vocabulary
-    except ImportError as e:  # pragma: no cover - only while envs.babyai is being written
-        pytest.skip(f"envs.babyai.world_vocabulary not importable yet: {e}")
-    words = world_vocabulary()
-    tok = build_world_tokenizer()
+def test_the_world_tokenizer_covers_the_world() -> None:
+    from envs import EnvConfig, world_vocabulary
+
+    words = world_vocabulary(EnvConfig())
+    tok = build_world_tokenizer(words)
     assert len(tok) == len(SPECIAL_TOKENS) + len(set(words) - set(SPECIAL_TOKENS))
     text = " ".join(words)
     assert count_unknown(tok, text) == 0

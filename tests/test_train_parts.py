@@ -6,22 +6,24 @@ import math
 
 import pytest
 import torch
+from helpers import babyai, expert_trajectories
 
-from anyorder_ray.checkpointing import (
+from anyorder_ray.config import DataConfig, MaskingConfig, ModelConfig, TrainConfig
+from anyorder_ray.data.batching import BatchMaker
+from anyorder_ray.data.encoding import UnitEncoder
+from anyorder_ray.models.factory import build_model, build_tokenizer
+from anyorder_ray.training.budget import StepBudget
+from anyorder_ray.training.checkpoint import (
+    RankState,
+    RngState,
     TrainingState,
-    capture_rng,
     is_complete_checkpoint,
     load_training_state,
     load_weights_into,
-    restore_rng,
     save_checkpoint,
 )
-from anyorder_ray.config import DataConfig, MaskingConfig, ModelConfig, TrainConfig
-from anyorder_ray.factory import build_model, build_tokenizer
-from anyorder_ray.optim import lr_factor, lr_schedule, make_optimizer
-from anyorder_ray.train import BatchMaker, StepBudget, train_step
-from anyorder_ray.transform import UnitEncoder
-from envs.babyai import collect_bot_trajectories
+from anyorder_ray.training.optim import lr_factor, lr_schedule, make_optimizer
+from anyorder_ray.training.recipe import train_step
 
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16, "num_hidden_layers": 2,
          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}  # fmt: skip
@@ -30,8 +32,8 @@ SMALL = {"hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16
 @pytest.fixture(scope="module")
 def world():
     torch.set_num_threads(1)
-    tokenizer = build_tokenizer(ModelConfig())
-    trajectories = collect_bot_trajectories("GoToRedBallGrey", range(16))
+    tokenizer = build_tokenizer(ModelConfig(), babyai())
+    trajectories = expert_trajectories("GoToRedBallGrey", range(16))
     return tokenizer, trajectories
 
 
@@ -84,7 +86,7 @@ def test_gradient_accumulation_equals_one_big_batch(world):
     maker = BatchMaker(DataConfig(), MaskingConfig("any_order", 0.5), UnitEncoder(tokenizer),
                        tokenizer.pad_token_id, seed=0)  # fmt: skip
     examples = [maker.example(t) for t in trajectories[:8]]
-    from anyorder_ray.transform import collate
+    from anyorder_ray.data.encoding import collate
 
     whole = [collate(examples, tokenizer.pad_token_id)]
     split = [collate(examples[:3], tokenizer.pad_token_id), collate(examples[3:], tokenizer.pad_token_id)]
@@ -105,7 +107,7 @@ def test_gradient_accumulation_equals_one_big_batch(world):
 def test_weighted_loss_with_accumulation_equals_one_big_batch_and_differs_from_token_mean(world):
     """Per-unit normalisation with action weight: exact under micro-batching, and a different objective."""
     tokenizer, trajectories = world
-    from anyorder_ray.transform import collate
+    from anyorder_ray.data.encoding import collate
 
     weighting = MaskingConfig("any_order", 0.5, loss_norm="unit", act_weight=4.0)
     maker = BatchMaker(DataConfig(), weighting, UnitEncoder(tokenizer), tokenizer.pad_token_id, seed=0)
@@ -128,11 +130,11 @@ def test_weighted_loss_with_accumulation_equals_one_big_batch_and_differs_from_t
 def test_time_budget_fixes_the_step_count_and_lr_horizon(world, monkeypatch):
     """A fake clock at 0.1 s/step and a 10 s budget: 100 steps, the cosine horizon moved there, and the plan
     carried by the scheduler's state dict."""
-    import anyorder_ray.train as train_module
+    import anyorder_ray.training.budget as budget_module
 
     tokenizer, _ = world
     clock = [0.0]
-    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(budget_module.time, "perf_counter", lambda: clock[0])
     opt, sched = make_optimizer(_model(tokenizer), TrainConfig(max_steps=100_000, lr_warmup_ratio=0.1))
     budget = StepBudget(100_000, 10.0, lr_schedule(sched))
     budget.start()
@@ -177,7 +179,10 @@ def test_checkpoint_round_trip_restores_weights_optimizer_schedule_and_rng(world
     for _ in range(3):
         train_step(model, opt, sched, [maker.micro_batch(trajectories[:4])], 1.0, torch.device("cpu"))
     gens = maker.generators()
-    state = TrainingState(3, opt.state_dict(), sched.state_dict(), {"per_rank": {0: capture_rng(gens)}}, {})
+    pending = ((maker.example(trajectories[1]),),)
+    state = TrainingState(
+        3, opt.state_dict(), sched.state_dict(), (RankState(RngState.capture(gens), pending, 16, 99),)
+    )
     path = save_checkpoint(tmp_path / "ckpt", model, tokenizer, state)
     assert is_complete_checkpoint(path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
@@ -192,9 +197,12 @@ def test_checkpoint_round_trip_restores_weights_optimizer_schedule_and_rng(world
     opt2.load_state_dict(restored.optimizer)
     sched2.load_state_dict(restored.scheduler)
     assert restored.step == 3 and sched2.last_epoch == sched.last_epoch
+    mine = restored.rank(0)
+    assert (mine.view_size, mine.tokens) == (16, 99) and mine.pending == pending
+    assert restored.rank(1) is None  # a rank the checkpoint does not know starts fresh
     assert sched2.get_last_lr() == sched.get_last_lr()
     maker2 = BatchMaker(DataConfig(), MaskingConfig("causal"), UnitEncoder(tokenizer), tokenizer.pad_token_id, 99)
-    restore_rng(restored.rng["per_rank"][0], maker2.generators())
+    mine.rng.restore(maker2.generators())
     assert maker2.example(trajectories[0]).input_ids == expected_next
     state_a = opt.state_dict()["state"]
     state_b = opt2.state_dict()["state"]

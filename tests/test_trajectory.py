@@ -7,7 +7,8 @@ import pickle
 
 import pytest
 
-from anyorder_ray.trajectory import Trajectory, TrajectoryFileError, Unit, load_jsonl, save_jsonl
+from anyorder_ray.data.jsonl import TrajectoryFileError, load_jsonl, save_jsonl
+from envs.trajectory import Trajectory, Unit
 
 
 def _traj(seed: int = 0) -> Trajectory:

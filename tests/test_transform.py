@@ -12,10 +12,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from anyorder_ray.masking import AnyOrderMaskSampler, MaskMode, UnitRole
-from anyorder_ray.tokenization import build_world_tokenizer
-from anyorder_ray.trajectory import Trajectory, Unit
-from anyorder_ray.transform import (
+from anyorder_ray.data.encoding import (
     IGNORE_INDEX,
     EncodedExample,
     UnitEncoder,
@@ -26,6 +23,9 @@ from anyorder_ray.transform import (
     padding_waste,
     process_any_order_sft_example,
 )
+from anyorder_ray.data.masking import AnyOrderMaskSampler, MaskMode, UnitRole
+from anyorder_ray.data.tokenization import build_world_tokenizer
+from envs.trajectory import Trajectory, Unit
 
 V, T, D = UnitRole.VISIBLE, UnitRole.TARGET, UnitRole.DROPPED
 WORDS = ["go", "to", "the", "ball_red", "north", "east", "wall", "empty", "left", "forward", ","]

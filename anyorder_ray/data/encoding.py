@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from anyorder_ray.masking import AnyOrderMaskSampler, UnitRole
-from anyorder_ray.tokenization import UnitMarkers, require_mask_token_id, unknown_words
-from anyorder_ray.trajectory import Trajectory, Unit
+from anyorder_ray.data.masking import AnyOrderMaskSampler, UnitRole
+from anyorder_ray.data.tokenization import UnitMarkers, require_mask_token_id, unknown_words
+from envs.trajectory import UNIT_KINDS, Trajectory, Unit
 
 __all__ = [
     "IGNORE_INDEX",
@@ -45,7 +45,9 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-KIND_IDS = {"obs": 0, "act": 1}
+"""Label of a position that is not a target (PyTorch's cross-entropy default ``ignore_index``)."""
+KIND_IDS = {kind: i for i, kind in enumerate(UNIT_KINDS)}
+"""``unit_kinds`` value of each unit kind's tokens: obs 0, act 1."""
 _OTHER = -1  # unit_ids / unit_kinds value of mission, separator and eos tokens (and padding)
 
 UnknownPolicy = Literal["raise", "allow"]

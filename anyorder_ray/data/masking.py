@@ -19,6 +19,8 @@ from enum import StrEnum
 
 import numpy as np
 
+from envs.trajectory import UNIT_KINDS
+
 __all__ = ["AnyOrderMaskSampler", "MaskMode", "UnitRole"]
 
 
@@ -42,6 +44,11 @@ class MaskMode(StrEnum):
     ACTION_FOCUS = "action_focus"
     CUT_FOCUS = "cut_focus"
 
+    @property
+    def uses_mask_prob(self) -> bool:
+        """Whether ``mask_prob`` shapes this mode's masks (``mixture`` draws its own from ``mixture_range``)."""
+        return self in _P_MODES
+
     @classmethod
     def parse(cls, value: str | MaskMode) -> MaskMode:
         """Like ``MaskMode(value)`` but the error names the allowed values."""
@@ -52,7 +59,8 @@ class MaskMode(StrEnum):
             raise ValueError(f"unknown masking mode {value!r}; allowed: {allowed}") from None
 
 
-_KINDS = ("obs", "act")
+_P_MODES = frozenset({MaskMode.ANY_ORDER, MaskMode.OBS_ONLY, MaskMode.ACT_ONLY, MaskMode.ACTION_FOCUS,
+                      MaskMode.CUT_FOCUS})  # fmt: skip
 
 
 class AnyOrderMaskSampler:
@@ -100,7 +108,7 @@ class AnyOrderMaskSampler:
         self.mask_prob = mask_prob
         self.mixture_range = (low, high)
         self.seed = seed
-        self._rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)
 
     def __repr__(self) -> str:
         return (
@@ -113,10 +121,10 @@ class AnyOrderMaskSampler:
         kinds = tuple(kinds)
         if not kinds:
             raise ValueError("cannot sample a mask for an empty trajectory (no units)")
-        bad = sorted({k for k in kinds if k not in _KINDS})
+        bad = sorted({k for k in kinds if k not in UNIT_KINDS})
         if bad:
-            raise ValueError(f"unit kinds must be one of {_KINDS}, got {bad}")
-        if self.causal_prob > 0.0 and "act" in kinds and self._rng.random() < self.causal_prob:
+            raise ValueError(f"unit kinds must be one of {UNIT_KINDS}, got {bad}")
+        if self.causal_prob > 0.0 and "act" in kinds and self.rng.random() < self.causal_prob:
             return self._sample_causal(kinds)
         return self._DISPATCH[self.mode](self, kinds)
 
@@ -126,7 +134,7 @@ class AnyOrderMaskSampler:
         acts = [i for i, k in enumerate(kinds) if k == "act"]
         if not acts:
             raise ValueError("causal masking needs at least one action unit, got none")
-        target = acts[self._rng.integers(len(acts))]
+        target = acts[self.rng.integers(len(acts))]
         return tuple(
             UnitRole.VISIBLE if i < target else UnitRole.TARGET if i == target else UnitRole.DROPPED
             for i in range(len(kinds))
@@ -138,7 +146,7 @@ class AnyOrderMaskSampler:
         cuts = [i for i, k in enumerate(kinds) if k == "act" and "obs" in kinds[i + 1 :]]
         if not cuts:
             raise ValueError("prefix masking needs an observation after some action, got none")
-        cut = cuts[self._rng.integers(len(cuts))]
+        cut = cuts[self.rng.integers(len(cuts))]
         return tuple(UnitRole.TARGET if i > cut and k == "obs" else UnitRole.VISIBLE for i, k in enumerate(kinds))
 
     def _sample_any_order(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
@@ -158,7 +166,7 @@ class AnyOrderMaskSampler:
 
     def _sample_mixture(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
         low, high = self.mixture_range
-        p = float(self._rng.uniform(low, high)) if high > low else low
+        p = float(self.rng.uniform(low, high)) if high > low else low
         # uniform() can return exactly `low` only when low > 0 (validated), so p stays in (0, 1].
         return self._bernoulli(kinds, range(len(kinds)), p)
 
@@ -166,16 +174,16 @@ class AnyOrderMaskSampler:
         acts = [i for i, k in enumerate(kinds) if k == "act"]
         if not acts:
             raise ValueError("action_focus masking needs at least one action unit, got none")
-        return self._focus(kinds, acts[self._rng.integers(len(acts))])
+        return self._focus(kinds, acts[self.rng.integers(len(acts))])
 
     def _sample_cut_focus(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
         if len(kinds) < 2:
             raise ValueError("cut_focus masking needs at least two units (context before the cut), got one")
-        return self._focus(kinds, 1 + int(self._rng.integers(len(kinds) - 1)))
+        return self._focus(kinds, 1 + int(self.rng.integers(len(kinds) - 1)))
 
     def _focus(self, kinds: tuple[str, ...], cut: int) -> tuple[UnitRole, ...]:
         """``cut`` is a target, each earlier unit a target with ``mask_prob``, every later unit dropped."""
-        earlier = self._rng.random(cut) < self.mask_prob
+        earlier = self.rng.random(cut) < self.mask_prob
         return tuple(
             (UnitRole.TARGET if earlier[i] else UnitRole.VISIBLE) if i < cut
             else UnitRole.TARGET if i == cut else UnitRole.DROPPED
@@ -201,7 +209,7 @@ class AnyOrderMaskSampler:
         n = len(eligible)
         # P(first target is eligible[j] | >=1 target) = p (1-p)^j / (1 - (1-p)^n): truncated geometric.
         weights = p * (1.0 - p) ** np.arange(n)
-        first = int(self._rng.choice(n, p=weights / weights.sum()))
-        rest = self._rng.random(n - first - 1) < p
+        first = int(self.rng.choice(n, p=weights / weights.sum()))
+        rest = self.rng.random(n - first - 1) < p
         targets = {eligible[first]} | {eligible[first + 1 + j] for j in np.flatnonzero(rest)}
         return tuple(UnitRole.TARGET if i in targets else UnitRole.VISIBLE for i in range(len(kinds)))

@@ -7,7 +7,7 @@ underscore, so ``"ball_red, then"`` -> ``["ball_red", ",", "then"]``: cell words
 ``door_blue_locked`` stay one token. There is no normaliser (text is taken as is, case included).
 
 Unknown words are never dropped: they encode to the ``<|unk|>`` token. ``count_unknown`` /
-``unknown_words`` find them; the encoder in ``anyorder_ray.transform`` refuses units containing them by
+``unknown_words`` find them; the encoder in ``anyorder_ray.data.encoding`` refuses units containing them by
 default, because an unknown word in a world trajectory means the vocabulary and the serializer disagree.
 
 Any other HF tokenizer with a mask token can stand in (e.g. the LLaDA 2.0 one). ``UnitMarkers`` resolves
@@ -67,11 +67,11 @@ def _world_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     )
 
 
-def build_world_tokenizer(words: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+def build_world_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
     """Build the word-level tokenizer of the text world.
 
     Args:
-        words: the vocabulary; ``None`` uses ``envs.babyai.world_vocabulary()``. Each word must survive
+        words: the vocabulary (``envs.world_vocabulary(env_cfg)``). Each word must survive
             pre-tokenisation as one piece (no whitespace, punctuation only as a single character).
             Duplicates are ignored and ids are assigned in sorted order, so the result does not depend
             on the iteration order of ``words``.
@@ -82,10 +82,6 @@ def build_world_tokenizer(words: Iterable[str] | None = None) -> PreTrainedToken
         the vocabulary encode to ``<|unk|>`` (never silently removed). Save it with ``save_pretrained``
         and load it with ``transformers.AutoTokenizer.from_pretrained``.
     """
-    if words is None:
-        from envs.babyai import world_vocabulary  # lazy: the env stack is heavy and optional here
-
-        words = world_vocabulary()
     pre = _world_pre_tokenizer()
     vocab_words = sorted(set(words) - set(SPECIAL_TOKENS))
     bad = [w for w in vocab_words if [p for p, _ in pre.pre_tokenize_str(w)] != [w]]
@@ -120,7 +116,7 @@ def require_mask_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
         raise ValueError(
             f"tokenizer {type(tokenizer).__name__} has no mask token; any-order training replaces target "
             f"units by it. Fix: tokenizer.add_special_tokens({{'mask_token': '{MASK_TOKEN}'}}) (and resize "
-            f"the model's embeddings), or use anyorder_ray.tokenization.build_world_tokenizer()"
+            f"the model's embeddings), or use anyorder_ray.data.tokenization.build_world_tokenizer()"
         )
     return int(mask_id)
 

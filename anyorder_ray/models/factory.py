@@ -1,8 +1,9 @@
-"""Build the tokenizer and the model from ``ModelConfig``: the one place trainer and eval actors agree on.
+"""The one place the tokenizer and the model are built: trainer, eval actor, benches and tests all call these.
 
-With no ``model_path`` the tokenizer is the word-level world tokenizer (deterministic, built locally) and
-the model is a freshly initialised preset sized to it. With ``model_path`` both come from that folder
-(a real LLaDA2.0 checkpoint, or one this project wrote); ``tokenizer_path`` overrides the tokenizer.
+With no ``model_path`` the tokenizer is the word-level tokenizer of the run's world (deterministic, built locally
+from ``envs.world_vocabulary``) and the model is a freshly initialised preset sized to it. With ``model_path`` both
+come from that folder (a released LLaDA2.0 checkpoint, or one this project wrote); ``tokenizer_path`` overrides the
+tokenizer.
 """
 
 from __future__ import annotations
@@ -13,14 +14,15 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from anyorder_ray.config import ModelConfig
-from anyorder_ray.tokenization import build_world_tokenizer, require_mask_token_id
+from anyorder_ray.data.tokenization import build_world_tokenizer, require_mask_token_id
+from envs import EnvConfig, world_vocabulary
 
 
-def build_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer named by ``cfg`` (world tokenizer by default); it must have a mask token."""
+def build_tokenizer(cfg: ModelConfig, env: EnvConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer named by ``cfg`` (the world tokenizer of ``env`` by default); it must have a mask token."""
     path = cfg.tokenizer_path or cfg.model_path
     if path is None:
-        tokenizer = build_world_tokenizer()
+        tokenizer = build_world_tokenizer(world_vocabulary(env))
     else:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"tokenizer folder {path} does not exist (model.tokenizer_path / model.model_path)")
@@ -56,12 +58,18 @@ def build_model_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase):
     return config
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int | None = None) -> torch.nn.Module:
-    """A LLaDA2 model: loaded from ``cfg.model_path`` or initialised from ``cfg.preset`` (+ overrides)."""
+def build_model(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int | None = None, *, load_weights: bool = True
+) -> torch.nn.Module:
+    """A LLaDA2 model: loaded from ``cfg.model_path`` or initialised from ``cfg.preset`` (+ overrides), in fp32.
+
+    ``load_weights=False`` builds the initialised skeleton only, also for a ``model_path`` (an eval actor that
+    receives its weights later does not read the checkpoint twice). ``seed`` seeds the initialisation.
+    """
     from anyorder_ray.models.llada2_moe import LLaDA2MoeModelLM
 
     config = build_model_config(cfg, tokenizer)
-    if cfg.model_path is not None:
+    if cfg.model_path is not None and load_weights:
         return LLaDA2MoeModelLM.from_pretrained(cfg.model_path, config=config)
     if seed is not None:
         torch.manual_seed(seed)

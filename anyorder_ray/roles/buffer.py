@@ -4,8 +4,9 @@ Ownership: an object belongs to the process that ``ray.put`` it and is lost when
 2.56 removed ``ray.put(..., _owner=...)``). So rollout actors hand each batch to ``add`` by value and the
 buffer puts it into the object store itself: the buffer owns every acknowledged batch, and a rollout actor
 that dies takes nothing acknowledged with it. The buffer then holds only references, evicts the oldest
-trajectories past its capacity, and answers ``sample(n)`` / ``snapshot()`` with references that trainers
-resolve from the object store and cache.
+trajectories past its capacity, and answers ``snapshot()`` with the references of every batch it holds; each
+train worker resolves them from the object store once, caches them and samples locally
+(``roles.train_loop.BufferSource``).
 
 ``BufferState`` is the pure bookkeeping (unit-tested without Ray); ``TrajectoryBuffer`` wraps it as an
 actor class (resources are set by the caller with ``.options()``).
@@ -17,8 +18,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 
 @dataclass(frozen=True)
 class BufferStats:
@@ -28,7 +27,6 @@ class BufferStats:
     capacity: int
     produced: int
     evicted: int
-    sampled: int
     batches: int
     per_worker: dict[int, int] = field(default_factory=dict)
     repeated: int = 0
@@ -39,7 +37,6 @@ class BufferStats:
             "rollout/buffer_size": self.size,
             "rollout/produced": self.produced,
             "rollout/evicted": self.evicted,
-            "rollout/sampled": self.sampled,
         }
 
 
@@ -51,9 +48,9 @@ class _Entry:
 
 
 class BufferState:
-    """FIFO bookkeeping over batches of trajectories: capacity, eviction, uniform sampling."""
+    """FIFO bookkeeping over batches of trajectories: capacity, eviction, producers' progress."""
 
-    def __init__(self, capacity: int, seed: int = 0, target: int | None = None) -> None:
+    def __init__(self, capacity: int, target: int | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if target is not None and target > capacity:
@@ -64,13 +61,11 @@ class BufferState:
         self._size = 0
         self._produced = 0
         self._evicted = 0
-        self._sampled = 0
         self._batches = 0
         self._repeated = 0
         self._per_worker: dict[int, int] = {}
         self._next_seed: dict[int, int] = {}
         self._stopped = False
-        self._rng = np.random.default_rng(seed)
 
     # -- producers ---------------------------------------------------------------------------------
     def add(self, ref: Any, count: int, worker: int = 0, next_seed: int | None = None) -> bool:
@@ -126,22 +121,6 @@ class BufferState:
                 self._entries.popleft()
 
     # -- consumers ---------------------------------------------------------------------------------
-    def sample(self, n: int) -> list[tuple[Any, int]]:
-        """``n`` (batch reference, index in batch) pairs, uniform over held trajectories, with replacement."""
-        if self._size == 0:
-            return []
-        counts = np.fromiter((e.count for e in self._entries), dtype=np.int64, count=len(self._entries))
-        cum = np.cumsum(counts)
-        picks = self._rng.integers(0, self._size, size=n)
-        which = np.searchsorted(cum, picks, side="right")
-        out = []
-        for pick, w in zip(picks, which, strict=True):
-            entry = self._entries[int(w)]
-            offset = int(pick - (cum[w] - entry.count))
-            out.append((entry.ref, entry.start + offset))
-        self._sampled += n
-        return out
-
     def snapshot(self) -> list[tuple[Any, int, int]]:
         """Every held batch as (reference, first index, count): for trainers that cache the whole buffer."""
         return [(e.ref, e.start, e.count) for e in self._entries]
@@ -152,7 +131,6 @@ class BufferState:
             capacity=self.capacity,
             produced=self._produced,
             evicted=self._evicted,
-            sampled=self._sampled,
             batches=self._batches,
             per_worker=dict(self._per_worker),
             repeated=self._repeated,
@@ -162,8 +140,8 @@ class BufferState:
 class TrajectoryBuffer:
     """Actor class around ``BufferState``; create it with ``ray.remote(TrajectoryBuffer).options(...)``."""
 
-    def __init__(self, capacity: int, seed: int = 0, target: int | None = None) -> None:
-        self._state = BufferState(capacity, seed=seed, target=target)
+    def __init__(self, capacity: int, target: int | None = None) -> None:
+        self._state = BufferState(capacity, target=target)
 
     def add(self, batch: list, worker: int = 0, next_seed: int | None = None) -> bool:
         """Take ownership of ``batch`` (a list of trajectories); True while producers should go on."""
@@ -182,9 +160,6 @@ class TrajectoryBuffer:
         return self._state.resume_seed(worker)
 
     # References nested in return values reach the caller as references, not resolved batches.
-    def sample(self, n: int) -> list[tuple[Any, int]]:
-        return self._state.sample(n)
-
     def snapshot(self) -> list[tuple[Any, int, int]]:
         return self._state.snapshot()
 

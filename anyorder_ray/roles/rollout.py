@@ -1,4 +1,4 @@
-"""Rollout actors: run the expert bot on their own seed range and feed the trajectory buffer.
+"""Rollout actors: run the world's expert on their own seed range and feed the trajectory buffer.
 
 Each batch goes to ``buffer.add`` by value and the buffer puts it into the object store, so the buffer
 owns it. Once the buffer acknowledged a batch, the data survives this actor's death; a restarted actor asks the buffer
@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import ray
 
-from anyorder_ray.config import EnvConfig, RolloutConfig
-from anyorder_ray.seeds import rollout_seed_range
+from anyorder_ray.config import RolloutConfig
+from anyorder_ray.data.seeds import rollout_seed_range
+from envs import EnvConfig, collect_expert_trajectories, make_world
 
 
 @dataclass(frozen=True)
@@ -34,13 +35,10 @@ class RolloutWorker:
     """Actor class: ``ray.remote(RolloutWorker).options(num_cpus=..., max_restarts=...)``."""
 
     def __init__(self, env: EnvConfig, rollout: RolloutConfig, worker: int, buffer: ray.actor.ActorHandle) -> None:
-        from envs.babyai import normalize_level
-
-        self._env = env
         self._cfg = rollout
         self._worker = worker
         self._buffer = buffer
-        self._level = normalize_level(env.level)
+        self._world = make_world(env, expert=True)
         self._seeds = rollout_seed_range(rollout, worker)
         resume = ray.get(buffer.resume_seed.remote(worker))
         self._next_seed = resume if resume is not None else self._seeds.start
@@ -50,8 +48,6 @@ class RolloutWorker:
 
     def run(self, max_batches: int | None = None) -> RolloutReport:
         """Produce batches until the buffer has enough (or ``max_batches``); returns a report."""
-        from envs.babyai import collect_bot_trajectories_with_stats
-
         start, episodes, kept, failed, batches = time.perf_counter(), 0, 0, 0, 0
         keep_going = True
         while keep_going and (max_batches is None or batches < max_batches):
@@ -59,9 +55,7 @@ class RolloutWorker:
             hi = min(lo + self._cfg.episodes_per_batch, self._seeds.stop)
             if lo >= hi:
                 break  # seed range exhausted
-            trajs, stats = collect_bot_trajectories_with_stats(
-                self._level, range(lo, hi), self._env.max_episode_steps, encoding=self._env.obs_encoding
-            )
+            trajs, stats = collect_expert_trajectories(self._world, range(lo, hi))
             keep_going = ray.get(self._buffer.add.remote(trajs, self._worker, hi))
             self._next_seed = hi
             episodes += stats.attempted

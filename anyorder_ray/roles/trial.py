@@ -7,7 +7,6 @@ CPU share; the trainer's workers and the actors request their own resources from
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -17,25 +16,11 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from anyorder_ray.buffer import TrajectoryBuffer
-from anyorder_ray.config import P_MODES, ExperimentConfig, MaskingConfig, config_from_dict
-from anyorder_ray.factory import build_model_config, build_tokenizer
-from anyorder_ray.rollout import RolloutWorker
-from anyorder_ray.train import METRICS_LOG, train_loop_per_worker
-
-
-def trial_config(base: ExperimentConfig, params: dict[str, Any]) -> ExperimentConfig:
-    """The base config with this trial's arm (masking section) and seed applied; validated again."""
-    arm = dict(params.get("arm") or {})
-    if "mask_prob" in params and arm.get("mode", base.masking.mode) in P_MODES:
-        arm["mask_prob"] = params["mask_prob"]
-    masking = dataclasses.replace(base.masking, **arm) if arm else base.masking
-    MaskingConfig(**dataclasses.asdict(masking))  # re-validate the merged arm
-    train = dataclasses.replace(base.train, seed=int(params.get("seed", base.train.seed)))
-    raw = base.to_dict()
-    raw["masking"] = dataclasses.asdict(masking)
-    raw["train"] = dataclasses.asdict(train)
-    return config_from_dict(raw, source="trial")
+from anyorder_ray.config import ExperimentConfig
+from anyorder_ray.roles.buffer import TrajectoryBuffer
+from anyorder_ray.roles.evaluator import make_eval_actor
+from anyorder_ray.roles.rollout import RolloutWorker
+from anyorder_ray.roles.train_loop import METRICS_LOG, train_loop_per_worker
 
 
 def trial_cpus(cfg: ExperimentConfig) -> float:
@@ -44,7 +29,7 @@ def trial_cpus(cfg: ExperimentConfig) -> float:
         cfg.sweep.trial_cpus
         + cfg.train.num_workers * cfg.train.cpus_per_worker
         + cfg.rollout.num_actors * cfg.rollout.num_cpus_per_actor
-        + cfg.eval.num_actors * cfg.eval.num_cpus_per_actor
+        + cfg.eval.actors() * cfg.eval.num_cpus_per_actor
     )
 
 
@@ -59,7 +44,7 @@ def make_buffer(cfg: ExperimentConfig) -> Any:
     return (
         ray.remote(TrajectoryBuffer)
         .options(num_cpus=0, max_restarts=0, scheduling_strategy=_OUTSIDE_TRIAL_PG)
-        .remote(cfg.data.buffer_capacity, seed=cfg.train.seed, target=target)
+        .remote(cfg.data.buffer_capacity, target=target)
     )
 
 
@@ -81,14 +66,10 @@ def make_rollout_actor(cfg: ExperimentConfig, worker: int, buffer: Any) -> Any:
 def make_evaluator(cfg: ExperimentConfig) -> Any:
     """The eval actor: restarted up to ``eval.max_restarts`` times; an interrupted ``evaluate`` is retried on
     the new process (it is idempotent: same seeds, same weights)."""
-    from anyorder_ray.evaluation import make_eval_actor
-
-    tokenizer = build_tokenizer(cfg.model)
     return make_eval_actor(
         cfg.env,
         cfg.eval,
-        build_model_config(cfg.model, tokenizer).to_dict(),
-        tokenizer,
+        cfg.model,
         cfg.history_steps(),
         cfg.data.max_seq_len,
         torch_threads=max(1, round(cfg.eval.num_cpus_per_actor)),
@@ -101,7 +82,7 @@ def start_actors(cfg: ExperimentConfig) -> tuple[Any, list[Any], list[Any], Any 
     buffer = make_buffer(cfg)
     workers = [make_rollout_actor(cfg, i, buffer) for i in range(cfg.rollout.num_actors)]
     runs = [actor.run.remote() for actor in workers]  # each runs until the buffer says stop
-    evaluator = make_evaluator(cfg) if cfg.eval.num_actors > 0 else None
+    evaluator = make_evaluator(cfg) if cfg.eval.enabled else None
     return buffer, workers, runs, evaluator
 
 
@@ -110,7 +91,7 @@ def run_trial(params: dict[str, Any], base: ExperimentConfig, run_dir: str) -> N
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = trial_config(base, params)
+    cfg = base.trial(params)
     trial_id = tune.get_context().get_trial_id()
     buffer, workers, runs, evaluator = start_actors(cfg)
     storage, name = Path(run_dir) / "train", f"train-{trial_id}"

@@ -32,9 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from anyorder_ray.transform import KIND_IDS
-
-IGNORE_INDEX = -100
+from anyorder_ray.data.encoding import IGNORE_INDEX, KIND_IDS
 
 
 def masked_cross_entropy(

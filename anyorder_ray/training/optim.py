@@ -28,7 +28,7 @@ class LRSchedule:
 
     ``LambdaLR`` saves a callable object's ``__dict__`` in its state dict, so ``total`` (and ``warmup``) set by
     a time budget (``set_total``), and the budget's own progress (``budget_fixes``, ``elapsed_s``, kept by
-    ``train.StepBudget``), survive a checkpoint and resume exactly.
+    ``training.budget.StepBudget``), survive a checkpoint and resume exactly.
     """
 
     def __init__(self, warmup_ratio: float, total: int, style: str) -> None:

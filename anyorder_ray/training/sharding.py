@@ -43,9 +43,9 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedTokenizerBase
 
-from anyorder_ray.checkpointing import TrainingState, load_training_state, unwrap, write_training_state
 from anyorder_ray.config import ModelConfig
-from anyorder_ray.factory import build_model, build_model_config
+from anyorder_ray.models.factory import build_model, build_model_config
+from anyorder_ray.training.checkpoint import TrainingState, load_training_state, unwrap, write_training_state
 
 logger = logging.getLogger(__name__)
 

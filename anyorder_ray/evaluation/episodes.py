@@ -1,0 +1,123 @@
+"""Live episodes: the policy plays many worlds in lockstep, so each step of all live episodes costs one forward."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
+from envs.base import World
+
+__all__ = ["EpisodeResult", "EpisodeStats", "run_episodes"]
+
+
+@dataclass(frozen=True, slots=True)
+class EpisodeResult:
+    """One policy episode: ``success`` is the world's own success check; ``actions`` as taken."""
+
+    seed: int
+    success: bool
+    length: int
+    reward: float
+    actions: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EpisodeStats:
+    """Outcome of ``run_episodes``; ``results`` are in the order of the seeds given."""
+
+    successes: int
+    episodes: int
+    mean_length: float
+    results: tuple[EpisodeResult, ...]
+    seconds: float
+
+    @property
+    def success_rate(self) -> float:
+        return self.successes / self.episodes if self.episodes else 0.0
+
+    @property
+    def episodes_per_s(self) -> float:
+        return self.episodes / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass
+class _Slot:
+    """Mutable per-environment episode state inside ``run_episodes``."""
+
+    index: int
+    seed: int
+    mission: str
+    obs: str
+    history: deque
+    actions: list[str]
+
+
+def run_episodes(
+    model: nn.Module,
+    scorer: ActionScorer,
+    make_world: Callable[[], World],
+    seeds: Sequence[int],
+    *,
+    batch_envs: int,
+) -> EpisodeStats:
+    """Play one episode per seed with ``scorer.act``, ``batch_envs`` worlds in lockstep.
+
+    ``make_world`` builds one world (e.g. ``lambda: envs.make_world(env_cfg, expert=False)``); ``min(batch_envs,
+    len(seeds))`` are built. Every lockstep step scores all live worlds with one batched forward; a finished slot is
+    refilled with the next seed. ``batch_envs=1`` is the one-world-at-a-time loop. Results do not depend on
+    ``batch_envs`` for a model whose per-sequence output does not depend on the rest of the batch.
+    """
+    if batch_envs < 1:
+        raise ValueError(f"batch_envs must be >= 1, got {batch_envs}")
+    seeds = [int(s) for s in seeds]
+    start = time.perf_counter()
+    results: list[EpisodeResult | None] = [None] * len(seeds)
+    worlds = [make_world() for _ in range(min(batch_envs, len(seeds)))]
+    # The policy sees at most history_steps past steps: keep no more than that.
+    keep = max(scorer.history_steps, 0)
+    slots: list[_Slot | None] = [None] * len(worlds)
+    next_seed = 0
+
+    def refill(k: int) -> None:
+        nonlocal next_seed
+        if next_seed >= len(seeds):
+            slots[k] = None
+            return
+        obs, mission = worlds[k].reset(seeds[next_seed])
+        slots[k] = _Slot(next_seed, seeds[next_seed], mission, obs, deque(maxlen=keep), [])
+        next_seed += 1
+
+    for k in range(len(worlds)):
+        refill(k)
+    while True:
+        live = [k for k, s in enumerate(slots) if s is not None]
+        if not live:
+            break
+        queries = [PolicyQuery(slots[k].mission, tuple(slots[k].history), slots[k].obs) for k in live]
+        actions = scorer.act(model, queries)
+        for k, action in zip(live, actions, strict=True):
+            slot, world = slots[k], worlds[k]
+            res = world.step(action)
+            if keep:
+                slot.history.append((slot.obs, action))
+            slot.obs = res.obs
+            slot.actions.append(action)
+            if world.done:
+                results[slot.index] = EpisodeResult(
+                    slot.seed, world.success, world.num_steps, float(res.reward), tuple(slot.actions)
+                )
+                refill(k)
+    done = tuple(r for r in results if r is not None)
+    n = len(done)
+    return EpisodeStats(
+        successes=sum(r.success for r in done),
+        episodes=n,
+        mean_length=sum(r.length for r in done) / n if n else 0.0,
+        results=done,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,481 @@
+"""The training recipe: one worker's whole training run as an object, ``setup`` / ``train`` / ``save_checkpoint`` /
+``cleanup`` (torchtune's recipe shape). No Ray here.
+
+The recipe holds the model, optimizer, LR schedule, step budget, batch maker and data source, and every random
+stream. What connects it to the outside world is passed in:
+
+- a ``Session`` (the worker's process group and its reports: ``roles.train_loop.RaySession`` inside a TorchTrainer,
+  ``LocalSession`` in this process),
+- a data source (``roles.train_loop.BufferSource`` over the buffer actor, ``data.batching.LocalSource`` over a list),
+- optionally an ``Evaluator`` (``roles.train_loop.EvalClient`` talks to the eval actor) and a metrics log.
+
+Resuming is exact: a checkpoint holds the weights, optimizer, LR schedule, step and one ``RankState`` per rank (RNG
+streams, pending pre-bucketed batches, buffer view, token count), so a restarted worker group reports the same
+metrics from the restore point on as a run that never failed (same seed, fixed data, deterministic kernels).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from anyorder_ray.config import ExperimentConfig, MaskingConfig
+from anyorder_ray.data.batching import BatchMaker
+from anyorder_ray.data.encoding import UnitEncoder
+from anyorder_ray.models.factory import build_model, build_tokenizer
+from anyorder_ray.training.budget import StepBudget
+from anyorder_ray.training.checkpoint import (
+    RankState,
+    RngState,
+    TrainingState,
+    load_training_state,
+    load_weights_into,
+    save_checkpoint,
+)
+from anyorder_ray.training.objective import data_parallel_normaliser, masked_cross_entropy, target_token_weights
+from anyorder_ray.training.optim import lr_schedule, make_optimizer
+from anyorder_ray.training.sharding import (
+    build_sharded_model,
+    gradient_sync,
+    is_sharded,
+    load_sharded_checkpoint,
+    run_idle_experts,
+    save_sharded_checkpoint,
+)
+from envs.trajectory import Trajectory
+
+__all__ = ["Evaluator", "LocalSession", "Session", "StepStats", "TrainingRecipe", "TrajectorySource", "train_step"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the recipe is given.
+
+
+class Session(Protocol):
+    """A worker's link to its process group and to whoever collects its reports and checkpoints."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Wrap a replicated model for data parallelism (DDP) and move it to ``device``."""
+        ...
+
+    def restore_dir(self) -> contextlib.AbstractContextManager[Path | None]:
+        """The folder of the checkpoint to resume from while the context is open (None: a fresh start)."""
+        ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str | None) -> None:
+        """Report ``metrics`` (every rank, every time), with this rank's part of checkpoint ``name`` when given."""
+        ...
+
+    def latest_checkpoint(self) -> Any:
+        """The last reported checkpoint, as the eval actor can load it (rank 0)."""
+        ...
+
+
+class TrajectorySource(Protocol):
+    """Where a worker's training trajectories come from. The recipe seeds ``rng`` (its draws) and checkpoints it."""
+
+    rng: np.random.Generator
+
+    @property
+    def size(self) -> int: ...
+
+    def refresh(self, limit: int | None = None) -> int: ...
+
+    def wait_until(self, min_size: int) -> int: ...
+
+    def sample(self, n: int) -> list[Trajectory]: ...
+
+
+class Evaluator(Protocol):
+    """Rank 0's asynchronous evaluation (every rank calls ``submit`` / ``final``: a sharded model gathers)."""
+
+    def submit(self, model: torch.nn.Module, step: int) -> bool: ...
+
+    def submit_checkpoint(self, checkpoint: Any, step: int) -> bool: ...
+
+    def poll(self) -> dict[str, float]: ...
+
+    def final(self, model: torch.nn.Module, step: int, episodes: int, checkpoint: Any = None) -> dict[str, float]: ...
+
+
+class LocalSession:
+    """The recipe in this process, without Ray: rank 0 of 1, reports kept in ``reports`` and checkpoints copied
+    into ``checkpoint_root/<name>`` (resumed from ``resume_from`` when given)."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, checkpoint_root: str | Path | None = None, resume_from: str | Path | None = None) -> None:
+        self.device = torch.device("cpu")
+        self.checkpoint_root = Path(checkpoint_root) if checkpoint_root is not None else None
+        self.resume_from = Path(resume_from) if resume_from is not None else None
+        self.reports: list[dict[str, Any]] = []
+        self.checkpoints: list[Path] = []
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device)
+
+    @contextlib.contextmanager
+    def restore_dir(self) -> Iterator[Path | None]:
+        yield self.resume_from
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, name: str | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None and self.checkpoint_root is not None:
+            import shutil
+
+            target = self.checkpoint_root / (name or f"checkpoint_{len(self.checkpoints):06d}")
+            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+            self.checkpoints.append(target)
+
+    def latest_checkpoint(self) -> Path | None:
+        return self.checkpoints[-1] if self.checkpoints else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One optimizer step.
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: float
+    grad_norm: float
+    tokens: int
+    padded_tokens: int
+    target_tokens: int
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    micro_batches: Sequence[dict[str, torch.Tensor]],
+    max_grad_norm: float,
+    device: torch.device,
+    weighting: MaskingConfig | None = None,
+) -> StepStats:
+    """One optimizer step over ``micro_batches``: the exact (weighted) mean over the step's global targets.
+
+    ``weighting`` (the arm's ``MaskingConfig``) sets per-unit normalisation and per-kind weights; None, or
+    uniform weights, is the plain token mean.
+    """
+    model.train()
+    labels_all = [mb["labels"] for mb in micro_batches]
+    weights = None
+    if weighting is not None and not weighting.weights_are_uniform():
+        m = weighting
+        weights = [
+            target_token_weights(
+                mb["labels"], mb["unit_ids"], mb["unit_kinds"], m.loss_norm, m.obs_weight, m.act_weight
+            )
+            for mb in micro_batches
+        ]
+    normaliser = data_parallel_normaliser(labels_all, weights=weights)
+    total = 0.0
+    for i, mb in enumerate(micro_batches):
+        ids = mb["input_ids"].to(device)
+        mask = mb["attention_mask"].to(device)
+        labels = mb["labels"].to(device)
+        w = weights[i].to(device) if weights is not None else None
+        with gradient_sync(model, enabled=i == len(micro_batches) - 1):  # reduce once, after the last
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = masked_cross_entropy(logits, labels, num_targets=normaliser.to(device), token_weights=w)
+            loss.backward()
+        total += float(loss.detach())
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+    padded = sum(mb["attention_mask"].numel() for mb in micro_batches)
+    targets = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+    return StepStats(total, float(grad_norm), tokens, padded, targets)
+
+
+@dataclass
+class _Window:
+    """Sums over the steps since the last report."""
+
+    tokens: int = 0
+    padded: int = 0
+    targets: int = 0
+    loss: float = 0.0
+    steps: int = 0
+    t0: float = 0.0
+
+    def add(self, stats: StepStats) -> None:
+        self.tokens += stats.tokens
+        self.padded += stats.padded_tokens
+        self.targets += stats.target_tokens
+        self.loss += stats.loss
+        self.steps += 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The recipe.
+
+
+class TrainingRecipe:
+    """One worker's training run. ``setup()`` builds everything (and resumes), ``train()`` runs the steps with
+    reports, evaluations and checkpoints, ``cleanup()`` releases what ``setup`` took.
+
+    Args:
+        cfg: the trial's config (its ``masking`` section is the arm).
+        session: the worker's process group and report sink.
+        source: the training trajectories.
+        evaluator: rank 0's eval client (other ranks get one too when a sharded model must join a gather of the
+            weights, None otherwise); evaluation happens when ``cfg.eval.enabled``.
+        buffer_stats: rank 0 adds these ``rollout/...`` metrics to every report.
+        metrics_log: JSONL file rank 0 appends every report to (with a ``resumed_from_step`` line after a restart).
+        after_step: called with ``(step, rank)`` after every step (tests inject faults with it).
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        session: Session,
+        source: TrajectorySource,
+        evaluator: Evaluator | None = None,
+        buffer_stats: Callable[[], dict[str, float]] | None = None,
+        metrics_log: str | None = None,
+        after_step: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.session = session
+        self.source = source
+        self.evaluator = evaluator
+        self.buffer_stats = buffer_stats
+        self.metrics_log = metrics_log
+        self.after_step = after_step
+        self.step = 0
+        self.total_tokens = 0
+
+    # -- setup -------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg, rank = self.cfg, self.session.rank
+        if not cfg.train.use_gpu:
+            torch.set_num_threads(cfg.train.torch_threads)
+        seed = cfg.train.seed * 1000 + rank
+        torch.manual_seed(cfg.train.seed)  # same init on every rank (DDP also broadcasts it)
+        np.random.seed(seed)
+        random.seed(seed)  # captured in checkpoints too: seeded, so a run is reproducible from its seed alone
+
+        self.tokenizer = build_tokenizer(cfg.model, cfg.env)
+        self.model = self._build_model()
+        if cfg.model.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer, self.scheduler = make_optimizer(self.model, cfg.train)
+        encoder = UnitEncoder(self.tokenizer)
+        self.batches = BatchMaker(cfg.data, cfg.masking, encoder, self.tokenizer.pad_token_id, seed)
+        self.source.rng = np.random.default_rng([seed, 0])
+        self.generators = {"source": self.source.rng, **self.batches.generators()}
+
+        view_size = None
+        with self.session.restore_dir() as directory:
+            if directory is not None:
+                view_size = self._resume(directory)
+        # The fixed regime's buffer only appends, so the checkpointed view is a prefix of it: restore exactly that
+        # view (later refreshes then see what the uninterrupted run saw). A streaming view may be evicted by now.
+        if cfg.data.regime != "fixed":
+            view_size = None
+        self.source.wait_until(max(cfg.data.start_size(), view_size or 0))
+        if view_size:
+            self.source.refresh(limit=view_size)
+        self.budget = StepBudget(cfg.train.max_steps, cfg.train.time_budget_s, lr_schedule(self.scheduler),
+                                 start_step=self.step)  # fmt: skip
+
+    def _build_model(self) -> torch.nn.Module:
+        cfg = self.cfg
+        if cfg.train.data_parallel_mode == "fsdp2":  # sharded from the start: no rank builds the full model
+            return build_sharded_model(cfg.model, self.tokenizer, self.session.device, cfg.train.seed,
+                                       mixed_precision=cfg.train.enable_mixed_precision,
+                                       activation_checkpointing=cfg.train.enable_gradient_checkpointing)  # fmt: skip
+        model = build_model(cfg.model, self.tokenizer, seed=cfg.train.seed)
+        if cfg.train.enable_gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if self.session.world_size > 1:
+            run_idle_experts(model)  # DDP's all-reduce needs every expert's gradient from every rank
+        return self.session.prepare_model(model)
+
+    def _resume(self, directory: Path) -> int | None:
+        """Load the checkpoint in ``directory``; returns this rank's checkpointed buffer view size."""
+        if is_sharded(self.model):
+            state = load_sharded_checkpoint(directory, self.model, self.optimizer)  # DCP, collective
+        else:
+            load_weights_into(self.model, directory)
+            state = load_training_state(directory)
+            self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.step = state.step
+        mine = state.rank(self.session.rank)
+        view_size = None
+        if mine is not None:
+            mine.rng.restore(self.generators)
+            self.batches.restore_pending(mine.pending)
+            self.total_tokens = mine.tokens
+            view_size = mine.view_size
+        print(f"[train] rank {self.session.rank}: resumed from step {self.step}", flush=True)
+        if self.session.rank == 0 and self.metrics_log:
+            _append_jsonl(self.metrics_log, {"resumed_from_step": self.step})
+        return view_size
+
+    # -- train -------------------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg, session = self.cfg, self.session
+        full = cfg.data.regime == "fixed" and self.source.size >= cfg.data.num_demos
+        accum, mbs = cfg.train.grad_accum_steps(), cfg.train.micro_batch_size
+        # Decided from the config alone, so every rank takes the same branches (and reports as often).
+        by_checkpoint = cfg.eval.enabled and cfg.eval.weights == "checkpoint"
+        window = _Window(t0=time.perf_counter())
+        self.budget.start()
+        while self.step < self.budget.total:
+            if not full and self.step % 20 == 0:
+                self.source.refresh()
+                full = cfg.data.regime == "fixed" and self.source.size >= cfg.data.num_demos
+            micro = [self.batches.bucketed(self.source, mbs) for _ in range(accum)]
+            stats = train_step(self.model, self.optimizer, self.scheduler, micro, cfg.train.max_grad_norm,
+                               session.device, cfg.masking)  # fmt: skip
+            self.step += 1
+            self.budget.after_step(self.step)
+            self.total_tokens += stats.tokens
+            window.add(stats)
+            last = self.step == self.budget.total  # every rank agrees: the budget's total is rank 0's, broadcast
+            eval_now = cfg.eval.enabled and self.step % cfg.eval.every_steps == 0 and not last
+            if eval_now and not by_checkpoint and self.evaluator is not None:
+                self.evaluator.submit(self.model, self.step)  # every rank: a sharded model gathers first
+            checkpoint = bool(cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0)
+            checkpoint |= eval_now and by_checkpoint
+            if last:
+                self._finish(self._metrics(window, stats))
+            elif self.step % cfg.train.report_every == 0 or checkpoint:
+                metrics = self._metrics(window, stats)
+                if session.rank == 0 and self.evaluator is not None:
+                    metrics.update(self.evaluator.poll())
+                self._report(metrics, checkpoint)
+                if eval_now and by_checkpoint and session.rank == 0 and self.evaluator is not None:
+                    self.evaluator.submit_checkpoint(session.latest_checkpoint(), self.step)
+            if last or self.step % cfg.train.report_every == 0 or checkpoint:
+                window = _Window(t0=time.perf_counter())
+            if self.after_step is not None:
+                self.after_step(self.step, session.rank)
+
+    def _metrics(self, window: _Window, stats: StepStats) -> dict[str, Any]:
+        """The ``train/...`` metrics of the steps since the last report (and ``rollout/...`` on rank 0)."""
+        world = self.session.world_size
+        elapsed = time.perf_counter() - window.t0
+        metrics: dict[str, Any] = {
+            "train/step": self.step,
+            "train/loss": window.loss / window.steps,
+            "train/grad_norm": stats.grad_norm,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/tokens_per_s": window.tokens * world / max(elapsed, 1e-9),
+            "train/target_tokens": window.targets / window.steps,
+            "train/padding_waste": 1.0 - window.tokens / max(window.padded, 1),
+            "train/total_tokens": self.total_tokens * world,
+            "train/planned_steps": self.budget.total,
+        }
+        if self.session.rank == 0 and self.buffer_stats is not None:
+            metrics.update(self.buffer_stats())
+        return metrics
+
+    def _report(self, metrics: dict[str, Any], checkpoint: bool, final: bool = False) -> None:
+        """Report ``metrics`` on every rank (with a checkpoint when asked) and log them on rank 0."""
+        name = f"checkpoint_{self.step:06d}" if checkpoint else None
+        with tempfile.TemporaryDirectory(prefix="aoray-ckpt-") as tmp:
+            folder = self.save_checkpoint(Path(tmp) / "checkpoint", metrics, final=final) if checkpoint else None
+            self.session.report(metrics, folder, name)
+        self._log(metrics)
+
+    def _finish(self, metrics: dict[str, Any]) -> None:
+        """The last step: the final checkpoint and the final evaluation (the trial's reported result)."""
+        episodes = self.cfg.eval.final_episodes
+        if self.cfg.eval.enabled and self.cfg.eval.weights == "checkpoint":
+            # The actor reads the checkpoint this report persists: report it first, then evaluate it and report the
+            # result as the trial's last word (every rank reports twice).
+            self._report(metrics, checkpoint=True, final=True)
+            final = {}
+            if self.session.rank == 0 and self.evaluator is not None:
+                final = self.evaluator.final(None, self.step, episodes, checkpoint=self.session.latest_checkpoint())
+            self._report({**metrics, **final, "eval/final": 1} if self.session.rank == 0 else metrics, False)
+            return
+        final = self.evaluator.final(self.model, self.step, episodes) if self.evaluator is not None else {}
+        if self.session.rank == 0:
+            metrics.update(final)
+            metrics["eval/final"] = 1
+        self._report(metrics, checkpoint=True, final=True)
+
+    def _log(self, metrics: dict[str, Any]) -> None:
+        if self.session.rank == 0 and self.metrics_log:
+            _append_jsonl(self.metrics_log, metrics)
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+
+    def rank_state(self) -> RankState:
+        return RankState(
+            rng=RngState.capture(self.generators),
+            pending=self.batches.pending(),
+            view_size=self.source.size,
+            tokens=self.total_tokens,
+        )
+
+    def save_checkpoint(self, folder: Path, metrics: dict[str, Any], final: bool = False) -> Path | None:
+        """Write this rank's part of a checkpoint into ``folder``; returns it, or None where this rank writes nothing.
+
+        Every rank's ``RankState`` is gathered to rank 0, which writes the HF weights and ``training_state.pt``; a
+        sharded model writes one DCP shard per rank (and the consolidated HF export when ``final``, or when the eval
+        actor reads its weights from checkpoints). Collective.
+        """
+        mine = self.rank_state()
+        ranks: list[RankState | None] = [None] * self.session.world_size
+        if self.session.world_size > 1:
+            torch.distributed.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        sharded = is_sharded(self.model)
+        state = None
+        if self.session.rank == 0:
+            state = TrainingState(
+                step=self.step,
+                optimizer={} if sharded else self.optimizer.state_dict(),  # sharded: in the DCP files instead
+                scheduler=self.scheduler.state_dict(),
+                ranks=tuple(ranks),
+                metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+            )
+        if sharded:  # every rank writes its shard into its own folder; Ray merges them into one checkpoint
+            export = final or self.cfg.eval.weights == "checkpoint"
+            save_sharded_checkpoint(folder, self.model, self.optimizer, self.tokenizer, state, export=export)
+            return folder
+        if self.session.rank == 0:
+            save_checkpoint(folder, self.model, self.tokenizer, state)
+            return folder
+        return None
+
+    # -- cleanup -----------------------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        """Release the model and optimizer (a worker group restarted in the same process starts clean)."""
+        for name in ("model", "optimizer", "scheduler", "batches"):
+            if hasattr(self, name):
+                delattr(self, name)
+
+
+def _append_jsonl(path: str, record: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
