@@ -17,7 +17,7 @@ from anyorder_ray.models.llada2_moe.modeling_llada2_moe import (
     LLaDA2MoeSparseMoeBlock,
     apply_partial_rotary,
 )
-from anyorder_ray.objective import IGNORE_INDEX, masked_cross_entropy
+from anyorder_ray.training.objective import IGNORE_INDEX, masked_cross_entropy
 
 VOCAB = 64
 
@@ -212,6 +212,44 @@ def test_attention_matches_a_naive_reference() -> None:
             heads.append(probs @ v)
         ref = attn.dense(torch.cat(heads, dim=-1))
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_attention_equals_sdpa_with_padding_and_4d_masks() -> None:
+    """``attn_implementation: eager`` (the explicit softmax) and ``sdpa`` give the same logits and gradients, with a
+    padded batch and with a packed 4-D mask; the choice is read at call time, so it can be set after the build."""
+    model = _model()
+    ids = _ids(2, 9)
+    keep = torch.ones(2, 9, dtype=torch.long)
+    keep[1, 6:] = 0
+    block = _block_diagonal([4, 5])[None, None]
+    positions = torch.cat([torch.arange(4), torch.arange(5)])[None]
+    results = {}
+    for implementation in ("sdpa", "eager"):
+        model.config._attn_implementation = implementation
+        model.zero_grad(set_to_none=True)
+        padded = model(ids, attention_mask=keep).logits
+        packed = model(ids[:1], attention_mask=block, position_ids=positions).logits
+        (padded[keep.bool()].square().mean() + packed.square().mean()).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results[implementation] = (padded[keep.bool()].detach(), packed.detach(), grads)
+    (sdpa_pad, sdpa_packed, sdpa_grads), (eager_pad, eager_packed, eager_grads) = results["sdpa"], results["eager"]
+    torch.testing.assert_close(eager_pad, sdpa_pad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager_packed, sdpa_packed, rtol=1e-5, atol=1e-5)
+    assert len(eager_grads) == len(sdpa_grads) > 10
+    for a, b in zip(eager_grads, sdpa_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    model.config._attn_implementation = "sdpa"
+
+
+def test_the_model_config_key_selects_the_attention_implementation() -> None:
+    from anyorder_ray.config import ModelConfig
+    from anyorder_ray.models.factory import build_model, build_tokenizer
+    from envs import EnvConfig
+
+    cfg = ModelConfig(attn_implementation="eager", overrides={"num_hidden_layers": 2})
+    model = build_model(cfg, build_tokenizer(cfg, EnvConfig()), seed=0)
+    assert model.config._attn_implementation == "eager"
+    assert all(layer.attention.config._attn_implementation == "eager" for layer in model.model.layers)
 
 
 # --- partial rotary embedding ----------------------------------------------------------------------------------
