@@ -27,8 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from anyorder_ray.data.masking import MaskMode
-from envs.config import EnvConfig
-from envs.registry import env_problems
+from envs.registry import EnvConfig, env_problems
 
 LOSS_NORMS = ("token", "unit")
 

@@ -5,8 +5,7 @@ The library uses only what this package exports: the ``EnvConfig`` of a run, ``m
 """
 
 from envs.base import CollectStats, ExpertUnavailable, StepResult, World, collect_expert_trajectories, expert_episode
-from envs.config import EnvConfig
-from envs.registry import env_problems, make_world, register_world, registered_worlds, world_vocabulary
+from envs.registry import EnvConfig, env_problems, make_world, register_world, registered_worlds, world_vocabulary
 from envs.trajectory import UNIT_KINDS, Trajectory, Unit, UnitKind
 
 __all__ = [

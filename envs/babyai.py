@@ -46,7 +46,7 @@ from minigrid.envs.babyai.core.verifier import LOC_NAMES, OBJ_TYPES
 from minigrid.utils.baby_ai_bot import BabyAIBot, DisappearedBoxError
 
 from envs.base import ExpertUnavailable, StepResult
-from envs.config import EnvConfig
+from envs.registry import EnvConfig
 
 ACTION_NAMES: tuple[str, ...] = ("left", "right", "forward", "pickup", "drop", "toggle", "done")
 _ACTION_INDEX: dict[str, int] = {name: i for i, name in enumerate(ACTION_NAMES)}

@@ -1,4 +1,5 @@
-"""The one way into a world: a registry from ``EnvConfig.world`` to the module that adapts it.
+"""The one way into a world: ``EnvConfig`` (which world a run lives in) and the registry from ``EnvConfig.world`` to
+the module that adapts it.
 
 An adapter module provides three functions, imported lazily (a world's packages are heavy and optional):
 
@@ -15,18 +16,43 @@ Nothing outside ``envs/`` imports an adapter module: the library calls ``make_wo
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from envs.base import World
-    from envs.config import EnvConfig
 
 _WORLDS: dict[str, str] = {"babyai": "envs.babyai"}
 
 
 def registered_worlds() -> tuple[str, ...]:
     return tuple(_WORLDS)
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Which world the agent lives in (the ``env`` section of an experiment). Keys only the world's adapter can judge
+    (``level``, ``obs_encoding``) are checked by ``env_problems``, which entry points call once, before Ray starts (it
+    imports the world's packages)."""
+
+    world: str = "babyai"
+    """Registered world adapter (``envs.registry.registered_worlds()``)."""
+    level: str = "BabyAI-GoToRedBallGrey-v0"
+    """The world's level or task id (BabyAI: a registered id or a short name like ``GoToLocal``)."""
+    max_episode_steps: int | None = None
+    """Cap on episode length; None uses the level's own limit."""
+    obs_encoding: str = "grid"
+    """How observations are written as text (BabyAI: ``grid`` or ``compact``, see ``envs.babyai``)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.world not in registered_worlds():
+            problems.append(f"world {self.world!r} is unknown; allowed: {', '.join(registered_worlds())}")
+        if self.max_episode_steps is not None and self.max_episode_steps <= 0:
+            problems.append("max_episode_steps must be > 0")
+        if problems:
+            raise ValueError("invalid env config: " + "; ".join(problems))
 
 
 def register_world(name: str, module: str) -> None:
