@@ -76,7 +76,8 @@ class DataConfig:
     buffer_capacity: int = 20000
     """Trajectories the buffer keeps; the oldest are evicted past it (streaming)."""
     min_buffer_size: int = 64
-    """Training starts once the buffer holds this many trajectories."""
+    """Streaming regime: training starts once the buffer holds this many trajectories. The fixed regime always waits
+    for its whole demo set, so what a run trains on never depends on how fast the rollout actors were."""
     bucket_pool_batches: int = 32
     """Micro-batches encoded at once and grouped by length (more: less padding; 8 measured 5.6%, 32 1-2%)."""
 
@@ -98,8 +99,8 @@ class DataConfig:
         _raise("data", p)
 
     def start_size(self) -> int:
-        """Trajectories needed before training starts."""
-        return min(self.min_buffer_size, self.num_demos) if self.regime == "fixed" else self.min_buffer_size
+        """Trajectories needed before training starts: the whole demo set (fixed), ``min_buffer_size`` (streaming)."""
+        return self.num_demos if self.regime == "fixed" else self.min_buffer_size
 
 
 @dataclass(frozen=True)
@@ -222,10 +223,17 @@ class TrainConfig:
     global_batch_size: int = 32
     micro_batch_size: int = 32
     max_steps: int = 600
+    """The step count when no budget is set; with a budget, only a cap."""
+    flop_budget: float | None = None
+    """Train on this many model FLOPs (forward + backward, ``training.budget.sequence_flops``) instead: the step count,
+    and with it the LR schedule's horizon, follows deterministically from the data, the masks and the seed (the mean
+    cost of a step is measured on a seeded probe of the trial's own batches before the first step), so the same config
+    trains the same steps on a quiet or a busy machine, and arms of one sweep get equal compute."""
+    token_budget: int | None = None
+    """Train on this many real (non-padding) tokens instead; planned like ``flop_budget``."""
     time_budget_s: float | None = None
-    """Train for this many seconds of wall time instead (capped by ``max_steps``): the step count, and with it
-    the LR schedule's horizon, is fixed from the measured step rate early in the run (see
-    ``training.budget.StepBudget``). Arms of one sweep then get equal wall time however costly their steps are."""
+    """Train for this many seconds of wall time instead (capped by ``max_steps``): the step count is fixed from the
+    measured step rate early in the run (``training.budget.StepBudget``), so it depends on the machine and its load."""
     num_workers: int = 1
     """Ray Train workers (DDP over gloo on CPU, NCCL on GPU)."""
     cpus_per_worker: float = 1.0
@@ -267,6 +275,10 @@ class TrainConfig:
         )
         _check(p, self.max_steps >= 1, "max_steps must be >= 1")
         _check(p, self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s must be > 0 (or null)")
+        _check(p, self.flop_budget is None or self.flop_budget > 0, "flop_budget must be > 0 (or null)")
+        _check(p, self.token_budget is None or self.token_budget > 0, "token_budget must be > 0 (or null)")
+        budgets = [k for k in ("flop_budget", "token_budget", "time_budget_s") if getattr(self, k) is not None]
+        _check(p, len(budgets) <= 1, f"set at most one of flop_budget, token_budget, time_budget_s (got {budgets})")
         _check(p, self.cpus_per_worker > 0, "cpus_per_worker must be > 0")
         _check(p, self.torch_threads >= 1, "torch_threads must be >= 1")
         _check(p, self.data_parallel_mode in ("ddp", "fsdp2"), "data_parallel_mode must be 'ddp' or 'fsdp2'")
@@ -277,6 +289,24 @@ class TrainConfig:
 
     def grad_accum_steps(self) -> int:
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+    def compute_budget(self) -> tuple[str, float] | None:
+        """``("flops", amount)`` or ``("tokens", amount)`` when the run trains on a compute budget, else None."""
+        if self.flop_budget is not None:
+            return "flops", float(self.flop_budget)
+        if self.token_budget is not None:
+            return "tokens", float(self.token_budget)
+        return None
+
+    def budget_label(self) -> str:
+        """The budget for tables: ``2e+14 FLOPs``, ``5e+06 tokens``, ``120 s`` or ``600 steps``."""
+        if self.flop_budget is not None:
+            return f"{self.flop_budget:.3g} FLOPs"
+        if self.token_budget is not None:
+            return f"{self.token_budget:.3g} tokens"
+        if self.time_budget_s is not None:
+            return f"{self.time_budget_s:g} s"
+        return f"{self.max_steps} steps"
 
     def warmup_steps(self) -> int:
         return int(self.lr_warmup_ratio * self.max_steps)

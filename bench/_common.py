@@ -21,35 +21,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from anyorder_ray.training.budget import model_flops_per_token  # noqa: F401  (the benches' FLOP count: the budget's)
+
 if TYPE_CHECKING:
-    from anyorder_ray.models.llada2_moe import LLaDA2MoeConfig
     from envs import CollectStats, EnvConfig, Trajectory
 
 # ---------------------------------------------------------------------------------------------------------
 # Compute.
-
-
-def model_flops_per_token(config: LLaDA2MoeConfig, length: int) -> float:
-    """Forward matmul FLOPs per token at sequence length ``length`` (multiply by 3 for a training step).
-
-    ``2 x`` the active matmul parameters per token, plus the attention scores and weighted sum
-    (``4 * length * n_q * d`` per layer: bidirectional, every query sees all ``length`` keys). For MoE layers
-    only the router, the ``k`` routed experts a token uses and the shared experts count (active params);
-    the embedding lookup is not a matmul and is not counted, the LM head is.
-    """
-    h, d = config.hidden_size, config.head_dim
-    n_q, n_kv = config.num_attention_heads, config.num_key_value_heads
-    attention = 2 * h * (n_q + 2 * n_kv) * d + 2 * n_q * d * h + 4 * length * n_q * d
-    total = 0.0
-    for layer in range(config.num_hidden_layers):
-        total += attention
-        if config.is_moe_layer(layer):
-            i_moe = config.moe_intermediate_size
-            total += 2 * h * config.num_experts
-            total += (config.num_experts_per_tok + config.num_shared) * 6 * h * i_moe
-        else:
-            total += 6 * h * config.intermediate_size
-    return total + 2 * h * config.vocab_size
 
 
 def measure_matmul_flops(seconds: float = 2.0) -> float:

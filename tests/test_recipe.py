@@ -75,3 +75,45 @@ def test_the_source_is_seeded_by_the_recipe(demos):
     recipe.setup()
     assert source.rng.bit_generator.state == np.random.default_rng([0, 0]).bit_generator.state  # seed 0, rank 0
     recipe.cleanup()
+
+
+def test_a_compute_budget_plans_its_steps_from_the_data_alone_and_spends_about_that_much(demos):
+    threads = torch.get_num_threads()
+    fixed = _run(_cfg(max_steps=7, checkpoint_every=0), demos, LocalSession())
+    per_step = fixed[-1]["train/total_flops"] / 7
+    budget = 6.5 * per_step
+    runs = [_run(_cfg(max_steps=1000, flop_budget=budget, checkpoint_every=0), demos, LocalSession()) for _ in "ab"]
+    torch.set_num_threads(threads)
+    a, b = runs
+    assert a[-1]["train/planned_steps"] == b[-1]["train/planned_steps"] == a[-1]["train/step"]  # deterministic
+    assert 6 <= a[-1]["train/step"] <= 8  # the probe's estimate of a step's cost is close to the real one
+    assert [r["train/loss"] for r in a] == [r["train/loss"] for r in b]
+    used = a[-1]["train/total_flops"]
+    assert 0.85 * budget < used < 1.25 * budget
+    # The probe draws with its own streams and the plan sets the LR horizon before step 0: a 7-step plan trains
+    # exactly what a plain 7-step run trains.
+    assert a[-1]["train/step"] != 7 or [r["train/loss"] for r in a] == [r["train/loss"] for r in fixed]
+
+
+def test_a_token_budget_and_a_resumed_plan(demos, tmp_path):
+    threads = torch.get_num_threads()
+    session = LocalSession(checkpoint_root=tmp_path)
+    whole = _run(_cfg(max_steps=1000, token_budget=6000, checkpoint_every=2), demos, session)
+    planned = whole[-1]["train/planned_steps"]
+    again = _run(_cfg(max_steps=1000, token_budget=6000, checkpoint_every=2), demos,
+                 LocalSession(resume_from=session.checkpoints[0]))  # fmt: skip
+    torch.set_num_threads(threads)
+    assert 2 < planned < 1000 and whole[-1]["train/step"] == planned
+    assert 0.8 * 6000 < whole[-1]["train/total_tokens"] < 1.25 * 6000  # a 16-step probe's estimate of ~7 steps
+    assert again[-1]["train/planned_steps"] == planned  # the plan travels in the checkpoint, it is not redone
+    assert [r["train/loss"] for r in again] == [r["train/loss"] for r in whole[1:]]
+
+
+def test_budgets_are_exclusive_and_labelled():
+    from anyorder_ray.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="at most one of flop_budget, token_budget, time_budget_s"):
+        TrainConfig(flop_budget=1e12, time_budget_s=60)
+    assert TrainConfig(flop_budget=2e14).compute_budget() == ("flops", 2e14)
+    assert TrainConfig(token_budget=5_000_000).budget_label() == "5e+06 tokens"
+    assert TrainConfig(max_steps=600).budget_label() == "600 steps" and TrainConfig().compute_budget() is None

@@ -39,7 +39,9 @@ def test_rows_name_the_arm_and_carry_the_final_metrics(tmp_path):
     assert md == markdown_table(rows)
     lines = md.splitlines()
     assert len(lines) == 4
-    assert "| any_order@0.3 | 0 | 0.900 [0.850, 0.940] | 200 | 0.500 | 0.200 | 600 | 1000000 |" in lines[2]
+    assert (
+        "| any_order@0.3 | 0 | 0.900 [0.850, 0.940] | 200 | 0.500 | 0.200 | 600 | 600 steps | – | 1000000 |" in lines[2]
+    )
     assert lines[3].startswith("| causal | 1 | – [–, –]") and lines[3].endswith("error |")
     with (tmp_path / "results.csv").open() as f:
         read = list(csv.DictReader(f))
@@ -162,7 +164,7 @@ def test_arm_summary_pools_seeds_and_compares_with_the_reference(tmp_path):
     md = write_summary(rows, tmp_path)
     assert (tmp_path / "summary.md").read_text().strip() == md
     assert "| causal | 2 | 0.850 [" in md and "-0.050 (0.0" in md
-    assert "| 100 | 60.000 |" in md  # mean steps of the seeds as a count
+    assert "| 100 | 600 steps | – | 60.000 |" in md  # mean steps of the seeds as a count, the arm's budget
     with (tmp_path / "summary.csv").open() as f_csv:
         assert len(list(csv.DictReader(f_csv))) == 3
 
@@ -185,3 +187,10 @@ def test_an_atomic_directory_appears_whole_with_normal_permissions(tmp_path):
     with atomic_directory(target) as tmp:  # an existing folder is replaced whole
         (tmp / "other").write_text("x")
     assert [p.name for p in target.iterdir()] == ["other"]
+
+
+def test_rows_say_which_budget_each_arm_had_and_what_it_used():
+    cfg = config_from_dict({"train": {"flop_budget": 2.0e14}, "sweep": {"arms": [{"mode": "causal"}]}})
+    row = make_row("t", cfg.trial({"arm": "causal"}), {"train/total_flops": 2.013e14, "train/step": 1234}, "ok")
+    assert (row["budget"], row["train_flops"], row["train_steps"]) == ("2e+14 FLOPs", 2.013e14, 1234)
+    assert "| 1234 | 2e+14 FLOPs | 2.01e+14 |" in markdown_table([row])

@@ -159,3 +159,39 @@ def test_two_ddp_workers_train_the_moe_model(tmp_path):
     with (tmp_path / "ddp2" / "results.csv").open() as f:
         (row,) = list(csv.DictReader(f))
     assert row["status"] == "ok" and float(row["train_steps"]) == 12
+
+
+def _trial_log(run_dir: Path) -> list[dict]:
+    (log,) = list((run_dir / "train").glob("train-*/metrics.jsonl"))
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_a_compute_budget_trains_and_scores_the_same_on_a_quiet_and_a_loaded_machine(tmp_path):
+    """The same config and seed, once alone and once next to a process that keeps a core busy: the same planned
+    steps, the same losses at every report and the same final success, to the episode (only speeds differ)."""
+    args = ["--config", str(SMOKE), "--num-cpus", "2", f"train.output_dir={tmp_path}", "train.token_budget=9000",
+            "train.max_steps=1000", "sweep.arms=[{mode: cut_focus, mask_prob: 0.3, loss_norm: unit}]"]  # fmt: skip
+    logs = {}
+    for name in ("quiet", "loaded"):
+        burner = None
+        if name == "loaded":
+            burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            cmd = [sys.executable, "-m", "anyorder_ray.sweep", "--name", name, *args]
+            proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+        finally:
+            if burner is not None:
+                burner.kill()
+                burner.wait()
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        logs[name] = _trial_log(tmp_path / name)
+    quiet, loaded = logs["quiet"], logs["loaded"]
+    planned = quiet[-1]["train/planned_steps"]
+    assert 5 <= planned < 1000 and quiet[-1]["train/step"] == planned
+    deterministic = ("train/step", "train/loss", "train/grad_norm", "train/lr", "train/total_tokens",
+                     "train/total_flops", "train/planned_steps")  # fmt: skip
+    assert [[r[k] for k in deterministic] for r in loaded] == [[r[k] for k in deterministic] for r in quiet]
+    final = ("eval/success_rate", "eval/episodes", "eval/world_model_nll", "eval/action_nll")
+    assert [loaded[-1][k] for k in final] == [quiet[-1][k] for k in final]
+    assert quiet[-1]["eval/final"] == loaded[-1]["eval/final"] == 1

@@ -50,6 +50,12 @@ class TrajectoryView:
         self._cum = np.cumsum([count for _, _, count in self._entries], dtype=np.int64)
         return self.size
 
+    def fork(self, rng: np.random.Generator) -> TrajectoryView:
+        """A view of the same trajectories drawing with its own generator (this view's draws are untouched)."""
+        other = TrajectoryView(rng)
+        other.update(self._entries)
+        return other
+
     def sample(self, n: int) -> list[Trajectory]:
         """``n`` trajectories drawn uniformly with replacement."""
         if self.size == 0:

@@ -32,7 +32,9 @@ COLUMNS = (
     "world_model_nll_per_obs",
     "action_nll",
     "train_steps",
+    "budget",
     "train_tokens",
+    "train_flops",
     "wall_s",
     "checkpoint",
     "status",
@@ -67,7 +69,9 @@ def make_row(trial: str, cfg: ExperimentConfig, metrics: dict, status: str) -> d
         "world_model_nll_per_obs": _num(metrics, "eval/world_model_nll_per_obs"),
         "action_nll": _num(metrics, "eval/action_nll"),
         "train_steps": _count(metrics, "train/step"),
+        "budget": cfg.train.budget_label(),
         "train_tokens": _count(metrics, "train/total_tokens"),
+        "train_flops": _num(metrics, "train/total_flops"),
         "wall_s": _num(metrics, "time_total_s"),
         "checkpoint": metrics.get("checkpoint_path", ""),
         "status": status,
@@ -101,18 +105,20 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         if math.isnan(v):
             return "–"
+        if abs(v) >= 1e7:
+            return f"{v:.3g}"
         return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["arm", "seed", "success [95% CI]", "episodes", "world-model NLL", "action NLL", "steps", "train tokens",
-            "wall s", "status"]  # fmt: skip
+    cols = ["arm", "seed", "success [95% CI]", "episodes", "world-model NLL", "action NLL", "steps", "budget",
+            "FLOPs used", "train tokens", "wall s", "status"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         ci = f"{_fmt(r['success'])} [{_fmt(r['success_low'])}, {_fmt(r['success_high'])}]"
         vals = [r["arm"], r["seed"], ci, r["episodes"], r["world_model_nll"], r["action_nll"], r["train_steps"],
-                r["train_tokens"], r["wall_s"], r["status"]]  # fmt: skip
+                r["budget"], r["train_flops"], r["train_tokens"], r["wall_s"], r["status"]]  # fmt: skip
         lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
     return "\n".join(lines)
 
@@ -146,6 +152,8 @@ SUMMARY_COLUMNS = (
     "world_model_nll",
     "action_nll",
     "train_steps",
+    "budget",
+    "train_flops",
     "wall_s",
 )
 
@@ -185,6 +193,8 @@ def arm_summary(rows: list[dict[str, Any]], reference: str = "causal") -> list[d
             "world_model_nll": mean_of([r["world_model_nll"] for r in rs]),
             "action_nll": mean_of([r["action_nll"] for r in rs]),
             "train_steps": _round(mean_of([r["train_steps"] for r in rs])),
+            "budget": " / ".join(sorted({r["budget"] for r in rs})),
+            "train_flops": mean_of([r["train_flops"] for r in rs]),
             "wall_s": mean_of([r["wall_s"] for r in rs]),
         })  # fmt: skip
     return sorted(out, key=lambda r: -r["success"])
@@ -192,14 +202,14 @@ def arm_summary(rows: list[dict[str, Any]], reference: str = "causal") -> list[d
 
 def summary_markdown(summary: list[dict[str, Any]], reference: str = "causal") -> str:
     cols = ["arm", "seeds", "success [95% CI] (pooled episodes)", "seed range", f"vs {reference} (p)",
-            "world-model NLL / obs", "action NLL", "steps", "wall s"]  # fmt: skip
+            "world-model NLL / obs", "action NLL", "steps", "budget", "FLOPs used", "wall s"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in summary:
         ci = f"{_fmt(r['success'])} [{_fmt(r['success_low'])}, {_fmt(r['success_high'])}] of {r['episodes']}"
         spread = f"{_fmt(r['seed_success_min'])}–{_fmt(r['seed_success_max'])}"
         vs = "–" if math.isnan(r["vs_reference"]) else f"{r['vs_reference']:+.3f} ({r['p_value']:.2g})"
         vals = [r["arm"], r["seeds"], ci, spread, vs, r["world_model_nll_per_obs"], r["action_nll"],
-                r["train_steps"], r["wall_s"]]  # fmt: skip
+                r["train_steps"], r["budget"], r["train_flops"], r["wall_s"]]  # fmt: skip
         lines.append("| " + " | ".join(v if isinstance(v, str) else _fmt(v) for v in vals) + " |")
     return "\n".join(lines)
 

@@ -1,14 +1,82 @@
-"""How many steps a run trains: ``train.max_steps``, or as many as fit in ``train.time_budget_s``."""
+"""How much a run trains: a step count, a compute budget (model FLOPs or real tokens), or wall time.
+
+- Compute budgets (``train.flop_budget`` / ``train.token_budget``, the default for comparisons): before the first
+  step, a probe draws ``PROBE_STEPS`` steps' worth of micro-batches from the trial's own data with its own seeded
+  stream (the training streams are untouched), measures the mean cost of a step and plans ``ceil(budget / cost)``
+  steps. The plan depends only on the data, the masks and the seed, so the same config trains the same steps on a
+  quiet or a loaded machine; arms of one sweep get equal compute (each reports what it used).
+- Wall time (``train.time_budget_s``): the step rate is measured early in the run and the plan fixed from it, so
+  the step count depends on the machine and its load.
+
+Model FLOPs count the matmuls of a training step (forward + backward = 3 forwards) over the real tokens:
+``model_flops_per_token`` is the one definition, used by the budget, the reported ``train/total_flops`` and the
+benches' MFU.
+"""
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from anyorder_ray.training.optim import LRSchedule
 
-__all__ = ["StepBudget", "broadcast_int"]
+if TYPE_CHECKING:
+    from anyorder_ray.models.llada2_moe import LLaDA2MoeConfig
+
+__all__ = ["PROBE_STEPS", "StepBudget", "broadcast_int", "model_flops_per_token", "plan_compute_steps", "step_cost"]
+
+PROBE_STEPS = 16
+"""Steps' worth of micro-batches the compute-budget probe draws to measure the mean cost of a step."""
+
+
+def model_flops_per_token(config: LLaDA2MoeConfig, length: int) -> float:
+    """Forward matmul FLOPs per token at sequence length ``length`` (multiply by 3 for a training step).
+
+    ``2 x`` the active matmul parameters per token, plus the attention scores and weighted sum
+    (``4 * length * n_q * d`` per layer: bidirectional, every query sees all ``length`` keys). For MoE layers
+    only the router, the ``k`` routed experts a token uses and the shared experts count (active params);
+    the embedding lookup is not a matmul and is not counted, the LM head is.
+    """
+    h, d = config.hidden_size, config.head_dim
+    n_q, n_kv = config.num_attention_heads, config.num_key_value_heads
+    attention = 2 * h * (n_q + 2 * n_kv) * d + 2 * n_q * d * h + 4 * length * n_q * d
+    total = 0.0
+    for layer in range(config.num_hidden_layers):
+        total += attention
+        if config.is_moe_layer(layer):
+            i_moe = config.moe_intermediate_size
+            total += 2 * h * config.num_experts
+            total += (config.num_experts_per_tok + config.num_shared) * 6 * h * i_moe
+        else:
+            total += 6 * h * config.intermediate_size
+    return total + 2 * h * config.vocab_size
+
+
+def step_cost(config: LLaDA2MoeConfig, micro_batches: Sequence[dict[str, torch.Tensor]]) -> tuple[int, float]:
+    """Real tokens and training FLOPs (forward + backward) of one rank's micro-batches of a step."""
+    tokens, flops = 0, 0.0
+    for mb in micro_batches:
+        for length in mb["attention_mask"].sum(-1).tolist():
+            tokens += length
+            flops += 3.0 * length * model_flops_per_token(config, length)
+    return tokens, flops
+
+
+def plan_compute_steps(
+    kind: str, amount: float, max_steps: int, world_size: int, draw_step: Callable[[], Sequence[dict]], config
+) -> int:
+    """The step count of a compute budget: ``amount`` (``kind`` "flops" or "tokens", summed over ``world_size``
+    ranks) over the mean cost of ``PROBE_STEPS`` steps drawn by ``draw_step`` (one rank's micro-batches), rounded
+    up, capped by ``max_steps``."""
+    if kind not in ("flops", "tokens"):
+        raise ValueError(f"a compute budget is 'flops' or 'tokens', got {kind!r}")
+    costs = [step_cost(config, draw_step()) for _ in range(PROBE_STEPS)]
+    per_step = world_size * sum(c[0] if kind == "tokens" else c[1] for c in costs) / PROBE_STEPS
+    return max(1, min(max_steps, math.ceil(amount / per_step)))
 
 
 class StepBudget:

@@ -79,13 +79,14 @@ class RankState:
     """Where one rank stands: its random streams and its data pipeline.
 
     ``pending`` are the pre-bucketed micro-batches drawn (masks included) but not yet trained on; ``view_size`` is how
-    many trajectories of the buffer the rank's view held; ``tokens`` the real tokens it trained on so far.
+    many trajectories of the buffer the rank's view held; ``tokens`` and ``flops`` what it trained on so far.
     """
 
     rng: RngState
     pending: tuple[tuple[EncodedExample, ...], ...] = ()
     view_size: int = 0
     tokens: int = 0
+    flops: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class TrainingState:
                 pending=tuple(tuple(batch) for batch in r["pending"]),
                 view_size=int(r["view_size"]),
                 tokens=int(r["tokens"]),
+                flops=float(r.get("flops", 0.0)),
             )
             for r in raw["ranks"]
         )

@@ -26,14 +26,15 @@ def lr_factor(step: int, warmup: int, total: int, style: str) -> float:
 class LRSchedule:
     """``lr_factor`` as a picklable callable whose horizon can be fixed after the run starts.
 
-    ``LambdaLR`` saves a callable object's ``__dict__`` in its state dict, so ``total`` (and ``warmup``) set by
-    a time budget (``set_total``), and the budget's own progress (``budget_fixes``, ``elapsed_s``, kept by
-    ``training.budget.StepBudget``), survive a checkpoint and resume exactly.
+    ``LambdaLR`` saves a callable object's ``__dict__`` in its state dict, so ``total`` (and ``warmup``) set by a
+    budget (``set_total``), and the budget's own progress (``planned`` for a compute budget, ``budget_fixes`` and
+    ``elapsed_s`` for a time budget, kept by ``training.budget.StepBudget``), survive a checkpoint and resume exactly.
     """
 
     def __init__(self, warmup_ratio: float, total: int, style: str) -> None:
         self.warmup_ratio = float(warmup_ratio)
         self.style = style
+        self.planned = False
         self.budget_fixes = 0
         self.elapsed_s = 0.0
         self.set_total(total)
@@ -59,6 +60,17 @@ def make_optimizer(
     schedule = LRSchedule(cfg.lr_warmup_ratio, cfg.max_steps, cfg.lr_decay_style)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return optimizer, scheduler
+
+
+def set_horizon(scheduler: torch.optim.lr_scheduler.LambdaLR, total: int) -> None:
+    """Move the schedule's horizon to ``total`` steps and apply it to the optimizer's current LR at once (a plan made
+    before the first step must not leave step 0 at the old horizon's warmup LR)."""
+    schedule = lr_schedule(scheduler)
+    schedule.set_total(total)
+    lrs = [base * schedule(scheduler.last_epoch) for base in scheduler.base_lrs]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
 
 
 def lr_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> LRSchedule:

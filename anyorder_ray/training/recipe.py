@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from anyorder_ray.config import ExperimentConfig, MaskingConfig
-from anyorder_ray.data.batching import BatchMaker
+from anyorder_ray.data.batching import BatchMaker, TrajectoryView
 from anyorder_ray.data.encoding import UnitEncoder
 from anyorder_ray.models.factory import build_model, build_tokenizer
-from anyorder_ray.training.budget import StepBudget
+from anyorder_ray.training.budget import StepBudget, broadcast_int, plan_compute_steps, step_cost
 from anyorder_ray.training.checkpoint import (
     RankState,
     RngState,
@@ -41,9 +41,10 @@ from anyorder_ray.training.checkpoint import (
     load_training_state,
     load_weights_into,
     save_checkpoint,
+    unwrap,
 )
 from anyorder_ray.training.objective import data_parallel_normaliser, masked_cross_entropy, target_token_weights
-from anyorder_ray.training.optim import lr_schedule, make_optimizer
+from anyorder_ray.training.optim import lr_schedule, make_optimizer, set_horizon
 from anyorder_ray.training.sharding import (
     build_sharded_model,
     gradient_sync,
@@ -86,9 +87,11 @@ class Session(Protocol):
 
 
 class TrajectorySource(Protocol):
-    """Where a worker's training trajectories come from. The recipe seeds ``rng`` (its draws) and checkpoints it."""
+    """Where a worker's training trajectories come from. The recipe seeds ``rng`` (its draws) and checkpoints it;
+    ``view`` holds what it samples from (the compute-budget probe forks it)."""
 
     rng: np.random.Generator
+    view: TrajectoryView
 
     @property
     def size(self) -> int: ...
@@ -263,6 +266,7 @@ class TrainingRecipe:
         self.after_step = after_step
         self.step = 0
         self.total_tokens = 0
+        self.total_flops = 0.0
 
     # -- setup -------------------------------------------------------------------------------------------
 
@@ -279,9 +283,10 @@ class TrainingRecipe:
         self.model = self._build_model()
         if cfg.model.compile:
             self.model = torch.compile(self.model)
+        self.model_config = unwrap(self.model).config
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.train)
-        encoder = UnitEncoder(self.tokenizer)
-        self.batches = BatchMaker(cfg.data, cfg.masking, encoder, self.tokenizer.pad_token_id, seed)
+        self.encoder = UnitEncoder(self.tokenizer)
+        self.batches = BatchMaker(cfg.data, cfg.masking, self.encoder, self.tokenizer.pad_token_id, seed)
         self.source.rng = np.random.default_rng([seed, 0])
         self.generators = {"source": self.source.rng, **self.batches.generators()}
 
@@ -296,8 +301,24 @@ class TrainingRecipe:
         self.source.wait_until(max(cfg.data.start_size(), view_size or 0))
         if view_size:
             self.source.refresh(limit=view_size)
-        self.budget = StepBudget(cfg.train.max_steps, cfg.train.time_budget_s, lr_schedule(self.scheduler),
-                                 start_step=self.step)  # fmt: skip
+        schedule = lr_schedule(self.scheduler)
+        if cfg.train.compute_budget() is not None and not schedule.planned:
+            set_horizon(self.scheduler, self._plan_compute(seed))
+            schedule.planned = True
+        self.budget = StepBudget(cfg.train.max_steps, cfg.train.time_budget_s, schedule, start_step=self.step)
+
+    def _plan_compute(self, seed: int) -> int:
+        """The step count of the compute budget (rank 0's plan, broadcast), from a probe with its own streams."""
+        cfg = self.cfg
+        kind, amount = cfg.train.compute_budget()
+        probe = BatchMaker(cfg.data, cfg.masking, self.encoder, self.tokenizer.pad_token_id, seed + 2**40)
+        view = self.source.view.fork(np.random.default_rng([seed, 2]))
+        accum, mbs = cfg.train.grad_accum_steps(), cfg.train.micro_batch_size
+        draw = lambda: [probe.bucketed(view, mbs) for _ in range(accum)]  # noqa: E731
+        total = plan_compute_steps(kind, amount, cfg.train.max_steps, self.session.world_size, draw, self.model_config)
+        total = broadcast_int(total)
+        print(f"[train] budget {cfg.train.budget_label()}: {total} steps", flush=True)
+        return total
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -328,6 +349,7 @@ class TrainingRecipe:
             mine.rng.restore(self.generators)
             self.batches.restore_pending(mine.pending)
             self.total_tokens = mine.tokens
+            self.total_flops = mine.flops
             view_size = mine.view_size
         print(f"[train] rank {self.session.rank}: resumed from step {self.step}", flush=True)
         if self.session.rank == 0 and self.metrics_log:
@@ -354,6 +376,7 @@ class TrainingRecipe:
             self.step += 1
             self.budget.after_step(self.step)
             self.total_tokens += stats.tokens
+            self.total_flops += step_cost(self.model_config, micro)[1]
             window.add(stats)
             last = self.step == self.budget.total  # every rank agrees: the budget's total is rank 0's, broadcast
             eval_now = cfg.eval.enabled and self.step % cfg.eval.every_steps == 0 and not last
@@ -379,6 +402,7 @@ class TrainingRecipe:
         """The ``train/...`` metrics of the steps since the last report (and ``rollout/...`` on rank 0)."""
         world = self.session.world_size
         elapsed = time.perf_counter() - window.t0
+        total_tokens, total_flops = self._global_sums(self.total_tokens, self.total_flops)
         metrics: dict[str, Any] = {
             "train/step": self.step,
             "train/loss": window.loss / window.steps,
@@ -387,12 +411,22 @@ class TrainingRecipe:
             "train/tokens_per_s": window.tokens * world / max(elapsed, 1e-9),
             "train/target_tokens": window.targets / window.steps,
             "train/padding_waste": 1.0 - window.tokens / max(window.padded, 1),
-            "train/total_tokens": self.total_tokens * world,
+            "train/total_tokens": int(total_tokens),
+            "train/total_flops": total_flops,
             "train/planned_steps": self.budget.total,
         }
         if self.session.rank == 0 and self.buffer_stats is not None:
             metrics.update(self.buffer_stats())
         return metrics
+
+    def _global_sums(self, *values: float) -> list[float]:
+        """``values`` summed over the ranks (a collective: every rank calls it at every report)."""
+        if self.session.world_size == 1:
+            return list(values)
+        device = self.session.device if self.session.device.type == "cuda" else torch.device("cpu")
+        box = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(box)
+        return box.tolist()
 
     def _report(self, metrics: dict[str, Any], checkpoint: bool, final: bool = False) -> None:
         """Report ``metrics`` on every rank (with a checkpoint when asked) and log them on rank 0."""
@@ -432,6 +466,7 @@ class TrainingRecipe:
             pending=self.batches.pending(),
             view_size=self.source.size,
             tokens=self.total_tokens,
+            flops=self.total_flops,
         )
 
     def save_checkpoint(self, folder: Path, metrics: dict[str, Any], final: bool = False) -> Path | None:
