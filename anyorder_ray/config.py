@@ -26,10 +26,11 @@ from typing import Any, Literal
 
 import yaml
 
-from anyorder_ray.data.masking import MaskMode
+from anyorder_ray.data.masking import BLOCK_MODES, MaskMode
 from envs.registry import EnvConfig, env_problems
 
 LOSS_NORMS = ("token", "unit")
+LAYOUTS = ("sequence", "block")
 
 
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -170,6 +171,11 @@ class MaskingConfig:
     """Weight of observation targets (per token or per unit, following ``loss_norm``)."""
     act_weight: float = 1.0
     """Weight of action targets."""
+    layout: str = "sequence"
+    """``sequence``: one sampled mask per example, bidirectional attention (every mode). ``block``: every query of the
+    mode in a window in one sequence, block-causal over a clean copy and one masked block per query
+    (``data.encoding.encode_blocks``; modes causal, prefix, cut_focus; ``mask_prob`` unused); evaluation then
+    encodes its queries in the same layout."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mixture_range", tuple(self.mixture_range))
@@ -184,11 +190,17 @@ class MaskingConfig:
                f"{', '.join(LOSS_NORMS)}")  # fmt: skip
         _check(p, self.obs_weight >= 0 and self.act_weight >= 0, "obs_weight and act_weight must be >= 0")
         _check(p, self.obs_weight + self.act_weight > 0, "obs_weight and act_weight cannot both be 0")
+        _check(p, self.layout in LAYOUTS, f"layout {self.layout!r} is unknown; allowed: {', '.join(LAYOUTS)}")
+        if self.layout == "block":
+            _check(p, self.mode in BLOCK_MODES, f"layout block serves the modes {', '.join(BLOCK_MODES)}, "
+                   f"not {self.mode!r}")  # fmt: skip
+            _check(p, self.causal_prob == 0, "causal_prob mixes in sequence-layout examples: use it with layout "
+                   "sequence")  # fmt: skip
         _raise("masking", p)
 
     def uses_mask_prob(self) -> bool:
         """Whether ``mask_prob`` shapes this arm's masks."""
-        return MaskMode(self.mode).uses_mask_prob
+        return self.layout == "sequence" and MaskMode(self.mode).uses_mask_prob
 
     def label(self) -> str:
         """Short arm name for tables, from every field that differs from its default (so two different arms never
@@ -196,6 +208,8 @@ class MaskingConfig:
         name = f"{self.mode}@{self.mask_prob:g}" if self.uses_mask_prob() else self.mode
         if self.mode == MaskMode.MIXTURE and self.mixture_range != MaskingConfig.mixture_range:
             name += f"[{self.mixture_range[0]:g}-{self.mixture_range[1]:g}]"
+        if self.layout != "sequence":
+            name += f"+{self.layout}"
         if self.causal_prob:
             name += f"+q{self.causal_prob:g}"
         if self.loss_norm != "token":
@@ -325,6 +339,10 @@ class EvalConfig:
     num_cpus_per_actor: float = 0.5
     num_gpus_per_actor: float = 0.0
     """GPU share of each eval actor (e.g. 0.25: four share a GPU); > 0 runs its policy and NLL on CUDA."""
+    concurrent: bool = True
+    """Evaluate while training goes on (the actor needs CPUs or a GPU share of its own). ``false``: the trainer waits
+    for each evaluation, and the actor borrows the trainer's threads meanwhile, so on a small machine evaluation
+    does not slow training down (the wait is reported as ``train/eval_wait_s``, left out of ``train/tokens_per_s``)."""
     every_steps: int = 100
     """Training steps between pushing weights to the eval actor (it skips stale ones)."""
     episodes: int = 64

@@ -27,6 +27,7 @@ SCRIPTS = [
     "fsdp2_gpu",
     "compile_speed",
     "behaviour_parity",
+    "peer_loops",
 ]
 
 

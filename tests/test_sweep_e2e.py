@@ -171,7 +171,8 @@ def test_a_compute_budget_trains_and_scores_the_same_on_a_quiet_and_a_loaded_mac
     """The same config and seed, once alone and once next to a process that keeps a core busy: the same planned
     steps, the same losses at every report and the same final success, to the episode (only speeds differ)."""
     args = ["--config", str(SMOKE), "--num-cpus", "2", f"train.output_dir={tmp_path}", "train.token_budget=9000",
-            "train.max_steps=1000", "sweep.arms=[{mode: cut_focus, mask_prob: 0.3, loss_norm: unit}]"]  # fmt: skip
+            "train.max_steps=1000", "sweep.arms=[{mode: cut_focus, mask_prob: 0.3, loss_norm: unit}]",
+            "eval.concurrent=false"]  # fmt: skip
     logs = {}
     for name in ("quiet", "loaded"):
         burner = None
@@ -195,3 +196,5 @@ def test_a_compute_budget_trains_and_scores_the_same_on_a_quiet_and_a_loaded_mac
     final = ("eval/success_rate", "eval/episodes", "eval/world_model_nll", "eval/action_nll")
     assert [loaded[-1][k] for k in final] == [quiet[-1][k] for k in final]
     assert quiet[-1]["eval/final"] == loaded[-1]["eval/final"] == 1
+    # eval.concurrent=false: the trainer waited for its evaluations (every 4 steps) and says how long.
+    assert quiet[-1]["train/eval_wait_s"] > 0 and any("eval/success_rate" in r for r in quiet[:-1])

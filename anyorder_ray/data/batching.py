@@ -20,9 +20,10 @@ from anyorder_ray.data.encoding import (
     bucket_by_length,
     collate,
     crop_window,
+    encode_blocks,
     process_any_order_sft_example,
 )
-from anyorder_ray.data.masking import AnyOrderMaskSampler
+from anyorder_ray.data.masking import AnyOrderMaskSampler, block_targets
 from envs.trajectory import Trajectory
 
 __all__ = ["BatchMaker", "LocalSource", "TrajectoryView"]
@@ -109,6 +110,7 @@ class BatchMaker:
 
     def __init__(self, data: DataConfig, masking: MaskingConfig, encoder: UnitEncoder, pad_id: int, seed: int) -> None:
         self.data = data
+        self.masking = masking
         self.encoder = encoder
         self.pad_id = pad_id
         self.rng = np.random.default_rng([seed, 1])
@@ -127,11 +129,17 @@ class BatchMaker:
         for _ in range(8):
             window = crop_window(trajectory, self.data.window_steps, self.rng)
             try:
-                return process_any_order_sft_example(window, self.sampler, self.encoder, self.data.max_seq_len)
+                return self._encode(window)
             except ValueError as e:
                 if "masking needs" not in str(e):
                     raise
-        return process_any_order_sft_example(trajectory, self.sampler, self.encoder, self.data.max_seq_len)
+        return self._encode(trajectory)
+
+    def _encode(self, window: Trajectory) -> EncodedExample:
+        if self.masking.layout == "block":
+            targets = block_targets(self.masking.mode, window.kinds)
+            return encode_blocks(window.mission, window.units, targets, self.encoder, self.data.max_seq_len)
+        return process_any_order_sft_example(window, self.sampler, self.encoder, self.data.max_seq_len)
 
     def micro_batch(self, trajectories: Sequence[Trajectory]) -> dict[str, torch.Tensor]:
         return collate([self.example(t) for t in trajectories], self.pad_id)

@@ -13,6 +13,14 @@ Layout (world tokenizer; other tokenizers use the text markers of ``UnitMarkers`
 ``encode_units`` takes explicit roles and is what the policy and the NLL evaluation call;
 ``process_any_order_sft_example`` is ``encode_units`` with roles from a sampler. Sequences longer than
 ``max_length`` keep the mission and the most recent units that fit (never a partial unit).
+
+The block layout (``encode_blocks``) puts every query of a window into one sequence, the layout of LLaDA2.0's
+block-diffusion SFT: a clean stream (the mission, then every unit as is) followed by one block of mask tokens per
+target unit. Attention is block-causal: a clean unit sees the mission and the clean units up to itself; target block
+``j`` sees the mission, the clean units before ``j`` and itself; nothing sees a target block but itself. Target block
+``j`` sits at the positions unit ``j`` has in the clean stream, so its logits equal those of the query "everything
+before ``j``, then ``j`` masked" encoded alone in the same layout (``collate`` builds the 4-D mask and the
+positions from ``EncodedExample.blocks``).
 """
 
 from __future__ import annotations
@@ -39,7 +47,10 @@ __all__ = [
     "bucket_by_length",
     "collate",
     "crop_window",
+    "block_keep",
+    "encode_blocks",
     "encode_units",
+    "model_inputs",
     "padding_waste",
     "process_any_order_sft_example",
 ]
@@ -66,6 +77,9 @@ class EncodedExample:
         roles: one role per unit passed in, as encoded: units removed by windowing are ``DROPPED`` here,
             so a unit appears in ``input_ids`` iff its role is not ``DROPPED``.
         num_targets: number of target tokens (labels != ``IGNORE_INDEX``).
+        blocks: block layout only (None otherwise): the attention block of each token, 0 for the mission,
+            ``2 + 2 i`` for clean unit ``i``, ``3 + 2 j`` for the target block of unit ``j`` (``block_keep``).
+        position_ids: block layout only: each token's position (a target block repeats its clean unit's).
     """
 
     input_ids: list[int]
@@ -74,6 +88,8 @@ class EncodedExample:
     unit_kinds: list[int]
     roles: tuple[UnitRole, ...]
     num_targets: int
+    blocks: list[int] | None = None
+    position_ids: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -250,6 +266,98 @@ def _suffix(units: list[int], sizes: dict[int, int], budget: int) -> list[int]:
     return units[start:]
 
 
+def encode_blocks(
+    mission: str,
+    units: Sequence[Unit],
+    targets: Sequence[int],
+    tokenizer: PreTrainedTokenizerBase | UnitEncoder,
+    max_length: int,
+) -> EncodedExample:
+    """Encode ``mission`` and ``units`` in the block layout with a query block for every unit index in ``targets``.
+
+    The clean stream holds units up to the last target (exclusive: nothing after it is any query's context). If the
+    sequence does not fit in ``max_length``, the earliest units are dropped (with their queries) until it does; the
+    last target always stays.
+
+    Raises:
+        ValueError: no target, a target out of range, or ``max_length`` too small for the mission and the last target.
+    """
+    enc = _as_encoder(tokenizer)
+    targets = sorted(set(int(t) for t in targets))
+    if not targets:
+        raise ValueError("the block layout needs at least one target unit")
+    if targets[0] < 0 or targets[-1] >= len(units):
+        raise ValueError(f"target units {targets} out of range for {len(units)} units")
+    markers = enc.markers
+    head = markers.mission + enc.encode_text(mission)
+    last = targets[-1]
+    bodies = [enc.encode_text(units[i].text) for i in range(last + 1)]
+    sizes = [len(markers.for_kind(units[i].kind)) + len(bodies[i]) for i in range(last + 1)]
+
+    def length(start: int) -> int:
+        return len(head) + sum(sizes[start:last]) + sum(sizes[j] for j in targets if j >= start)
+
+    start = next((s for s in range(last + 1) if length(s) <= max_length), None)
+    if start is None:
+        raise ValueError(f"max_length={max_length} is too small: the mission and one query need {length(last)} tokens")
+
+    input_ids, labels = list(head), [IGNORE_INDEX] * len(head)
+    unit_ids, unit_kinds = [_OTHER] * len(head), [_OTHER] * len(head)
+    blocks, positions = [0] * len(head), list(range(len(head)))
+    starts: dict[int, int] = {}
+
+    def add(i: int, block: int, position: int, masked: bool) -> None:
+        sep, body, kind = markers.for_kind(units[i].kind), bodies[i], KIND_IDS[units[i].kind]
+        input_ids.extend([*sep, *([enc.mask_id] * len(body) if masked else body)])
+        labels.extend([IGNORE_INDEX] * len(sep) + (list(body) if masked else [IGNORE_INDEX] * len(body)))
+        unit_ids.extend([_OTHER] * len(sep) + [i] * len(body))
+        unit_kinds.extend([_OTHER] * len(sep) + [kind] * len(body))
+        blocks.extend([block] * sizes[i])
+        positions.extend(range(position, position + sizes[i]))
+
+    position = len(head)
+    for i in range(start, last):
+        starts[i] = position
+        add(i, 2 + 2 * i, position, masked=False)
+        position += sizes[i]
+    starts[last] = position
+    kept = [j for j in targets if j >= start]
+    for j in kept:
+        add(j, 3 + 2 * j, starts[j], masked=True)
+    roles = tuple(
+        UnitRole.TARGET if i in kept else UnitRole.VISIBLE if start <= i < last else UnitRole.DROPPED
+        for i in range(len(units))
+    )
+    num_targets = sum(len(bodies[j]) for j in kept)
+    return EncodedExample(input_ids, labels, unit_ids, unit_kinds, roles, num_targets, blocks, positions)
+
+
+def block_keep(blocks: torch.Tensor) -> torch.Tensor:
+    """The ``[B, 1, L, L]`` boolean keep-mask of block-layout ``blocks`` ``[B, L]`` (-1 at padding); see the module
+    docstring for the rule."""
+    a, b = blocks[:, :, None], blocks[:, None, :]
+    unit_a, unit_b = (a - 2).div(2, rounding_mode="floor"), (b - 2).div(2, rounding_mode="floor")
+    clean_a, clean_b = (a >= 2) & (a % 2 == 0), (b >= 2) & (b % 2 == 0)
+    target_a, target_b = (a >= 3) & (a % 2 == 1), (b >= 3) & (b % 2 == 1)
+    keep = (b == 0) & (a >= 0)
+    keep |= clean_b & clean_a & (unit_b <= unit_a)
+    keep |= clean_b & target_a & (unit_b < unit_a)
+    keep |= target_b & (a == b)
+    return keep[:, None]
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments for a collated batch: ids, the attention mask (the 2-D keep-mask, or the block
+    layout's 4-D one) and, for the block layout, the positions."""
+    out = {"input_ids": batch["input_ids"].to(device)}
+    if "block_mask" in batch:
+        out["attention_mask"] = batch["block_mask"].to(device)
+        out["position_ids"] = batch["position_ids"].to(device)
+    else:
+        out["attention_mask"] = batch["attention_mask"].to(device)
+    return out
+
+
 def process_any_order_sft_example(
     trajectory: Trajectory,
     sampler: AnyOrderMaskSampler,
@@ -291,7 +399,9 @@ def collate(
     """Right-pad a batch into ``[batch, length]`` long tensors.
 
     Returns ``input_ids`` (``pad_id`` at padding), ``labels`` (``IGNORE_INDEX`` at padding),
-    ``attention_mask`` (1 real, 0 padding), ``unit_ids`` and ``unit_kinds`` (-1 at padding).
+    ``attention_mask`` (1 real, 0 padding), ``unit_ids`` and ``unit_kinds`` (-1 at padding); for block-layout examples
+    also ``block_mask`` (``[B, 1, L, L]``, ``block_keep``) and ``position_ids`` (0 at padding). Pass a batch to the
+    model with ``model_inputs``.
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
@@ -301,11 +411,20 @@ def collate(
     fields = {"input_ids": pad_id, "labels": IGNORE_INDEX, "unit_ids": _OTHER, "unit_kinds": _OTHER}
     out = {name: torch.full((len(examples), length), fill, dtype=torch.long) for name, fill in fields.items()}
     out["attention_mask"] = torch.zeros((len(examples), length), dtype=torch.long)
+    block = [ex.blocks is not None for ex in examples]
+    if any(block) and not all(block):
+        raise ValueError("cannot collate block-layout and sequence-layout examples into one batch")
+    if all(block):
+        fields |= {"blocks": -1, "position_ids": 0}
+        out |= {name: torch.full((len(examples), length), fields[name], dtype=torch.long) for name in
+                ("blocks", "position_ids")}  # fmt: skip
     for row, ex in enumerate(examples):
         n = len(ex)
         for name in fields:
             out[name][row, :n] = torch.tensor(getattr(ex, name), dtype=torch.long)
         out["attention_mask"][row, :n] = 1
+    if all(block):
+        out["block_mask"] = block_keep(out.pop("blocks"))
     return out
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from envs.trajectory import UNIT_KINDS
 
-__all__ = ["AnyOrderMaskSampler", "MaskMode", "UnitRole"]
+__all__ = ["BLOCK_MODES", "AnyOrderMaskSampler", "MaskMode", "UnitRole", "block_targets"]
 
 
 class UnitRole(StrEnum):
@@ -58,6 +58,9 @@ class MaskMode(StrEnum):
             allowed = ", ".join(m.value for m in cls)
             raise ValueError(f"unknown masking mode {value!r}; allowed: {allowed}") from None
 
+
+BLOCK_MODES = ("causal", "prefix", "cut_focus")
+"""Modes the block layout serves, each as the set of every query of its kind in a window (``block_targets``)."""
 
 _P_MODES = frozenset({MaskMode.ANY_ORDER, MaskMode.OBS_ONLY, MaskMode.ACT_ONLY, MaskMode.ACTION_FOCUS,
                       MaskMode.CUT_FOCUS})  # fmt: skip
@@ -213,3 +216,22 @@ class AnyOrderMaskSampler:
         rest = self.rng.random(n - first - 1) < p
         targets = {eligible[first]} | {eligible[first + 1 + j] for j in np.flatnonzero(rest)}
         return tuple(UnitRole.TARGET if i in targets else UnitRole.VISIBLE for i in range(len(kinds)))
+
+
+def block_targets(mode: str | MaskMode, kinds: Sequence[str]) -> list[int]:
+    """The units that get a query block in the block layout: every action (``causal``: each policy query), every
+    observation after the first action (``prefix``: each world-model query), or every unit after the first
+    (``cut_focus``: both kinds, each in its exact evaluation shape). Raises ``ValueError`` when there is none."""
+    mode = MaskMode.parse(mode)
+    if mode is MaskMode.CAUSAL:
+        targets = [i for i, k in enumerate(kinds) if k == "act"]
+    elif mode is MaskMode.PREFIX:
+        first_act = next((i for i, k in enumerate(kinds) if k == "act"), len(kinds))
+        targets = [i for i, k in enumerate(kinds) if k == "obs" and i > first_act]
+    elif mode is MaskMode.CUT_FOCUS:
+        targets = list(range(1, len(kinds)))
+    else:
+        raise ValueError(f"the block layout serves the modes {BLOCK_MODES}, not {mode.value!r}")
+    if not targets:
+        raise ValueError(f"{mode.value} block masking needs a target unit in {list(kinds)}, got none")
+    return targets

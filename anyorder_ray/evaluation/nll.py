@@ -10,14 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from anyorder_ray.data.encoding import IGNORE_INDEX, EncodedExample, UnitEncoder, encode_units
-from anyorder_ray.data.masking import UnitRole
-from anyorder_ray.evaluation.scoring import eval_mode, pad_id_of, query_units, target_log_probs
+from anyorder_ray.data.encoding import IGNORE_INDEX, EncodedExample, UnitEncoder
+from anyorder_ray.evaluation.scoring import encode_query, eval_mode, pad_id_of, query_units, target_log_probs
 from envs.trajectory import Trajectory
 
 __all__ = ["NLLStats", "heldout_nll", "nll_queries"]
-
-_V, _T = UnitRole.VISIBLE, UnitRole.TARGET
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +35,7 @@ class NLLStats:
 
 
 def nll_queries(
-    trajectory: Trajectory, encoder: UnitEncoder, history_steps: int, max_length: int
+    trajectory: Trajectory, encoder: UnitEncoder, history_steps: int, max_length: int, layout: str = "sequence"
 ) -> tuple[list[EncodedExample], list[EncodedExample]]:
     """The (world-model, action) queries of every step t of ``trajectory``, in the scorer's window.
 
@@ -51,12 +48,10 @@ def nll_queries(
         lo = max(0, t - history_steps)
         history = list(zip(obs[lo:t], acts[lo:t], strict=True))
         a_units = query_units(history, obs[t], [("act", acts[t])])
-        action.append(encode_units(trajectory.mission, a_units, [_V] * (len(a_units) - 1) + [_T], encoder, max_length))
+        action.append(encode_query(trajectory.mission, a_units, encoder, max_length, layout))
         if t + 1 < len(obs):
             w_units = query_units(history, obs[t], [("act", acts[t]), ("obs", obs[t + 1])])
-            world.append(
-                encode_units(trajectory.mission, w_units, [_V] * (len(w_units) - 1) + [_T], encoder, max_length)
-            )
+            world.append(encode_query(trajectory.mission, w_units, encoder, max_length, layout))
     return world, action
 
 
@@ -80,6 +75,7 @@ def heldout_nll(
     history_steps: int,
     max_length: int,
     batch_size: int = 64,
+    layout: str = "sequence",
 ) -> NLLStats:
     """World-model and action NLL per token over every step of ``trajectories`` (see ``nll_queries``)."""
     if batch_size < 1:
@@ -88,7 +84,7 @@ def heldout_nll(
     world: list[EncodedExample] = []
     action: list[EncodedExample] = []
     for traj in trajectories:
-        w, a = nll_queries(traj, encoder, history_steps, max_length)
+        w, a = nll_queries(traj, encoder, history_steps, max_length, layout)
         world += w
         action += a
     pad_id = pad_id_of(encoder)

@@ -1,6 +1,7 @@
 """The model as a policy: ``ActionScorer`` scores every valid action of a batch of queries in one forward pass.
 
-One query layout serves acting, action NLL and world-model NLL (``encode_units`` does the encoding)::
+One query layout serves acting, action NLL and world-model NLL (``encode_query`` does the encoding, in the layout the
+arm trained with: ``sequence`` or ``block``)::
 
     mission, (obs, act) x history_steps, obs_t, [act_t masked]            action query / policy
     mission, (obs, act) x history_steps, obs_t, act_t, [obs_t+1 masked]   world-model query
@@ -18,11 +19,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from anyorder_ray.data.encoding import IGNORE_INDEX, EncodedExample, UnitEncoder, collate, encode_units
+from anyorder_ray.data.encoding import (
+    IGNORE_INDEX,
+    EncodedExample,
+    UnitEncoder,
+    collate,
+    encode_blocks,
+    encode_units,
+    model_inputs,
+)
 from anyorder_ray.data.masking import UnitRole
 from envs.trajectory import Unit
 
-__all__ = ["ActionScorer", "PolicyQuery", "query_units"]
+__all__ = ["ActionScorer", "PolicyQuery", "encode_query", "query_units"]
 
 _V, _T = UnitRole.VISIBLE, UnitRole.TARGET
 
@@ -55,6 +64,17 @@ def query_units(history: Sequence[tuple[str, str]], obs: str, tail: Sequence[tup
             step += 1
         units.append(Unit(kind, text, step))  # type: ignore[arg-type]
     return units
+
+
+def encode_query(
+    mission: str, units: Sequence[Unit], encoder: UnitEncoder, max_length: int, layout: str = "sequence"
+) -> EncodedExample:
+    """The query "``units[:-1]`` visible, ``units[-1]`` masked" in ``layout`` (the layout the model trained with)."""
+    if layout == "block":
+        return encode_blocks(mission, units, [len(units) - 1], encoder, max_length)
+    if layout != "sequence":
+        raise ValueError(f"layout must be 'sequence' or 'block', got {layout!r}")
+    return encode_units(mission, units, [_V] * (len(units) - 1) + [_T], encoder, max_length)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -91,7 +111,7 @@ def target_log_probs(model: nn.Module, examples: Sequence[EncodedExample], pad_i
     """
     batch = collate(examples, pad_id)
     device = model_device(model)
-    logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+    logits = model(**model_inputs(batch, device)).logits
     is_target = (batch["labels"] != IGNORE_INDEX).to(device)
     rows = torch.log_softmax(logits[is_target].float(), dim=-1)  # [sum n_targets, V], row-major order
     counts = [e.num_targets for e in examples]
@@ -114,7 +134,14 @@ class ActionScorer:
         max_length: token budget per query; older steps are cropped by ``encode_units`` beyond it.
     """
 
-    def __init__(self, encoder: UnitEncoder, action_names: Sequence[str], history_steps: int, max_length: int) -> None:
+    def __init__(
+        self,
+        encoder: UnitEncoder,
+        action_names: Sequence[str],
+        history_steps: int,
+        max_length: int,
+        layout: str = "sequence",
+    ) -> None:
         if not action_names:
             raise ValueError("action_names is empty")
         if len(set(action_names)) != len(action_names):
@@ -125,6 +152,7 @@ class ActionScorer:
         self.action_names = tuple(action_names)
         self.history_steps = int(history_steps)
         self.max_length = int(max_length)
+        self.layout = layout
         self.pad_id = pad_id_of(encoder)
         # length -> (action indices, their token ids [n_actions, length]); the placeholder is any member.
         groups: dict[int, list[int]] = {}
@@ -145,8 +173,7 @@ class ActionScorer:
         """The encoded action query (target = next action, written as ``placeholder``)."""
         history = query.history[len(query.history) - self.history_steps :] if self.history_steps else ()
         units = query_units(history, query.obs, [("act", placeholder or self.action_names[0])])
-        roles = [_V] * (len(units) - 1) + [_T]
-        return encode_units(query.mission, units, roles, self.encoder, self.max_length)
+        return encode_query(query.mission, units, self.encoder, self.max_length, self.layout)
 
     def log_probs(self, model: nn.Module, queries: Sequence[PolicyQuery]) -> torch.Tensor:
         """``[len(queries), len(action_names)]`` log-probabilities (each <= 0), on the CPU, fp32."""

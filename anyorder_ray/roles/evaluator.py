@@ -53,6 +53,7 @@ class EvalWorker:
         model: the trial's model section (the tokenizer and the skeleton are built from it, as the trainer does).
         history_steps: past steps in the policy's query (``ExperimentConfig.history_steps()``).
         max_length: token budget per query (``data.max_seq_len``).
+        layout: the layout the arm trained with (``masking.layout``); its queries are encoded the same way.
         torch_threads: intra-op threads of this actor (match its CPU reservation).
         nll_batch_size: sequences per forward of the held-out NLL.
     """
@@ -66,6 +67,7 @@ class EvalWorker:
         max_length: int,
         torch_threads: int = 1,
         nll_batch_size: int = 64,
+        layout: str = "sequence",
     ) -> None:
         torch.set_num_threads(max(1, int(torch_threads)))
         self._env = env
@@ -73,6 +75,7 @@ class EvalWorker:
         self._history_steps = int(history_steps)
         self._max_length = int(max_length)
         self._nll_batch_size = int(nll_batch_size)
+        self._layout = layout
         self._device = torch.device("cuda" if eval_cfg.num_gpus_per_actor > 0 else "cpu")
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
@@ -82,7 +85,7 @@ class EvalWorker:
         tokenizer = build_tokenizer(model, env)
         self._encoder = UnitEncoder(tokenizer)
         world = make_world(env, expert=True)
-        self._scorer = ActionScorer(self._encoder, world.action_names, self._history_steps, self._max_length)
+        self._scorer = ActionScorer(self._encoder, world.action_names, self._history_steps, self._max_length, layout)
         seeds = heldout_trajectory_seeds(eval_cfg, eval_cfg.heldout_trajectories)
         self._heldout, self._heldout_stats = collect_expert_trajectories(world, seeds)
         if not self._heldout:
@@ -143,9 +146,8 @@ class EvalWorker:
             eval_episode_seeds(self._cfg, n),
             batch_envs=self._cfg.batch_envs,
         )
-        nll = heldout_nll(
-            self._model, self._encoder, self._heldout, self._history_steps, self._max_length, self._nll_batch_size
-        )
+        nll = heldout_nll(self._model, self._encoder, self._heldout, self._history_steps, self._max_length,
+                          self._nll_batch_size, self._layout)  # fmt: skip
         self._last_step = int(step)
         return eval_metrics(episodes, nll, step, time.perf_counter() - start)
 
@@ -170,6 +172,7 @@ def make_eval_actor(
     history_steps: int,
     max_length: int,
     torch_threads: int | None = None,
+    layout: str = "sequence",
     **options: Any,
 ) -> ray.actor.ActorHandle:
     """Start one ``EvalWorker`` with resources and fault tolerance from ``eval_cfg``.
@@ -187,4 +190,4 @@ def make_eval_actor(
         max_task_retries=-1,
         **options,
     )
-    return cls.remote(env, eval_cfg, model, history_steps, max_length, threads)
+    return cls.remote(env, eval_cfg, model, history_steps, max_length, threads, layout=layout)

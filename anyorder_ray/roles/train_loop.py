@@ -243,6 +243,10 @@ class EvalClient:
                 self.pending = None
         return self.latest
 
+    def wait(self, timeout: float = 1800.0) -> dict[str, float]:
+        """Block until the evaluation in flight (if any) is done; its metrics."""
+        return self.poll(timeout=timeout)
+
     def final(
         self, model: torch.nn.Module | None, step: int, episodes: int, checkpoint: Any = None, timeout: float = 1800.0
     ) -> dict[str, float]:

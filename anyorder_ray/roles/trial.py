@@ -72,7 +72,9 @@ def make_evaluator(cfg: ExperimentConfig) -> Any:
         cfg.model,
         cfg.history_steps(),
         cfg.data.max_seq_len,
-        torch_threads=max(1, round(cfg.eval.num_cpus_per_actor)),
+        # Waited for, the actor borrows the trainer's threads; concurrent, it has its own reservation only.
+        torch_threads=max(1, round(cfg.eval.num_cpus_per_actor)) if cfg.eval.concurrent else cfg.train.torch_threads,
+        layout=cfg.masking.layout,
         scheduling_strategy=_OUTSIDE_TRIAL_PG,
     )
 

@@ -31,7 +31,7 @@ import torch
 
 from anyorder_ray.config import ExperimentConfig, MaskingConfig
 from anyorder_ray.data.batching import BatchMaker, TrajectoryView
-from anyorder_ray.data.encoding import UnitEncoder
+from anyorder_ray.data.encoding import UnitEncoder, model_inputs
 from anyorder_ray.models.factory import build_model, build_tokenizer
 from anyorder_ray.training.budget import StepBudget, broadcast_int, plan_compute_steps, step_cost
 from anyorder_ray.training.checkpoint import (
@@ -112,6 +112,8 @@ class Evaluator(Protocol):
 
     def poll(self) -> dict[str, float]: ...
 
+    def wait(self) -> dict[str, float]: ...
+
     def final(self, model: torch.nn.Module, step: int, episodes: int, checkpoint: Any = None) -> dict[str, float]: ...
 
 
@@ -190,12 +192,10 @@ def train_step(
     normaliser = data_parallel_normaliser(labels_all, weights=weights)
     total = 0.0
     for i, mb in enumerate(micro_batches):
-        ids = mb["input_ids"].to(device)
-        mask = mb["attention_mask"].to(device)
         labels = mb["labels"].to(device)
         w = weights[i].to(device) if weights is not None else None
         with gradient_sync(model, enabled=i == len(micro_batches) - 1):  # reduce once, after the last
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = model(**model_inputs(mb, device)).logits
             loss = masked_cross_entropy(logits, labels, num_targets=normaliser.to(device), token_weights=w)
             loss.backward()
         total += float(loss.detach())
@@ -267,6 +267,7 @@ class TrainingRecipe:
         self.step = 0
         self.total_tokens = 0
         self.total_flops = 0.0
+        self.eval_wait_s = 0.0
 
     # -- setup -------------------------------------------------------------------------------------------
 
@@ -365,6 +366,7 @@ class TrainingRecipe:
         # Decided from the config alone, so every rank takes the same branches (and reports as often).
         by_checkpoint = cfg.eval.enabled and cfg.eval.weights == "checkpoint"
         window = _Window(t0=time.perf_counter())
+        self._t_start = window.t0
         self.budget.start()
         while self.step < self.budget.total:
             if not full and self.step % 20 == 0:
@@ -382,6 +384,7 @@ class TrainingRecipe:
             eval_now = cfg.eval.enabled and self.step % cfg.eval.every_steps == 0 and not last
             if eval_now and not by_checkpoint and self.evaluator is not None:
                 self.evaluator.submit(self.model, self.step)  # every rank: a sharded model gathers first
+                window.t0 += self._wait_for_eval()
             checkpoint = bool(cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0)
             checkpoint |= eval_now and by_checkpoint
             if last:
@@ -393,10 +396,22 @@ class TrainingRecipe:
                 self._report(metrics, checkpoint)
                 if eval_now and by_checkpoint and session.rank == 0 and self.evaluator is not None:
                     self.evaluator.submit_checkpoint(session.latest_checkpoint(), self.step)
+                    self._wait_for_eval()
             if last or self.step % cfg.train.report_every == 0 or checkpoint:
                 window = _Window(t0=time.perf_counter())
             if self.after_step is not None:
                 self.after_step(self.step, session.rank)
+
+    def _wait_for_eval(self) -> float:
+        """With ``eval.concurrent: false``, rank 0 waits for the evaluation just submitted (the other ranks wait at
+        their next collective); returns the seconds waited."""
+        if self.cfg.eval.concurrent or self.session.rank != 0 or self.evaluator is None:
+            return 0.0
+        start = time.perf_counter()
+        self.evaluator.wait()
+        waited = time.perf_counter() - start
+        self.eval_wait_s += waited
+        return waited
 
     def _metrics(self, window: _Window, stats: StepStats) -> dict[str, Any]:
         """The ``train/...`` metrics of the steps since the last report (and ``rollout/...`` on rank 0)."""
@@ -409,6 +424,8 @@ class TrainingRecipe:
             "train/grad_norm": stats.grad_norm,
             "train/lr": self.scheduler.get_last_lr()[0],
             "train/tokens_per_s": window.tokens * world / max(elapsed, 1e-9),
+            "train/elapsed_s": time.perf_counter() - self._t_start,
+            "train/eval_wait_s": self.eval_wait_s,
             "train/target_tokens": window.targets / window.steps,
             "train/padding_waste": 1.0 - window.tokens / max(window.padded, 1),
             "train/total_tokens": int(total_tokens),

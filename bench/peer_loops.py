@@ -1,0 +1,231 @@
+"""Peer loops: the project's trainer inside Ray against a plain PyTorch loop and a Hugging Face ``Trainer``.
+
+All three train the same model (the config's, seeded alike), on the same expert demos, with the same masks and
+bucketed batches (one ``BatchMaker`` stream per loop, seeded alike: the first steps' batches are identical), the same
+batch size and the same optimizer settings (AdamW betas 0.9/0.95, weight decay, warmup + cosine, grad clip):
+
+- ``ray``: a real trial, ``python -m anyorder_ray.sweep`` with the config (rollout actor, buffer, TorchTrainer worker,
+  eval actor as the config sets it, reports, final checkpoint); tokens/s and FLOP/s over the trial's training time
+  (between its first and last report, everything that happens meanwhile included), from its ``metrics.jsonl``;
+- ``plain``: the loop a user would write, in this process: ``BatchMaker.bucketed`` micro-batches, forward,
+  cross-entropy at the targets, backward, clip, AdamW + schedule step;
+- ``hf``: ``transformers.Trainer`` (with ``accelerate``) on an iterable dataset of the same micro-batches, the model
+  computing its masked loss from ``labels``.
+
+Throughput is real (non-padding) tokens per second over the measured steps (after ``--warm`` steps); MFU is model
+FLOP/s (``anyorder_ray.training.budget.model_flops_per_token``, forward + backward) over the fp32 matmul peak measured
+in the same run (the higher of before and after). Ratios are from this one run, so load shifts all arms alike.
+
+    python bench/peer_loops.py            # ~5 minutes on 2 cores
+    python bench/peer_loops.py --quick    # ~2 minutes: fewer steps, checks the three loops run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from _common import Result, expert_data, load_average, measure_matmul_flops, model_flops_per_token, print_results
+
+from anyorder_ray.config import ExperimentConfig, load_config
+from anyorder_ray.data.batching import BatchMaker, LocalSource
+from anyorder_ray.data.encoding import IGNORE_INDEX, UnitEncoder
+from anyorder_ray.data.seeds import rollout_seed_range
+from anyorder_ray.models.factory import build_model, build_tokenizer
+from anyorder_ray.training.optim import make_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass
+class Speed:
+    name: str
+    tokens: float
+    flops: float
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def flops_per_s(self) -> float:
+        return self.flops / self.seconds
+
+
+def _flops(model_config, micro: list[dict]) -> tuple[int, float]:
+    tokens, flops = 0, 0.0
+    for mb in micro:
+        for length in mb["attention_mask"].sum(-1).tolist():
+            tokens += length
+            flops += 3.0 * length * model_flops_per_token(model_config, length)
+    return tokens, flops
+
+
+def _batches(cfg: ExperimentConfig, data, encoder, pad_id: int):
+    """The trainer's streams for rank 0: the source's draws and the batch maker, seeded as the recipe seeds them."""
+    seed = cfg.train.seed * 1000
+    source = LocalSource(data, np.random.default_rng([seed, 0]))
+    maker = BatchMaker(cfg.data, cfg.masking, encoder, pad_id, seed)
+    accum, mbs = cfg.train.grad_accum_steps(), cfg.train.micro_batch_size
+    return lambda: [maker.bucketed(source, mbs) for _ in range(accum)]
+
+
+def plain_loop(cfg: ExperimentConfig, data, steps: int, warm: int) -> Speed:
+    torch.manual_seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed * 1000)
+    tokenizer = build_tokenizer(cfg.model, cfg.env)
+    model = build_model(cfg.model, tokenizer, seed=cfg.train.seed).train()
+    optimizer, scheduler = make_optimizer(model, dataclasses.replace(cfg.train, max_steps=steps))
+    draw = _batches(cfg, data, UnitEncoder(tokenizer), tokenizer.pad_token_id)
+    tokens = flops = 0.0
+    for step in range(steps):
+        if step == warm:
+            start = time.perf_counter()
+        micro = draw()
+        targets = sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro)
+        for mb in micro:
+            logits = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), mb["labels"].flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum") / targets  # fmt: skip
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= warm:
+            t, f = _flops(model.config, micro)
+            tokens, flops = tokens + t, flops + f
+    return Speed("plain", tokens, flops, time.perf_counter() - start)
+
+
+def hf_trainer(cfg: ExperimentConfig, data, steps: int, warm: int) -> Speed:
+    from torch.utils.data import DataLoader, IterableDataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = build_tokenizer(cfg.model, cfg.env)
+    model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
+    draw = _batches(cfg, data, UnitEncoder(tokenizer), tokenizer.pad_token_id)
+    counted = {"tokens": 0.0, "flops": 0.0, "start": None, "end": None, "step": 0}
+
+    class Micro(IterableDataset):
+        def __iter__(self):
+            while True:
+                micro = draw()
+                if counted["step"] >= warm:
+                    t, f = _flops(model.config, micro)
+                    counted["tokens"] += t
+                    counted["flops"] += f
+                for mb in micro:
+                    yield {k: mb[k] for k in ("input_ids", "attention_mask", "labels")}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            counted["step"] = state.global_step
+            if state.global_step == warm:
+                counted["start"] = time.perf_counter()
+            counted["end"] = time.perf_counter()
+
+    class MicroTrainer(Trainer):
+        def get_train_dataloader(self):  # the micro-batches are collated already: no re-batching
+            return DataLoader(Micro(), batch_size=None)
+
+    with tempfile.TemporaryDirectory(prefix="aoray-hf-") as out:
+        args = TrainingArguments(
+            output_dir=out, max_steps=steps, gradient_accumulation_steps=cfg.train.grad_accum_steps(),
+            learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay, adam_beta1=0.9, adam_beta2=0.95,
+            adam_epsilon=1e-8, max_grad_norm=cfg.train.max_grad_norm, lr_scheduler_type=cfg.train.lr_decay_style,
+            warmup_ratio=cfg.train.lr_warmup_ratio, logging_steps=cfg.train.report_every, save_strategy="no",
+            report_to=[], use_cpu=True, dataloader_num_workers=0, seed=cfg.train.seed, disable_tqdm=True,
+        )  # fmt: skip
+        MicroTrainer(model=model, args=args, train_dataset=Micro(), callbacks=[Clock()]).train()
+    # The dataset counts a step's micro-batches when it draws them; the last drawn step may be unused.
+    per_step_tokens = counted["tokens"] / max(1, steps - warm)
+    seconds = counted["end"] - counted["start"]
+    return Speed("hf", per_step_tokens * (steps - warm), counted["flops"] / max(1, steps - warm) * (steps - warm),
+                 seconds)  # fmt: skip
+
+
+def ray_trial(config: str, overrides: list[str], warm_reports: int) -> Speed:
+    """A real trial through the sweep CLI; its speed over the reports after the first ``warm_reports``."""
+    with tempfile.TemporaryDirectory(prefix="aoray-peer-") as out:
+        cmd = [sys.executable, "-m", "anyorder_ray.sweep", "--config", config, "--name", "peer",
+               f"train.output_dir={out}", *overrides]  # fmt: skip
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+            raise SystemExit(f"the Ray trial failed (exit {proc.returncode})")
+        (log,) = list(Path(out, "peer", "train").glob("train-*/metrics.jsonl"))
+        reports = [json.loads(line) for line in log.read_text().splitlines() if "train/step" in line]
+    first, last = reports[warm_reports], reports[-1]
+    return Speed(
+        "ray",
+        last["train/total_tokens"] - first["train/total_tokens"],
+        last["train/total_flops"] - first["train/total_flops"],
+        last["train/elapsed_s"] - first["train/elapsed_s"],
+    )
+
+
+def main(argv: list[str]) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps: checks the three loops run")
+    parser.add_argument("--config", default="tune_configs/sweep.yaml")
+    parser.add_argument("--arm", default="causal", help="the sweep arm (label) all three train")
+    parser.add_argument("--steps", type=int, default=None, help="steps per loop (default 300, quick 40)")
+    args = parser.parse_args(argv)
+    base = load_config(args.config)
+    cfg = base.trial({"arm": args.arm, "seed": base.train.seed})
+    steps = args.steps or (40 if args.quick else 300)
+    report = cfg.train.report_every
+    warm = report  # the first report window (allocator, optimizer state, first pool) is not measured
+    torch.set_num_threads(cfg.train.torch_threads)
+    seeds = rollout_seed_range(cfg.rollout, 0)
+    data, _ = expert_data(cfg.env, range(seeds.start, seeds.start + int(cfg.data.num_demos * 1.05) + 32))
+    data = data[: cfg.data.num_demos]  # the fixed regime's demos: the first num_demos successes, in seed order
+    print(f"{args.config} arm {args.arm}: {len(data)} demos, {steps} steps each, batch {cfg.train.global_batch_size}, "
+          f"torch threads {torch.get_num_threads()}, {load_average()}", flush=True)  # fmt: skip
+
+    peak_before = measure_matmul_flops(1.0 if args.quick else 2.0)
+    arm = yaml.safe_dump([dataclasses.asdict(cfg.masking)], default_flow_style=True).strip()
+    overrides = [f"train.max_steps={steps}", "train.flop_budget=null", "train.token_budget=null",
+                 "train.time_budget_s=null", f"sweep.arms={arm}", f"sweep.seeds=[{cfg.train.seed}]"]  # fmt: skip
+    speeds = [ray_trial(args.config, overrides, warm_reports=1)]
+    speeds.append(plain_loop(cfg, data, steps, warm))
+    speeds.append(hf_trainer(cfg, data, steps, warm))
+    peak = max(peak_before, measure_matmul_flops(1.0 if args.quick else 2.0))
+    for s in speeds:
+        print(
+            f"[{s.name}] {s.tokens_per_s:,.0f} real tokens/s, {s.flops_per_s / 1e9:.1f} GFLOP/s, MFU "
+            f"{s.flops_per_s / peak:.3f} ({s.seconds:.1f} s measured)",
+            flush=True,
+        )
+    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s ({load_average()})", flush=True)
+    by = {s.name: s for s in speeds}
+    return [
+        Result("peer_ray_vs_plain_tokens", by["ray"].tokens_per_s / by["plain"].tokens_per_s, ">=", 0.9),
+        Result("peer_ray_vs_hf_tokens", by["ray"].tokens_per_s / by["hf"].tokens_per_s, ">=", 1.0),
+        Result("peer_ray_mfu", by["ray"].flops_per_s / peak, ">=", 0.5),
+        Result("peer_plain_mfu", by["plain"].flops_per_s / peak),
+        Result("peer_hf_mfu", by["hf"].flops_per_s / peak),
+        Result("peer_ray_tokens_per_s", by["ray"].tokens_per_s),
+        Result("peer_plain_tokens_per_s", by["plain"].tokens_per_s),
+        Result("peer_hf_tokens_per_s", by["hf"].tokens_per_s),
+        Result("matmul_peak_gflops", peak / 1e9),
+    ]
+
+
+if __name__ == "__main__":
+    print_results(main(sys.argv[1:]))
