@@ -12,9 +12,11 @@ batch size and the same optimizer settings (AdamW betas 0.9/0.95, weight decay, 
 - ``hf``: ``transformers.Trainer`` (with ``accelerate``) on an iterable dataset of the same micro-batches, the model
   computing its masked loss from ``labels``.
 
-Throughput is real (non-padding) tokens per second over the measured steps (after ``--warm`` steps); MFU is model
-FLOP/s (``anyorder_ray.training.budget.model_flops_per_token``, forward + backward) over the fp32 matmul peak measured
-in the same run (the higher of before and after). Ratios are from this one run, so load shifts all arms alike.
+Throughput is real (non-padding) tokens per second over the measured steps (after the first report window); MFU is
+model FLOP/s (``anyorder_ray.training.budget.step_cost``: forward + backward, the LM head at the targets, the same count
+for all three loops) over the fp32 matmul peak measured in the same run (the higher of before and after). The plain
+loop and the HF ``Trainer`` compute the logits at every position, as such loops do; the project's trainer only at the
+targets. Ratios are from this one run, so load shifts all arms alike.
 
     python bench/peer_loops.py            # ~5 minutes on 2 cores
     python bench/peer_loops.py --quick    # ~2 minutes: fewer steps, checks the three loops run
@@ -36,13 +38,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from _common import Result, expert_data, load_average, measure_matmul_flops, model_flops_per_token, print_results
+from _common import Result, expert_data, load_average, measure_matmul_flops, print_results
 
 from anyorder_ray.config import ExperimentConfig, load_config
 from anyorder_ray.data.batching import BatchMaker, LocalSource
 from anyorder_ray.data.encoding import IGNORE_INDEX, UnitEncoder
 from anyorder_ray.data.seeds import rollout_seed_range
 from anyorder_ray.models.factory import build_model, build_tokenizer
+from anyorder_ray.training.budget import step_cost
 from anyorder_ray.training.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,15 +65,6 @@ class Speed:
     @property
     def flops_per_s(self) -> float:
         return self.flops / self.seconds
-
-
-def _flops(model_config, micro: list[dict]) -> tuple[int, float]:
-    tokens, flops = 0, 0.0
-    for mb in micro:
-        for length in mb["attention_mask"].sum(-1).tolist():
-            tokens += length
-            flops += 3.0 * length * model_flops_per_token(model_config, length)
-    return tokens, flops
 
 
 def _batches(cfg: ExperimentConfig, data, encoder, pad_id: int):
@@ -105,7 +99,7 @@ def plain_loop(cfg: ExperimentConfig, data, steps: int, warm: int) -> Speed:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step >= warm:
-            t, f = _flops(model.config, micro)
+            t, f = step_cost(model.config, micro)
             tokens, flops = tokens + t, flops + f
     return Speed("plain", tokens, flops, time.perf_counter() - start)
 
@@ -125,7 +119,7 @@ def hf_trainer(cfg: ExperimentConfig, data, steps: int, warm: int) -> Speed:
             while True:
                 micro = draw()
                 if counted["step"] >= warm:
-                    t, f = _flops(model.config, micro)
+                    t, f = step_cost(model.config, micro)
                     counted["tokens"] += t
                     counted["flops"] += f
                 for mb in micro:

@@ -241,6 +241,19 @@ def test_eager_attention_equals_sdpa_with_padding_and_4d_masks() -> None:
     model.config._attn_implementation = "sdpa"
 
 
+def test_logits_mask_computes_the_head_at_the_targets_only() -> None:
+    model = _model()
+    ids, labels = _ids(2, 9), torch.full((2, 9), -100)
+    labels[0, 2], labels[1, [0, 5, 8]] = 3, torch.tensor([4, 5, 6])
+    mask = labels != -100
+    with torch.no_grad():
+        full = model(ids, labels=labels)
+        some = model(ids, labels=labels, logits_mask=mask)
+    assert some.logits.shape == (4, full.logits.shape[-1])
+    torch.testing.assert_close(some.logits, full.logits[mask])
+    torch.testing.assert_close(some.loss, full.loss)
+
+
 def test_the_model_config_key_selects_the_attention_implementation() -> None:
     from anyorder_ray.config import ModelConfig
     from anyorder_ray.models.factory import build_model, build_tokenizer

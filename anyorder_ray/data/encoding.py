@@ -51,6 +51,7 @@ __all__ = [
     "encode_blocks",
     "encode_units",
     "model_inputs",
+    "target_logits",
     "padding_waste",
     "process_any_order_sft_example",
 ]
@@ -356,6 +357,29 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str) -> 
     else:
         out["attention_mask"] = batch["attention_mask"].to(device)
     return out
+
+
+def target_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device | str) -> torch.Tensor:
+    """The model's logits at the batch's target positions, ``[n_targets, V]`` in row-major order. A model whose
+    ``forward`` takes ``logits_mask`` (the LLaDA2 model) computes its LM head there only; any other masked LM is run
+    in full and its logits selected."""
+    targets = (batch["labels"] != IGNORE_INDEX).to(device)
+    inputs = model_inputs(batch, device)
+    if _takes_logits_mask(type(model)):
+        return model(**inputs, logits_mask=targets).logits
+    return model(**inputs).logits[targets]
+
+
+_LOGITS_MASK: dict[type, bool] = {}
+
+
+def _takes_logits_mask(cls: type) -> bool:
+    if cls not in _LOGITS_MASK:
+        import inspect
+
+        forward = getattr(cls, "forward", None)
+        _LOGITS_MASK[cls] = forward is not None and "logits_mask" in inspect.signature(forward).parameters
+    return _LOGITS_MASK[cls]
 
 
 def process_any_order_sft_example(

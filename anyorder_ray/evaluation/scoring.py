@@ -20,13 +20,12 @@ import torch
 from torch import nn
 
 from anyorder_ray.data.encoding import (
-    IGNORE_INDEX,
     EncodedExample,
     UnitEncoder,
     collate,
     encode_blocks,
     encode_units,
-    model_inputs,
+    target_logits,
 )
 from anyorder_ray.data.masking import UnitRole
 from envs.trajectory import Unit
@@ -111,9 +110,7 @@ def target_log_probs(model: nn.Module, examples: Sequence[EncodedExample], pad_i
     """
     batch = collate(examples, pad_id)
     device = model_device(model)
-    logits = model(**model_inputs(batch, device)).logits
-    is_target = (batch["labels"] != IGNORE_INDEX).to(device)
-    rows = torch.log_softmax(logits[is_target].float(), dim=-1)  # [sum n_targets, V], row-major order
+    rows = torch.log_softmax(target_logits(model, batch, device).float(), dim=-1)  # [sum n_targets, V], row-major
     counts = [e.num_targets for e in examples]
     return list(torch.split(rows, counts))
 

@@ -8,9 +8,10 @@
 - Wall time (``train.time_budget_s``): the step rate is measured early in the run and the plan fixed from it, so
   the step count depends on the machine and its load.
 
-Model FLOPs count the matmuls of a training step (forward + backward = 3 forwards) over the real tokens:
-``model_flops_per_token`` is the one definition, used by the budget, the reported ``train/total_flops`` and the
-benches' MFU.
+Model FLOPs count the matmuls of a training step (forward + backward = 3 forwards) over the real tokens, with the
+LM head at the target positions only (a masked diffusion LM needs logits there alone, and the trainer computes no
+others): ``model_flops_per_token`` and ``step_cost`` are the one definition, used by the budget, the reported
+``train/total_flops`` and the benches' MFU.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ PROBE_STEPS = 16
 """Steps' worth of micro-batches the compute-budget probe draws to measure the mean cost of a step."""
 
 
-def model_flops_per_token(config: LLaDA2MoeConfig, length: int) -> float:
+def model_flops_per_token(config: LLaDA2MoeConfig, length: int, lm_head: bool = True) -> float:
     """Forward matmul FLOPs per token at sequence length ``length`` (multiply by 3 for a training step).
 
     ``2 x`` the active matmul parameters per token, plus the attention scores and weighted sum
     (``4 * length * n_q * d`` per layer: bidirectional, every query sees all ``length`` keys). For MoE layers
     only the router, the ``k`` routed experts a token uses and the shared experts count (active params);
-    the embedding lookup is not a matmul and is not counted, the LM head is.
+    the embedding lookup is not a matmul and is not counted, the LM head is unless ``lm_head=False``.
     """
     h, d = config.hidden_size, config.head_dim
     n_q, n_kv = config.num_attention_heads, config.num_key_value_heads
@@ -53,16 +54,21 @@ def model_flops_per_token(config: LLaDA2MoeConfig, length: int) -> float:
             total += (config.num_experts_per_tok + config.num_shared) * 6 * h * i_moe
         else:
             total += 6 * h * config.intermediate_size
-    return total + 2 * h * config.vocab_size
+    return total + (2 * h * config.vocab_size if lm_head else 0)
 
 
 def step_cost(config: LLaDA2MoeConfig, micro_batches: Sequence[dict[str, torch.Tensor]]) -> tuple[int, float]:
-    """Real tokens and training FLOPs (forward + backward) of one rank's micro-batches of a step."""
+    """Real tokens and training FLOPs (forward + backward) of one rank's micro-batches of a step: the body at every
+    real token, the LM head at the targets."""
     tokens, flops = 0, 0.0
+    head = 2.0 * config.hidden_size * config.vocab_size
     for mb in micro_batches:
-        for length in mb["attention_mask"].sum(-1).tolist():
+        lengths = mb["attention_mask"].sum(-1).tolist()
+        targets = int((mb["labels"] != -100).sum())
+        for length in lengths:
             tokens += length
-            flops += 3.0 * length * model_flops_per_token(config, length)
+            flops += 3.0 * length * model_flops_per_token(config, length, lm_head=False)
+        flops += 3.0 * targets * head
     return tokens, flops
 
 

@@ -31,7 +31,7 @@ import torch
 
 from anyorder_ray.config import ExperimentConfig, MaskingConfig
 from anyorder_ray.data.batching import BatchMaker, TrajectoryView
-from anyorder_ray.data.encoding import UnitEncoder, model_inputs
+from anyorder_ray.data.encoding import IGNORE_INDEX, UnitEncoder, target_logits
 from anyorder_ray.models.factory import build_model, build_tokenizer
 from anyorder_ray.training.budget import StepBudget, broadcast_int, plan_compute_steps, step_cost
 from anyorder_ray.training.checkpoint import (
@@ -193,10 +193,11 @@ def train_step(
     total = 0.0
     for i, mb in enumerate(micro_batches):
         labels = mb["labels"].to(device)
-        w = weights[i].to(device) if weights is not None else None
+        targets = labels != IGNORE_INDEX
+        w = weights[i].to(device)[targets] if weights is not None else None
         with gradient_sync(model, enabled=i == len(micro_batches) - 1):  # reduce once, after the last
-            logits = model(**model_inputs(mb, device)).logits
-            loss = masked_cross_entropy(logits, labels, num_targets=normaliser.to(device), token_weights=w)
+            logits = target_logits(model, mb, device)  # [targets, V]: the LM head at the targets only
+            loss = masked_cross_entropy(logits, labels[targets], num_targets=normaliser.to(device), token_weights=w)
             loss.backward()
         total += float(loss.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)

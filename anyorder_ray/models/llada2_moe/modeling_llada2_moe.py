@@ -471,10 +471,15 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
         token_weights: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
+        logits_mask: torch.Tensor | None = None,
     ) -> MaskedLMOutput:
         """Logits ``[B, L, V]`` (fp32) at every position; with ``labels`` (-100 = not a target) also the masked
         cross-entropy of ``anyorder_ray.training.objective.masked_cross_entropy`` (``num_targets`` /
         ``token_weights`` are passed through, e.g. the global target count under data parallelism).
+
+        ``logits_mask`` (``[B, L]`` boolean): compute the LM head only at those positions and return logits ``[N, V]``
+        in row-major order (``labels`` / ``token_weights`` are then selected the same way). A masked diffusion LM
+        needs logits only at its targets; with a large vocabulary the head is a large share of the compute.
 
         ``use_cache`` / ``output_router_logits`` exist so dFactory-style calls (which pass ``False``) work: a
         bidirectional model has no KV cache, and router logits are not returned.
@@ -487,6 +492,10 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
         ).last_hidden_state
+        if logits_mask is not None:
+            hidden = hidden[logits_mask]
+            labels = labels[logits_mask] if labels is not None else None
+            token_weights = token_weights[logits_mask] if token_weights is not None else None
         logits = self.lm_head(hidden).float()
         loss = None
         if labels is not None:
