@@ -1,0 +1,89 @@
+"""Load reproducibility: one arm of a sweep config, run on a quiet machine and again next to a process that keeps a
+core busy, must train the same steps and score the same success, to the episode.
+
+Both runs go through ``python -m anyorder_ray.sweep`` with the config as shipped (its compute budget, data, model,
+evaluation), restricted to one arm and one seed. From each trial's ``metrics.jsonl`` it compares the planned and
+trained step count, every reported training loss and the final evaluation (successes of the final episodes and the
+held-out NLLs), and prints how long each run took (the only thing the load should change).
+
+    python bench/load_reproducibility.py                      # the default sweep's causal arm (~2 x 6 minutes)
+    python bench/load_reproducibility.py --quick              # tune_configs/smoke.yaml (~2 x 1 minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from _common import Result, load_average, print_results
+
+from anyorder_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(config: str, arm: str, out: Path, name: str, loaded: bool) -> tuple[list[dict], float]:
+    """One sweep of ``arm`` (a label of the config's arms); its trial's reports and the wall time."""
+    cfg = load_config(config)
+    arm_yaml = yaml.safe_dump([dataclasses.asdict(cfg.arm(arm))], default_flow_style=True).strip()
+    cmd = [sys.executable, "-m", "anyorder_ray.sweep", "--config", config, "--name", name,
+           f"train.output_dir={out}", f"sweep.arms={arm_yaml}", f"sweep.seeds=[{cfg.train.seed}]"]  # fmt: skip
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if loaded else None
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    finally:
+        if burner is not None:
+            burner.kill()
+            burner.wait()
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"the {name} run failed (exit {proc.returncode})")
+    (log,) = list((out / name / "train").glob("train-*/metrics.jsonl"))
+    return [json.loads(line) for line in log.read_text().splitlines()], seconds
+
+
+def main(argv: list[str]) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tune_configs/smoke.yaml instead of the default sweep")
+    parser.add_argument("--config", default=None, help="default: tune_configs/sweep.yaml (quick: smoke.yaml)")
+    parser.add_argument("--arm", default="causal")
+    args = parser.parse_args(argv)
+    config = args.config or str(ROOT / "tune_configs" / ("smoke.yaml" if args.quick else "sweep.yaml"))
+    with tempfile.TemporaryDirectory(prefix="aoray-load-") as tmp:
+        quiet, quiet_s = run(config, args.arm, Path(tmp), "quiet", loaded=False)
+        print(f"[quiet] {len(quiet)} reports in {quiet_s:.0f} s ({load_average()})", flush=True)
+        loaded, loaded_s = run(config, args.arm, Path(tmp), "loaded", loaded=True)
+        print(f"[loaded] {len(loaded)} reports in {loaded_s:.0f} s ({load_average()})", flush=True)
+    train_keys = ("train/step", "train/loss", "train/planned_steps", "train/total_tokens", "train/total_flops")
+    same_training = [[r.get(k) for k in train_keys] for r in quiet if "train/step" in r] == [
+        [r.get(k) for k in train_keys] for r in loaded if "train/step" in r
+    ]
+    final_keys = ("eval/success_rate", "eval/episodes", "eval/world_model_nll", "eval/action_nll")
+    q, lo = quiet[-1], loaded[-1]
+    same_final = all(q.get(k) == lo.get(k) for k in final_keys)
+    print(f"steps {q['train/step']} vs {lo['train/step']}; success {q.get('eval/success_rate')} of "
+          f"{q.get('eval/episodes')} vs {lo.get('eval/success_rate')} of {lo.get('eval/episodes')}; "
+          f"wall time {quiet_s:.0f} s quiet vs {loaded_s:.0f} s loaded", flush=True)  # fmt: skip
+    return [
+        Result("load_same_steps", float(q["train/step"] == lo["train/step"]), "==", 1),
+        Result("load_same_training_curve", float(same_training), "==", 1),
+        Result("load_same_final_success", float(same_final), "==", 1),
+        Result("load_steps", q["train/step"]),
+        Result("load_success", float(q.get("eval/success_rate", float("nan")))),
+        Result("load_slowdown_wall", loaded_s / quiet_s),
+    ]
+
+
+if __name__ == "__main__":
+    print_results(main(sys.argv[1:]))
