@@ -201,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     # Tune snapshots its experiment state (which trials finished) at most every 10 s by default; a driver
     # killed inside that window makes --resume rerun a trial that had finished. The state is a few KB.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local Ray is this machine's business only: with this Ray takes loopback as the node address, so every
+        # process binds and talks on 127.0.0.1 (read when ray is first imported, which happens below).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     args = parse_args(argv)
     # Every check that can fail runs before anything is written: a bad config or a cluster too small for
     # one trial leaves no run directory behind.

@@ -117,6 +117,7 @@ def init_local_ray(num_cpus: int = 2, object_store_mb: int = 256) -> str:
     Its own ``_temp_dir`` keeps it apart from any other Ray on the machine; ``ray.shutdown`` stops only it.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback as the node address
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="aoray-bench-")
