@@ -34,7 +34,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# The trainer's workers wait passively at OpenMP barriers (anyorder_ray.roles.trial.local_env_vars): so do the
+# in-process loops here (it must be set before torch loads OpenMP).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
 import torch
 import torch.nn.functional as F
 import yaml

@@ -10,6 +10,9 @@ import pytest
 # Before any Ray import in this process: no usage stats, no token auth for the local test cluster.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Before torch is imported: OpenMP threads sleep at barriers instead of spinning, which on a 2-core machine shared
+# with another busy process keeps a 2-thread step from running 40-100x slower (anyorder_ray.roles.trial.local_env_vars).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Ray then uses loopback as the node address: every Ray process of the tests binds and talks on 127.0.0.1 only.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
