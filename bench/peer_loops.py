@@ -6,7 +6,8 @@ batch size and the same optimizer settings (AdamW betas 0.9/0.95, weight decay, 
 
 - ``ray``: a real trial, ``python -m anyorder_ray.sweep`` with the config (rollout actor, buffer, TorchTrainer worker,
   eval actor as the config sets it, reports, final checkpoint); tokens/s and FLOP/s over the trial's training time
-  (between its first and last report, everything that happens meanwhile included), from its ``metrics.jsonl``;
+  (between its first and last report, everything that happens meanwhile included except the evaluations the trainer
+  waited for with ``eval.concurrent: false``), from its ``metrics.jsonl``, with where that time went;
 - ``plain``: the loop a user would write, in this process: ``BatchMaker.bucketed`` micro-batches, forward,
   cross-entropy at the targets, backward, clip, AdamW + schedule step;
 - ``hf``: ``transformers.Trainer`` (with ``accelerate``) on an iterable dataset of the same micro-batches, the model
@@ -169,11 +170,16 @@ def ray_trial(config: str, overrides: list[str], warm_reports: int) -> Speed:
         (log,) = list(Path(out, "peer", "train").glob("train-*/metrics.jsonl"))
         reports = [json.loads(line) for line in log.read_text().splitlines() if "train/step" in line]
     first, last = reports[warm_reports], reports[-1]
+    delta = {k: last[k] - first[k] for k in ("train/elapsed_s", "train/eval_wait_s", "train/batch_time_s",
+                                             "train/step_time_s", "train/report_time_s")}  # fmt: skip
+    other = delta["train/elapsed_s"] - sum(v for k, v in delta.items() if k != "train/elapsed_s")
+    print("[ray] where the trainer's time went: " + ", ".join(f"{k.split('/')[1]} {v:.1f} s" for k, v in delta.items())
+          + f", other {other:.1f} s (evaluations waited for are not training time)", flush=True)  # fmt: skip
     return Speed(
         "ray",
         last["train/total_tokens"] - first["train/total_tokens"],
         last["train/total_flops"] - first["train/total_flops"],
-        last["train/elapsed_s"] - first["train/elapsed_s"],
+        delta["train/elapsed_s"] - delta["train/eval_wait_s"],
     )
 
 

@@ -269,6 +269,7 @@ class TrainingRecipe:
         self.total_tokens = 0
         self.total_flops = 0.0
         self.eval_wait_s = 0.0
+        self.clock = {"batches": 0.0, "steps": 0.0, "reports": 0.0}  # where a worker's training time goes
 
     # -- setup -------------------------------------------------------------------------------------------
 
@@ -373,9 +374,13 @@ class TrainingRecipe:
             if not full and self.step % 20 == 0:
                 self.source.refresh()
                 full = cfg.data.regime == "fixed" and self.source.size >= cfg.data.num_demos
+            t0 = time.perf_counter()
             micro = [self.batches.bucketed(self.source, mbs) for _ in range(accum)]
+            t1 = time.perf_counter()
             stats = train_step(self.model, self.optimizer, self.scheduler, micro, cfg.train.max_grad_norm,
                                session.device, cfg.masking)  # fmt: skip
+            self.clock["batches"] += t1 - t0
+            self.clock["steps"] += time.perf_counter() - t1
             self.step += 1
             self.budget.after_step(self.step)
             self.total_tokens += stats.tokens
@@ -427,6 +432,9 @@ class TrainingRecipe:
             "train/tokens_per_s": window.tokens * world / max(elapsed, 1e-9),
             "train/elapsed_s": time.perf_counter() - self._t_start,
             "train/eval_wait_s": self.eval_wait_s,
+            "train/batch_time_s": self.clock["batches"],
+            "train/step_time_s": self.clock["steps"],
+            "train/report_time_s": self.clock["reports"],
             "train/target_tokens": window.targets / window.steps,
             "train/padding_waste": 1.0 - window.tokens / max(window.padded, 1),
             "train/total_tokens": int(total_tokens),
@@ -449,9 +457,11 @@ class TrainingRecipe:
     def _report(self, metrics: dict[str, Any], checkpoint: bool, final: bool = False) -> None:
         """Report ``metrics`` on every rank (with a checkpoint when asked) and log them on rank 0."""
         name = f"checkpoint_{self.step:06d}" if checkpoint else None
+        start = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="aoray-ckpt-") as tmp:
             folder = self.save_checkpoint(Path(tmp) / "checkpoint", metrics, final=final) if checkpoint else None
             self.session.report(metrics, folder, name)
+        self.clock["reports"] += time.perf_counter() - start
         self._log(metrics)
 
     def _finish(self, metrics: dict[str, Any]) -> None:
