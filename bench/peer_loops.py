@@ -146,8 +146,9 @@ def hf_trainer(cfg: ExperimentConfig, data, steps: int, warm: int) -> Speed:
             output_dir=out, max_steps=steps, gradient_accumulation_steps=cfg.train.grad_accum_steps(),
             learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay, adam_beta1=0.9, adam_beta2=0.95,
             adam_epsilon=1e-8, max_grad_norm=cfg.train.max_grad_norm, lr_scheduler_type=cfg.train.lr_decay_style,
-            warmup_ratio=cfg.train.lr_warmup_ratio, logging_steps=cfg.train.report_every, save_strategy="no",
-            report_to=[], use_cpu=True, dataloader_num_workers=0, seed=cfg.train.seed, disable_tqdm=True,
+            warmup_steps=int(cfg.train.lr_warmup_ratio * steps), logging_steps=cfg.train.report_every,
+            save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=cfg.train.seed,
+            disable_tqdm=True,
         )  # fmt: skip
         MicroTrainer(model=model, args=args, train_dataset=Micro(), callbacks=[Clock()]).train()
     # The dataset counts a step's micro-batches when it draws them; the last drawn step may be unused.
@@ -158,7 +159,7 @@ def hf_trainer(cfg: ExperimentConfig, data, steps: int, warm: int) -> Speed:
 
 
 def ray_trial(config: str, overrides: list[str], warm_reports: int) -> Speed:
-    """A real trial through the sweep CLI; its speed over the reports after the first ``warm_reports``."""
+    """A real trial through the sweep CLI; its speed from report ``warm_reports`` (0: the first) to the last."""
     with tempfile.TemporaryDirectory(prefix="aoray-peer-") as out:
         cmd = [sys.executable, "-m", "anyorder_ray.sweep", "--config", config, "--name", "peer",
                f"train.output_dir={out}", *overrides]  # fmt: skip
@@ -169,6 +170,8 @@ def ray_trial(config: str, overrides: list[str], warm_reports: int) -> Speed:
             raise SystemExit(f"the Ray trial failed (exit {proc.returncode})")
         (log,) = list(Path(out, "peer", "train").glob("train-*/metrics.jsonl"))
         reports = [json.loads(line) for line in log.read_text().splitlines() if "train/step" in line]
+    if len(reports) < warm_reports + 2:
+        raise SystemExit(f"the Ray trial made {len(reports)} reports: nothing to measure after report {warm_reports}")
     first, last = reports[warm_reports], reports[-1]
     delta = {k: last[k] - first[k] for k in ("train/elapsed_s", "train/eval_wait_s", "train/batch_time_s",
                                              "train/step_time_s", "train/report_time_s")}  # fmt: skip
@@ -188,13 +191,15 @@ def main(argv: list[str]) -> list[Result]:
     parser.add_argument("--quick", action="store_true", help="fewer steps: checks the three loops run")
     parser.add_argument("--config", default="tune_configs/sweep.yaml")
     parser.add_argument("--arm", default="causal", help="the sweep arm (label) all three train")
-    parser.add_argument("--steps", type=int, default=None, help="steps per loop (default 300, quick 40)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per loop (default 300, quick 3 report windows)")
     args = parser.parse_args(argv)
     base = load_config(args.config)
     cfg = base.trial({"arm": args.arm, "seed": base.train.seed})
-    steps = args.steps or (40 if args.quick else 300)
     report = cfg.train.report_every
+    steps = args.steps or (3 * report if args.quick else 300)
     warm = report  # the first report window (allocator, optimizer state, first pool) is not measured
+    if steps < 2 * report:
+        parser.error(f"--steps {steps}: at least 2 report windows ({2 * report} steps), the first is warm-up")
     torch.set_num_threads(cfg.train.torch_threads)
     seeds = rollout_seed_range(cfg.rollout, 0)
     data, _ = expert_data(cfg.env, range(seeds.start, seeds.start + int(cfg.data.num_demos * 1.05) + 32))
@@ -206,7 +211,7 @@ def main(argv: list[str]) -> list[Result]:
     arm = yaml.safe_dump([dataclasses.asdict(cfg.masking)], default_flow_style=True).strip()
     overrides = [f"train.max_steps={steps}", "train.flop_budget=null", "train.token_budget=null",
                  "train.time_budget_s=null", f"sweep.arms={arm}", f"sweep.seeds=[{cfg.train.seed}]"]  # fmt: skip
-    speeds = [ray_trial(args.config, overrides, warm_reports=1)]
+    speeds = [ray_trial(args.config, overrides, warm_reports=0)]  # from step `warm`, as the other two
     speeds.append(plain_loop(cfg, data, steps, warm))
     speeds.append(hf_trainer(cfg, data, steps, warm))
     peak = max(peak_before, measure_matmul_flops(1.0 if args.quick else 2.0))

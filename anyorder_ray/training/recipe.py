@@ -55,7 +55,22 @@ from anyorder_ray.training.sharding import (
 )
 from envs.trajectory import Trajectory
 
-__all__ = ["Evaluator", "LocalSession", "Session", "StepStats", "TrainingRecipe", "TrajectorySource", "train_step"]
+__all__ = [
+    "TIMING_METRICS",
+    "Evaluator",
+    "LocalSession",
+    "Session",
+    "StepStats",
+    "TrainingRecipe",
+    "TrajectorySource",
+    "train_step",
+]
+
+
+# Wall-clock metrics in every ``train/...`` report: they vary with machine load, everything else a report says is
+# a function of the config and seed (an interrupted and resumed trial reports the same values).
+TIMING_METRICS = frozenset({"train/tokens_per_s", "train/elapsed_s", "train/eval_wait_s", "train/batch_time_s",
+                            "train/step_time_s", "train/report_time_s"})  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
