@@ -122,6 +122,7 @@ def init_local_ray(num_cpus: int = 2, object_store_mb: int = 256) -> str:
 
     temp_dir = tempfile.mkdtemp(prefix="aoray-bench-")
     ray.init(
+        address="local",  # a new instance, never one an earlier `ray start` left running
         num_cpus=num_cpus,
         object_store_memory=object_store_mb * 1024 * 1024,
         include_dashboard=False,

@@ -44,6 +44,7 @@ def ray_local():
         return
     tmp = tempfile.mkdtemp(prefix="aoray-test-")
     ray.init(
+        address="local",  # a new instance, never one an earlier `ray start` left running
         num_cpus=2,
         object_store_memory=256 * 1024 * 1024,
         include_dashboard=False,
