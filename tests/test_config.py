@@ -68,9 +68,11 @@ def test_default_sweep_covers_the_baselines_three_mask_probs_and_the_variants():
     labels = {arm.label() for arm in cfg.arms()}
     assert labels == {"causal", "prefix", "any_order@0.15", "any_order@0.3", "any_order@0.5", "cut_focus@0.3+unit",
                       "any_order@0.3+unit"}  # fmt: skip
-    assert cfg.train.time_budget_s is not None  # equal wall time per arm
+    assert cfg.train.compute_budget()[0] == "flops" and cfg.train.time_budget_s is None  # equal compute, not seconds
+    assert not cfg.eval.concurrent  # evaluations do not share the trainer's cores
     study = load_config(ROOT / "tune_configs" / "any_order_study.yaml")
     assert study.sweep.arms == cfg.sweep.arms and len(study.sweep.seeds) >= 3
+    assert study.train.time_budget_s == 120 and study.train.flop_budget is None  # as published
 
 
 def test_overrides_apply_with_yaml_types():
