@@ -69,12 +69,13 @@ def ray_rollout(level: str, n: int, actors: int, episodes_per_batch: int, poll_s
         num_actors=actors, num_cpus_per_actor=1.0, episodes_per_batch=episodes_per_batch, max_restarts=0
     )
     # Created as in anyorder_ray.roles.trial.start_actors (fixed-budget regime: target = capacity = n).
-    buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0, max_restarts=0).remote(n, target=n)
+    name = f"scaling-buffer-{actors}-{n}-{time.monotonic_ns()}"
+    buffer = ray.remote(TrajectoryBuffer).options(name=name, num_cpus=0, max_restarts=0).remote(n, target=n)
     start = time.perf_counter()
     workers = [
         ray.remote(RolloutWorker)
         .options(num_cpus=rollout.num_cpus_per_actor, max_restarts=0)
-        .remote(env, rollout, i, buffer)
+        .remote(env, rollout, i, name)
         for i in range(actors)
     ]
     ray.get([w.next_seed.remote() for w in workers])  # constructors done: start-up is over

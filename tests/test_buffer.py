@@ -100,9 +100,10 @@ def test_rollout_actors_fill_a_fixed_budget_with_unique_demos(ray_local):
 
     budget = 50
     rollout = RolloutConfig(num_actors=2, num_cpus_per_actor=0.5, episodes_per_batch=8)
-    buffer = ray.remote(TrajectoryBuffer).options(num_cpus=0).remote(100, target=budget)
+    buffer = ray.remote(TrajectoryBuffer).options(name="buffer-two-producers", num_cpus=0).remote(100, target=budget)
     workers = [
-        ray.remote(RolloutWorker).options(num_cpus=0.5).remote(EnvConfig(), rollout, i, buffer) for i in range(2)
+        ray.remote(RolloutWorker).options(num_cpus=0.5).remote(EnvConfig(), rollout, i, "buffer-two-producers")
+        for i in range(2)
     ]
     reports = ray.get([w.run.remote() for w in workers], timeout=HANG_GUARD_S)
     assert all(r.trajectories > 0 for r in reports)

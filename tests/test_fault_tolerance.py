@@ -91,8 +91,8 @@ def test_killed_rollout_actor_restarts_resumes_and_loses_no_acknowledged_batch(r
     cfg = _smoke("data.regime=streaming", "data.buffer_capacity=100000", "rollout.episodes_per_batch=8",
                  "rollout.max_restarts=1")  # fmt: skip
     with _time_limit(HANG_GUARD_S):
-        buffer = make_buffer(cfg)
-        actor = make_rollout_actor(cfg, 0, buffer)  # the trial's options: max_restarts, max_task_retries=-1
+        buffer, buffer_name = make_buffer(cfg)
+        actor = make_rollout_actor(cfg, 0, buffer_name)  # the trial's options: max_restarts, max_task_retries=-1
         try:
             first_pid = _pid(ray, actor)  # queued before `run`, so it answers
             run = actor.run.remote()  # streaming: runs until the buffer says stop
@@ -299,8 +299,8 @@ def test_killed_training_worker_resumes_exactly_from_its_last_checkpoint(ray_loc
                  "train.max_failures=1", "eval.enabled=false", "rollout.num_actors=1",
                  "data.bucket_pool_batches=8")  # fmt: skip
     with _time_limit(HANG_GUARD_S):
-        buffer = make_buffer(cfg)
-        producer = make_rollout_actor(cfg, 0, buffer)
+        buffer, buffer_name = make_buffer(cfg)
+        producer = make_rollout_actor(cfg, 0, buffer_name)
         producers = [producer.run.remote()]
         ray.get(producers, timeout=HANG_GUARD_S)  # the fixed budget is full: the producer stopped
         ray.kill(producer, no_restart=True)  # the buffer owns the data; both runs read the same 32 demos

@@ -257,8 +257,8 @@ def test_fsdp2_train_loop_resumes_after_a_killed_worker_and_exports(ray_local, t
                               "data.bucket_pool_batches=4", "eval.every_steps=4", "eval.episodes=4",
                               "eval.final_episodes=4", "eval.heldout_trajectories=4"])  # fmt: skip
     with _time_limit(HANG_GUARD_S):
-        buffer = make_buffer(cfg)
-        producer = make_rollout_actor(cfg, 0, buffer)
+        buffer, buffer_name = make_buffer(cfg)
+        producer = make_rollout_actor(cfg, 0, buffer_name)
         producers = [producer.run.remote()]
         ray.get(producers, timeout=HANG_GUARD_S)  # the fixed budget is full: both runs read the same 32 demos
         ray.kill(producer, no_restart=True)

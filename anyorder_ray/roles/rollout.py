@@ -34,13 +34,16 @@ class RolloutReport:
 class RolloutWorker:
     """Actor class: ``ray.remote(RolloutWorker).options(num_cpus=..., max_restarts=...)``."""
 
-    def __init__(self, env: EnvConfig, rollout: RolloutConfig, worker: int, buffer: ray.actor.ActorHandle) -> None:
+    def __init__(self, env: EnvConfig, rollout: RolloutConfig, worker: int, buffer_name: str) -> None:
+        """``buffer_name``: the trial's named ``TrajectoryBuffer`` actor, looked up on every (re)start. A handle passed
+        as a constructor argument would be a reference Ray has to keep alive for restarts (it logs an ERROR that
+        such a restart can fail); a name is plain data."""
         self._cfg = rollout
         self._worker = worker
-        self._buffer = buffer
+        self._buffer = ray.get_actor(buffer_name)
         self._world = make_world(env, expert=True)
         self._seeds = rollout_seed_range(rollout, worker)
-        resume = ray.get(buffer.resume_seed.remote(worker))
+        resume = ray.get(self._buffer.resume_seed.remote(worker))
         self._next_seed = resume if resume is not None else self._seeds.start
 
     def next_seed(self) -> int:

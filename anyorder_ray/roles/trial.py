@@ -8,6 +8,7 @@ CPU share; the trainer's workers and the actors request their own resources from
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,19 +39,23 @@ def trial_cpus(cfg: ExperimentConfig) -> float:
 _OUTSIDE_TRIAL_PG = PlacementGroupSchedulingStrategy(placement_group=None)
 
 
-def make_buffer(cfg: ExperimentConfig) -> Any:
-    """The trial's ``TrajectoryBuffer`` actor (no restarts: it owns the data, a restart would start empty)."""
+def make_buffer(cfg: ExperimentConfig) -> tuple[Any, str]:
+    """The trial's ``TrajectoryBuffer`` actor and its name, unique in the cluster (no restarts: it owns the data, a
+    restart would start empty). Actors that restart find it by name."""
     target = cfg.data.num_demos if cfg.data.regime == "fixed" else None
-    return (
+    name = f"trajectory-buffer-{uuid.uuid4().hex[:16]}"
+    buffer = (
         ray.remote(TrajectoryBuffer)
-        .options(num_cpus=0, max_restarts=0, scheduling_strategy=_OUTSIDE_TRIAL_PG)
+        .options(name=name, num_cpus=0, max_restarts=0, scheduling_strategy=_OUTSIDE_TRIAL_PG)
         .remote(cfg.data.buffer_capacity, target=target)
     )
+    return buffer, name
 
 
-def make_rollout_actor(cfg: ExperimentConfig, worker: int, buffer: Any) -> Any:
-    """Rollout actor ``worker``: restarted up to ``rollout.max_restarts`` times, its ``run`` retried on the new
-    process (which resumes at the buffer's acknowledged seed, so a retry repeats no data)."""
+def make_rollout_actor(cfg: ExperimentConfig, worker: int, buffer_name: str) -> Any:
+    """Rollout actor ``worker`` feeding the buffer named ``buffer_name``: restarted up to ``rollout.max_restarts``
+    times, its ``run`` retried on the new process (which resumes at the buffer's acknowledged seed, so a retry
+    repeats no data). Its constructor arguments are plain values, so a restart cannot fail for want of them."""
     return (
         ray.remote(RolloutWorker)
         .options(
@@ -59,7 +64,7 @@ def make_rollout_actor(cfg: ExperimentConfig, worker: int, buffer: Any) -> Any:
             max_task_retries=-1,
             scheduling_strategy=_OUTSIDE_TRIAL_PG,
         )
-        .remote(cfg.env, cfg.rollout, worker, buffer)
+        .remote(cfg.env, cfg.rollout, worker, buffer_name)
     )
 
 
@@ -81,8 +86,8 @@ def make_evaluator(cfg: ExperimentConfig) -> Any:
 
 def start_actors(cfg: ExperimentConfig) -> tuple[Any, list[Any], list[Any], Any | None]:
     """The buffer, the rollout actors, their running ``run`` references and the eval actor of one trial."""
-    buffer = make_buffer(cfg)
-    workers = [make_rollout_actor(cfg, i, buffer) for i in range(cfg.rollout.num_actors)]
+    buffer, buffer_name = make_buffer(cfg)
+    workers = [make_rollout_actor(cfg, i, buffer_name) for i in range(cfg.rollout.num_actors)]
     runs = [actor.run.remote() for actor in workers]  # each runs until the buffer says stop
     evaluator = make_evaluator(cfg) if cfg.eval.enabled else None
     return buffer, workers, runs, evaluator
