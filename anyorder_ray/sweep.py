@@ -13,6 +13,7 @@ events, progress.csv), the trainers' checkpoints, ``results.csv``, ``results.md`
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -159,6 +160,42 @@ def restore_tuner(cfg: ExperimentConfig, run_dir: Path):
     )
 
 
+# Tune keeps its experiment and search-algorithm state in these files (the newest of each pattern is the one
+# restored). It writes them atomically in its staging folder but copies them into the run directory, so a driver
+# killed during the copy leaves an empty or truncated file there.
+_TUNE_STATE_PATTERNS = ("experiment_state-*.json", "basic-variant-state-*.json")
+
+
+def damaged_tune_state(tune_dir: Path) -> list[str]:
+    """Names of the newest Tune state files under ``tune_dir`` that are empty or do not load."""
+    import ray.cloudpickle as cloudpickle
+
+    damaged = []
+    for pattern in _TUNE_STATE_PATTERNS:
+        files = sorted(tune_dir.glob(pattern))
+        if not files:
+            continue
+        newest = files[-1]
+        try:
+            raw = newest.read_bytes()
+            if pattern.startswith("experiment_state"):
+                json.loads(raw)
+            else:
+                cloudpickle.loads(raw)
+        except Exception:  # empty, truncated or otherwise unreadable: any of them loses trials on restore
+            damaged.append(newest.name)
+    return damaged
+
+
+def missing_trials(rows: list[dict[str, Any]], cfg: ExperimentConfig) -> list[str]:
+    """``arm seed`` of every trial of the sweep's grid that has no row (a grid search sweep only)."""
+    if cfg.sweep.search != "grid":
+        return []
+    have = {(r["arm"], int(r["seed"])) for r in rows}
+    want = [(arm.label(), int(seed)) for arm in cfg.arms() for seed in cfg.sweep.seeds]
+    return [f"{arm} seed {seed}" for arm, seed in want if (arm, seed) not in have]
+
+
 def resolve_run(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
     """The validated config and run directory of this invocation. Creates nothing; raises ``ConfigError``."""
     if args.resume is not None:
@@ -183,6 +220,14 @@ def resolve_run(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
             raise ConfigError(
                 f"--resume {args.resume}: no Tune experiment state under {run_dir / 'tune'} (the sweep stopped "
                 f"before its first trial started); start it again with --config {run_dir / RUN_CONFIG_FILE}"
+            )
+        damaged = damaged_tune_state(run_dir / "tune")
+        if damaged:
+            raise ConfigError(
+                f"--resume {args.resume}: Tune's state file(s) {', '.join(damaged)} under {run_dir / 'tune'} are empty "
+                f"or unreadable (the driver was killed while they were being written), so Tune would restore a sweep "
+                f"without its trials. Finished trials' checkpoints and metrics stay under {run_dir / 'train'}; start "
+                f"the sweep again with --config {run_dir / RUN_CONFIG_FILE} --name <new name>"
             )
         return cfg, run_dir
     path = args.config or default_config_path()
@@ -246,8 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(cfg.sweep.seeds) > 1:
         print("\nPer arm over seeds (summary.md):\n" + summary_md, flush=True)
     print(f"[sweep] finished {len(rows)} trial(s) in {time.time() - start:.0f} s; results in {run_dir}", flush=True)
+    missing = missing_trials(rows, cfg)
+    if missing:
+        print(f"[sweep] ERROR: no result for {len(missing)} trial(s) of the sweep: {'; '.join(missing)}", flush=True)
     errors = sum(1 for r in rows if r["status"] != "ok")
-    return 1 if errors else 0
+    return 1 if errors or missing else 0
 
 
 def _write_config(cfg: ExperimentConfig, path: Path) -> None:
@@ -266,4 +314,14 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["build_tuner", "check_resources", "init_ray", "main", "resolve_run", "resource_problems", "restore_tuner"]
+__all__ = [
+    "build_tuner",
+    "check_resources",
+    "damaged_tune_state",
+    "init_ray",
+    "main",
+    "missing_trials",
+    "resolve_run",
+    "resource_problems",
+    "restore_tuner",
+]
