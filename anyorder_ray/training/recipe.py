@@ -283,8 +283,11 @@ class TrainingRecipe:
         self.step = 0
         self.total_tokens = 0
         self.total_flops = 0.0
+        # Where a worker's training time goes (reported, never checkpointed: wall clock, see TIMING_METRICS).
         self.eval_wait_s = 0.0
-        self.clock = {"batches": 0.0, "steps": 0.0, "reports": 0.0}  # where a worker's training time goes
+        self.batch_time_s = 0.0
+        self.step_time_s = 0.0
+        self.report_time_s = 0.0
 
     # -- setup -------------------------------------------------------------------------------------------
 
@@ -394,8 +397,8 @@ class TrainingRecipe:
             t1 = time.perf_counter()
             stats = train_step(self.model, self.optimizer, self.scheduler, micro, cfg.train.max_grad_norm,
                                session.device, cfg.masking)  # fmt: skip
-            self.clock["batches"] += t1 - t0
-            self.clock["steps"] += time.perf_counter() - t1
+            self.batch_time_s += t1 - t0
+            self.step_time_s += time.perf_counter() - t1
             self.step += 1
             self.budget.after_step(self.step)
             self.total_tokens += stats.tokens
@@ -447,9 +450,9 @@ class TrainingRecipe:
             "train/tokens_per_s": window.tokens * world / max(elapsed, 1e-9),
             "train/elapsed_s": time.perf_counter() - self._t_start,
             "train/eval_wait_s": self.eval_wait_s,
-            "train/batch_time_s": self.clock["batches"],
-            "train/step_time_s": self.clock["steps"],
-            "train/report_time_s": self.clock["reports"],
+            "train/batch_time_s": self.batch_time_s,
+            "train/step_time_s": self.step_time_s,
+            "train/report_time_s": self.report_time_s,
             "train/target_tokens": window.targets / window.steps,
             "train/padding_waste": 1.0 - window.tokens / max(window.padded, 1),
             "train/total_tokens": int(total_tokens),
@@ -476,7 +479,7 @@ class TrainingRecipe:
         with tempfile.TemporaryDirectory(prefix="aoray-ckpt-") as tmp:
             folder = self.save_checkpoint(Path(tmp) / "checkpoint", metrics, final=final) if checkpoint else None
             self.session.report(metrics, folder, name)
-        self.clock["reports"] += time.perf_counter() - start
+        self.report_time_s += time.perf_counter() - start
         self._log(metrics)
 
     def _finish(self, metrics: dict[str, Any]) -> None:
