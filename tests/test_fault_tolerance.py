@@ -201,10 +201,6 @@ def test_a_misspelt_train_loop_config_key_is_refused():
         LoopSettings.from_dict({"cfg": _smoke(), "buffer": None, "metric_log": "/tmp/m.jsonl"})
 
 
-# Everything a report says except its wall-clock measurements.
-_TIMING_KEYS = TIMING_METRICS
-
-
 def _train_run(cfg: ExperimentConfig, buffer: Any, producers: list, out: Path, kill: Any | None,
                evaluator: Any = None) -> Any:  # fmt: skip
     """One real TorchTrainer run of ``train_loop_per_worker`` (``cfg.train.num_workers`` gloo workers of
@@ -324,7 +320,7 @@ def test_killed_training_worker_resumes_exactly_from_its_last_checkpoint(ray_loc
     for record in killed_log[:3] + killed_log[4:]:
         expected = by_step[record["train/step"]]
         assert record.keys() == expected.keys()
-        for key in record.keys() - _TIMING_KEYS:
+        for key in record.keys() - TIMING_METRICS:  # everything but wall-clock measurements
             # Loss, LR (the schedule's position), grad norm, token counts: the curve continues, exactly.
             assert record[key] == expected[key], (record["train/step"], key)
 

@@ -14,14 +14,14 @@ import pytest
 import torch
 from helpers import HANG_GUARD_S
 from ray import cloudpickle
-from test_fault_tolerance import _TIMING_KEYS, _assert_same, _log, _time_limit, _train_run
+from test_fault_tolerance import _assert_same, _log, _time_limit, _train_run
 
 from anyorder_ray.config import DataConfig, MaskingConfig, ModelConfig, TrainConfig, load_config
 from anyorder_ray.data.batching import BatchMaker
 from anyorder_ray.data.encoding import UnitEncoder
 from anyorder_ray.models.factory import build_model, build_tokenizer
 from anyorder_ray.training.optim import make_optimizer
-from anyorder_ray.training.recipe import train_step
+from anyorder_ray.training.recipe import TIMING_METRICS, train_step
 from envs import EnvConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -279,7 +279,7 @@ def test_fsdp2_train_loop_resumes_after_a_killed_worker_and_exports(ray_local, t
     by_step = {r["train/step"]: r for r in plain_log}
     for record in killed_log[:3] + killed_log[4:]:
         expected = by_step[record["train/step"]]
-        for key in {k for k in record if k.startswith("train/")} - _TIMING_KEYS:
+        for key in {k for k in record if k.startswith("train/")} - TIMING_METRICS:
             assert record[key] == expected[key], (record["train/step"], key)
 
     a, b = Path(plain_result.checkpoint.path), Path(killed_result.checkpoint.path)
