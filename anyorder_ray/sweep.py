@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -160,30 +161,23 @@ def restore_tuner(cfg: ExperimentConfig, run_dir: Path):
     )
 
 
-# Tune keeps its experiment and search-algorithm state in these files (the newest of each pattern is the one
-# restored). It writes them atomically in its staging folder but copies them into the run directory, so a driver
-# killed during the copy leaves an empty or truncated file there.
-_TUNE_STATE_PATTERNS = ("experiment_state-*.json", "basic-variant-state-*.json")
+# Tune keeps its experiment state (JSON) and its search algorithm's state (a pickle) in these files, and restores the
+# newest of each. It writes them atomically in its staging folder but copies them into the run directory, so a
+# driver killed during the copy leaves an empty or truncated file there.
+_TUNE_STATE_FILES = (("experiment_state-*.json", json.loads), ("basic-variant-state-*.json", pickle.loads))
 
 
 def damaged_tune_state(tune_dir: Path) -> list[str]:
     """Names of the newest Tune state files under ``tune_dir`` that are empty or do not load."""
-    import ray.cloudpickle as cloudpickle
-
     damaged = []
-    for pattern in _TUNE_STATE_PATTERNS:
-        files = sorted(tune_dir.glob(pattern))
+    for pattern, load in _TUNE_STATE_FILES:
+        files = sorted(tune_dir.glob(pattern))  # timestamped names: the last is the newest, as Tune picks it
         if not files:
             continue
-        newest = files[-1]
         try:
-            raw = newest.read_bytes()
-            if pattern.startswith("experiment_state"):
-                json.loads(raw)
-            else:
-                cloudpickle.loads(raw)
+            load(files[-1].read_bytes())
         except Exception:  # empty, truncated or otherwise unreadable: any of them loses trials on restore
-            damaged.append(newest.name)
+            damaged.append(files[-1].name)
     return damaged
 
 
