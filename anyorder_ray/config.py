@@ -115,6 +115,7 @@ class RolloutConfig:
     seed_start: int = 0
     """Training seeds are ``[seed_start, seed_start + 10**8)``, split evenly among actors."""
     max_restarts: int = 3
+    """Restarts of each rollout actor, and of the trial's buffer actor (which replays its journal)."""
 
     def __post_init__(self) -> None:
         p: list[str] = []

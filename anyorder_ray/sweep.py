@@ -3,29 +3,34 @@
     python -m anyorder_ray.sweep                                  # tune_configs/sweep.yaml
     python -m anyorder_ray.sweep --config tune_configs/smoke.yaml train.max_steps=50
     python -m anyorder_ray.sweep --resume runs/anyorder-20261125-101500
+    python -m anyorder_ray.sweep sweep.storage_path='s3://bucket/runs?region=eu-west-1'
     ray job submit --working-dir . -- python -m anyorder_ray.sweep --config tune_configs/smoke.yaml
 
 With ``RAY_ADDRESS`` set it connects to that cluster; otherwise it starts a local Ray with bounded CPUs
-and object store. The run directory (printed at start and end) holds Tune's per-trial logs (TensorBoard
-events, progress.csv), the trainers' checkpoints, ``results.csv``, ``results.md`` and the plots.
+and object store. The run directory (printed at start and end; a local folder or a storage URI, see
+``anyorder_ray.storage``) holds Tune's per-trial logs (TensorBoard events, progress.csv), the trainers'
+checkpoints and metrics logs, ``results.csv``, ``results.md`` and the plots. The storage is checked for
+writing before anything starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fnmatch
 import json
 import os
 import pickle
-import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from anyorder_ray.config import ConfigError, ExperimentConfig, default_config_path, load_config, read_yaml, validate_env
-from anyorder_ray.fileio import atomic_write
+from anyorder_ray.config import ConfigError, ExperimentConfig, default_config_path, load_config, validate_env
 from anyorder_ray.results.plots import write_plots
 from anyorder_ray.results.tables import results_rows, write_summary, write_tables
+from anyorder_ray.storage import Location, StorageError, as_location, check_writable, default_job_root, in_ray_job
 
 RUN_CONFIG_FILE = "experiment.yaml"
 
@@ -35,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--config", type=Path, default=None, help="YAML experiment config (default: tune_configs/sweep.yaml)"
     )
-    p.add_argument("--resume", type=Path, default=None, help="run directory of an interrupted sweep to finish")
+    p.add_argument(
+        "--resume", default=None, help="run directory (a path or storage URI) of an interrupted sweep to finish"
+    )
     p.add_argument("--name", default=None, help="run directory name (default: <sweep.name>-<timestamp>)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
@@ -109,19 +116,17 @@ def check_resources(cfg: ExperimentConfig) -> None:
     print(f"[sweep] warning: {'; '.join(problems)}. Waiting for the autoscaler.", flush=True)
 
 
-def _trainable(cfg: ExperimentConfig, run_dir: Path):
+def _trainable(cfg: ExperimentConfig, run: Location):
     """The trial function with its config and resources: one definition, so a restored sweep runs what the
     original ran."""
     from ray import tune
 
     from anyorder_ray.roles.trial import run_trial
 
-    return tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg, run_dir=str(run_dir)), {"cpu": cfg.sweep.trial_cpus}
-    )
+    return tune.with_resources(tune.with_parameters(run_trial, base=cfg, run=run), {"cpu": cfg.sweep.trial_cpus})
 
 
-def build_tuner(cfg: ExperimentConfig, run_dir: Path):
+def build_tuner(cfg: ExperimentConfig, run: Location):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -136,7 +141,8 @@ def build_tuner(cfg: ExperimentConfig, run_dir: Path):
         scheduler = ASHAScheduler(
             metric="eval/success_rate", mode="max", grace_period=cfg.sweep.asha_grace_period, max_t=10**9
         )
-    trainable = _trainable(cfg, run_dir)
+    trainable = _trainable(cfg, run)
+    storage_path, storage_filesystem = run.ray_storage()
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -145,19 +151,25 @@ def build_tuner(cfg: ExperimentConfig, run_dir: Path):
             max_concurrent_trials=cfg.sweep.max_concurrent_trials,
             scheduler=scheduler,
         ),
-        run_config=tune.RunConfig(name="tune", storage_path=str(run_dir)),
+        run_config=tune.RunConfig(name="tune", storage_path=storage_path, storage_filesystem=storage_filesystem),
     )
 
 
-def restore_tuner(cfg: ExperimentConfig, run_dir: Path):
+def restore_tuner(cfg: ExperimentConfig, run: Location):
     """The Tuner of an interrupted sweep: finished trials are kept as they are (never rerun); unfinished
     (RUNNING/PENDING when the driver died) and errored ones run again under their old trial ids, so each
     trial's TorchTrainer finds its own run folder and continues from its latest checkpoint."""
     from ray import tune
 
-    trainable = _trainable(cfg, run_dir)
+    trainable = _trainable(cfg, run)
+    tune_path, storage_filesystem = run.child("tune").ray_storage()
     return tune.Tuner.restore(
-        str(run_dir / "tune"), trainable=trainable, resume_unfinished=True, resume_errored=True, restart_errored=False
+        tune_path,
+        trainable=trainable,
+        resume_unfinished=True,
+        resume_errored=True,
+        restart_errored=False,
+        storage_filesystem=storage_filesystem,
     )
 
 
@@ -167,11 +179,13 @@ def restore_tuner(cfg: ExperimentConfig, run_dir: Path):
 _TUNE_STATE_FILES = (("experiment_state-*.json", json.loads), ("basic-variant-state-*.json", pickle.loads))
 
 
-def damaged_tune_state(tune_dir: Path) -> list[str]:
+def damaged_tune_state(tune_dir: Location | Path) -> list[str]:
     """Names of the newest Tune state files under ``tune_dir`` that are empty or do not load."""
     damaged = []
+    entries = as_location(tune_dir).list()
     for pattern, load in _TUNE_STATE_FILES:
-        files = sorted(tune_dir.glob(pattern))  # timestamped names: the last is the newest, as Tune picks it
+        # timestamped names: the last is the newest, as Tune picks it
+        files = [loc for loc in entries if fnmatch.fnmatchcase(loc.name, pattern)]
         if not files:
             continue
         try:
@@ -190,48 +204,98 @@ def missing_trials(rows: list[dict[str, Any]], cfg: ExperimentConfig) -> list[st
     return [f"{arm} seed {seed}" for arm, seed in want if (arm, seed) not in have]
 
 
-def resolve_run(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
-    """The validated config and run directory of this invocation. Creates nothing; raises ``ConfigError``."""
+def storage_root(cfg: ExperimentConfig) -> tuple[Location, str | None]:
+    """Where new run folders go (``sweep.storage_path``, else ``train.output_dir``), and a note to print about it.
+
+    Under ``ray job submit`` a relative ``train.output_dir`` would land in the job's unpacked working directory,
+    which Ray deletes when the job ends: there it goes under ``~/anyorder_ray`` on the node running the driver.
+    """
+    if cfg.sweep.storage_path:
+        try:
+            return Location.parse(cfg.sweep.storage_path), None
+        except StorageError as e:
+            raise ConfigError(f"sweep.storage_path: {e}") from e
+    out = Path(cfg.train.output_dir).expanduser()
+    if out.is_absolute() or not in_ray_job():
+        return Location.parse(out), None
+    root = default_job_root() / out
+    note = (
+        f"running as a Ray job: the job's working directory is deleted when it ends, so the relative "
+        f"train.output_dir {cfg.train.output_dir!r} goes to {root} on this node. On a multi-node cluster set "
+        "sweep.storage_path to storage every node reaches (s3://..., gs://..., a shared mount)"
+    )
+    return Location.parse(root), note
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[ExperimentConfig, Location]:
+    """The validated config and run folder of this invocation. Creates nothing; raises ``ConfigError``."""
     if args.resume is not None:
         extra = [flag for flag, given in (("--config", args.config), ("--name", args.name)) if given is not None]
         if extra or args.overrides:
             given = ", ".join(extra + list(args.overrides))
             raise ConfigError(
                 f"--resume continues a sweep with the config saved in its {RUN_CONFIG_FILE}; it takes no {given}. "
-                f"Start a new run with --config {args.resume / RUN_CONFIG_FILE} and the overrides instead."
+                f"Start a new run with --config <its {RUN_CONFIG_FILE}> and the overrides instead."
             )
-        run_dir = args.resume.resolve()
-        if not (run_dir / RUN_CONFIG_FILE).is_file():
-            raise ConfigError(
-                f"--resume {args.resume}: no {RUN_CONFIG_FILE} there, so it is not a sweep run directory; "
-                f"pass the directory printed as '[sweep] run directory: ...' by the run to continue"
-            )
-        cfg = load_config(run_dir / RUN_CONFIG_FILE)
-        validate_env(cfg.env, str(run_dir / RUN_CONFIG_FILE))
+        try:
+            run = Location.parse(args.resume)
+            saved = run.child(RUN_CONFIG_FILE)
+            if not saved.is_file():
+                raise ConfigError(
+                    f"--resume {args.resume}: no {RUN_CONFIG_FILE} there, so it is not a sweep run directory; "
+                    f"pass the directory printed as '[sweep] run directory: ...' by the run to continue"
+                )
+            cfg = _load_saved_config(saved)
+        except (StorageError, OSError) as e:
+            raise ConfigError(f"--resume {args.resume}: cannot read the run's storage: {e}") from e
+        validate_env(cfg.env, saved.uri)
         from ray import tune
 
-        if not tune.Tuner.can_restore(str(run_dir / "tune")):
+        tune_path, tune_fs = run.child("tune").ray_storage()
+        if not tune.Tuner.can_restore(tune_path, storage_filesystem=tune_fs):
             raise ConfigError(
-                f"--resume {args.resume}: no Tune experiment state under {run_dir / 'tune'} (the sweep stopped "
-                f"before its first trial started); start it again with --config {run_dir / RUN_CONFIG_FILE}"
+                f"--resume {args.resume}: no Tune experiment state under {run.child('tune')} (the sweep stopped "
+                f"before its first trial started); start it again with --config {saved}"
             )
-        damaged = damaged_tune_state(run_dir / "tune")
+        damaged = damaged_tune_state(run.child("tune"))
         if damaged:
             raise ConfigError(
-                f"--resume {args.resume}: Tune's state file(s) {', '.join(damaged)} under {run_dir / 'tune'} are empty "
-                f"or unreadable (the driver was killed while they were being written), so Tune would restore a sweep "
-                f"without its trials. Finished trials' checkpoints and metrics stay under {run_dir / 'train'}; start "
-                f"the sweep again with --config {run_dir / RUN_CONFIG_FILE} --name <new name>"
+                f"--resume {args.resume}: Tune's state file(s) {', '.join(damaged)} under {run.child('tune')} are "
+                f"empty or unreadable (the driver was killed while they were being written), so Tune would restore a "
+                f"sweep without its trials. Finished trials' checkpoints and metrics stay under {run.child('train')}; "
+                f"start the sweep again with --config {saved} --name <new name>"
             )
-        return cfg, run_dir
+        return cfg, run
     path = args.config or default_config_path()
     cfg = load_config(path, args.overrides)
     validate_env(cfg.env, str(path))
-    root = Path(cfg.sweep.storage_path or cfg.train.output_dir).resolve()
-    run_dir = root / (args.name or f"{cfg.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if run_dir.exists():
-        raise ConfigError(f"run directory {run_dir} already exists: pick another --name, or --resume it")
-    return cfg, run_dir
+    root, _ = storage_root(cfg)
+    run = root.child(args.name or f"{cfg.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        taken = run.exists()
+    except OSError as e:
+        raise ConfigError(_storage_problem(root, e)) from e
+    if taken:
+        raise ConfigError(f"run directory {run} already exists: pick another --name, or --resume it")
+    return cfg, run
+
+
+def _storage_problem(root: Location, error: BaseException) -> str:
+    try:
+        check_writable(root)
+    except StorageError as e:
+        return str(e)
+    return f"cannot use storage {root}: {error}"
+
+
+def _load_saved_config(saved: Location) -> ExperimentConfig:
+    """The config a run saved (``experiment.yaml``, which has no ``base:`` chain), from any storage."""
+    if saved.is_local:
+        return load_config(saved.local_path())
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / RUN_CONFIG_FILE
+        local.write_bytes(saved.read_bytes())
+        return load_config(local)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,8 +312,15 @@ def main(argv: list[str] | None = None) -> int:
     # Every check that can fail runs before anything is written: a bad config or a cluster too small for
     # one trial leaves no run directory behind.
     try:
-        cfg, run_dir = resolve_run(args)
-    except ConfigError as e:
+        cfg, run = resolve_run(args)
+        if args.resume is None:
+            root, note = storage_root(cfg)
+            if note:
+                print(f"[sweep] note: {note}", flush=True)
+            if not root.is_local:
+                print(f"[sweep] checking storage {root} ...", flush=True)
+            check_writable(root)
+    except (ConfigError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import ray
@@ -260,31 +331,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_resources(cfg)
         if args.resume is None:
-            run_dir.mkdir(parents=True, exist_ok=False)
             created = True
-            _write_config(cfg, run_dir / RUN_CONFIG_FILE)
-    except (ConfigError, FileExistsError) as e:
+            _write_config(cfg, run.child(RUN_CONFIG_FILE))
+    except (ConfigError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         if created:  # a run directory without its experiment.yaml could be neither resumed nor reused
-            shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                run.delete()
         if started_ray:
             ray.shutdown()
         return 2
     arms = ", ".join(arm.label() for arm in cfg.arms())
-    print(f"[sweep] run directory: {run_dir}", flush=True)
+    print(f"[sweep] run directory: {run}", flush=True)
+    print(f"[sweep] if interrupted, continue with: python -m anyorder_ray.sweep --resume '{run}'", flush=True)
     print(f"[sweep] level {cfg.env.level}; arms: {arms}; seeds {list(cfg.sweep.seeds)}", flush=True)
-    print(f"[sweep] TensorBoard: tensorboard --logdir {run_dir / 'tune'}", flush=True)
+    print(f"[sweep] TensorBoard: tensorboard --logdir {run.child('tune')}", flush=True)
     start = time.time()
-    tuner = restore_tuner(cfg, run_dir) if args.resume is not None else build_tuner(cfg, run_dir)
+    tuner = restore_tuner(cfg, run) if args.resume is not None else build_tuner(cfg, run)
     grid = tuner.fit()
     rows = results_rows(grid, cfg)
-    table_md = write_tables(rows, run_dir)
-    summary_md = write_summary(rows, run_dir)
-    write_plots(grid, cfg, rows, run_dir)
+    with run.staged() as out:  # a remote run folder gets the tables and plots uploaded when they are all written
+        table_md = write_tables(rows, out)
+        summary_md = write_summary(rows, out)
+        write_plots(grid, cfg, rows, out)
     print(table_md, flush=True)
     if len(cfg.sweep.seeds) > 1:
         print("\nPer arm over seeds (summary.md):\n" + summary_md, flush=True)
-    print(f"[sweep] finished {len(rows)} trial(s) in {time.time() - start:.0f} s; results in {run_dir}", flush=True)
+    print(f"[sweep] finished {len(rows)} trial(s) in {time.time() - start:.0f} s", flush=True)
+    print(f"[sweep] results: {run.child('results.md')} (and results.csv, summary.*, plots beside it)", flush=True)
+    print(f"[sweep] checkpoints, metrics.jsonl: {run.child('train')}; Tune logs: {run.child('tune')}", flush=True)
     missing = missing_trials(rows, cfg)
     if missing:
         print(f"[sweep] ERROR: no result for {len(missing)} trial(s) of the sweep: {'; '.join(missing)}", flush=True)
@@ -292,16 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if errors or missing else 0
 
 
-def _write_config(cfg: ExperimentConfig, path: Path) -> None:
+def _write_config(cfg: ExperimentConfig, where: Location) -> None:
     import yaml
 
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-
-    def write_checked(tmp: Path) -> None:
-        tmp.write_text(text, encoding="utf-8")
-        read_yaml(tmp)  # what we write must load back, or --resume could not use it
-
-    atomic_write(path, write_checked)
+    with tempfile.TemporaryDirectory() as tmp:  # what we write must load back, or --resume could not use it
+        (Path(tmp) / RUN_CONFIG_FILE).write_text(text, encoding="utf-8")
+        load_config(Path(tmp) / RUN_CONFIG_FILE)
+    where.write_text(text)
 
 
 if __name__ == "__main__":
@@ -318,4 +391,5 @@ __all__ = [
     "resolve_run",
     "resource_problems",
     "restore_tuner",
+    "storage_root",
 ]

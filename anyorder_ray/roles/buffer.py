@@ -8,15 +8,25 @@ trajectories past its capacity, and answers ``snapshot()`` with the references o
 train worker resolves them from the object store once, caches them and samples locally
 (``roles.train_loop.BufferSource``).
 
-``BufferState`` is the pure bookkeeping (unit-tested without Ray); ``TrajectoryBuffer`` wraps it as an
-actor class (resources are set by the caller with ``.options()``).
+Durability: given a ``journal`` location (the trial's storage: a folder or a URI), the buffer writes every batch
+it accepts there *before* acknowledging it, one file per batch. A restarted buffer actor (or the buffer of a trial
+that ``--resume`` runs again) replays the journal in order and so holds exactly what was acknowledged, with the
+producers' resume seeds; its batches get new object references, which train workers pick up at their next refresh.
+The journal keeps every acknowledged batch, evicted ones included: it is also the run's dataset of trajectories.
+
+``BufferState`` is the pure bookkeeping (unit-tested without Ray), ``BufferJournal`` the files; ``TrajectoryBuffer``
+wraps both as an actor class (resources are set by the caller with ``.options()``).
 """
 
 from __future__ import annotations
 
+import pickle
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from anyorder_ray.storage import Location
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,7 @@ class BufferState:
         """
         if count < 0:
             raise ValueError("count must be >= 0")
-        if next_seed is not None and next_seed <= self._next_seed.get(worker, -1):
+        if self.is_repeat(worker, next_seed):
             self._repeated += 1
             return self.wants_more()
         if self.target is not None:
@@ -95,6 +105,10 @@ class BufferState:
             self._next_seed[worker] = max(next_seed, self._next_seed.get(worker, 0))
         self._evict()
         return self.wants_more()
+
+    def is_repeat(self, worker: int, next_seed: int | None) -> bool:
+        """Whether a batch ending at ``next_seed`` repeats seeds already acknowledged for ``worker``."""
+        return next_seed is not None and next_seed <= self._next_seed.get(worker, -1)
 
     def wants_more(self) -> bool:
         if self._stopped:
@@ -137,18 +151,75 @@ class BufferState:
         )
 
 
-class TrajectoryBuffer:
-    """Actor class around ``BufferState``; create it with ``ray.remote(TrajectoryBuffer).options(...)``."""
+@dataclass(frozen=True)
+class JournalRecord:
+    """One acknowledged batch as the journal stores it."""
 
-    def __init__(self, capacity: int, target: int | None = None) -> None:
+    worker: int
+    next_seed: int | None
+    trajectories: list
+
+
+class BufferJournal:
+    """Acknowledged batches as numbered files under ``where`` (``00000000.pkl``, ...), written whole or not at all
+    (``Location.write_bytes``), read back in order."""
+
+    SUFFIX = ".pkl"
+
+    def __init__(self, where: Location) -> None:
+        self.where = where
+        self._next = 1 + max((self._number(loc) for loc in self._files()), default=-1)
+
+    def _files(self) -> list[Location]:
+        return [loc for loc in self.where.list() if self._number(loc) >= 0]
+
+    @classmethod
+    def _number(cls, loc: Location) -> int:
+        stem = loc.name.removesuffix(cls.SUFFIX)
+        return int(stem) if loc.name.endswith(cls.SUFFIX) and stem.isdigit() else -1
+
+    def append(self, record: JournalRecord) -> None:
+        self.where.child(f"{self._next:08d}{self.SUFFIX}").write_bytes(pickle.dumps(record, protocol=5))
+        self._next += 1
+
+    def records(self) -> Iterator[JournalRecord]:
+        for loc in sorted(self._files(), key=self._number):
+            yield pickle.loads(loc.read_bytes())
+
+
+class TrajectoryBuffer:
+    """Actor class around ``BufferState``; create it with ``ray.remote(TrajectoryBuffer).options(...)``.
+
+    With a ``journal`` location every accepted batch is persisted before ``add`` returns, and a new instance (an
+    actor restart) starts from everything the journal holds."""
+
+    def __init__(self, capacity: int, target: int | None = None, journal: Location | None = None) -> None:
+        import ray
+
         self._state = BufferState(capacity, target=target)
+        self._journal = BufferJournal(journal) if journal is not None else None
+        self.replayed = 0
+        if self._journal is not None:
+            for record in self._journal.records():
+                self._state.add(ray.put(record.trajectories), len(record.trajectories), record.worker,
+                                record.next_seed)  # fmt: skip
+                self.replayed += len(record.trajectories)
+            if self.replayed:
+                print(f"[buffer] restored {self.replayed} acknowledged trajectories from {journal}", flush=True)
 
     def add(self, batch: list, worker: int = 0, next_seed: int | None = None) -> bool:
         """Take ownership of ``batch`` (a list of trajectories); True while producers should go on."""
         import ray
 
+        accepting = self._state.wants_more() and not self._state.is_repeat(worker, next_seed)
+        if accepting and self._journal is not None:
+            self._journal.append(JournalRecord(worker, next_seed, batch))  # durable before it is acknowledged
         ref = ray.put(batch)  # owned by this actor: survives the producer's death
         return self._state.add(ref, len(batch), worker=worker, next_seed=next_seed)
+
+    def replayed_count(self) -> int:
+        """Trajectories this instance restored from the journal when it started (0 on a first start)."""
+        return self.replayed
 
     def wants_more(self) -> bool:
         return self._state.wants_more()

@@ -27,12 +27,16 @@ import torch
 
 from anyorder_ray.config import ExperimentConfig
 from anyorder_ray.data.batching import TrajectoryView
+from anyorder_ray.storage import Location
 from anyorder_ray.training.checkpoint import unwrap
 from anyorder_ray.training.recipe import TrainingRecipe
 from anyorder_ray.training.sharding import full_state_dict, is_sharded
 from envs.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
+
+_REFRESH_ATTEMPTS = 5
+"""A refresh racing a buffer restart asks the restarted buffer again, this many times in all."""
 
 METRICS_LOG = "metrics.jsonl"
 """File name of the metrics log a trial keeps next to its checkpoints (see ``LoopSettings.metrics_log``)."""
@@ -49,9 +53,9 @@ class LoopSettings:
     """The eval actor (None: no evaluation)."""
     producers: Sequence[Any] = ()
     """The rollout actors' ``run`` references: a failed one stops the wait for data with its error."""
-    metrics_log: str | None = None
-    """JSONL file rank 0 appends every report's metrics to (Train V2 keeps no metrics history). A restart
-    appends a ``{"resumed_from_step": N}`` line and then the reports from step N on, again."""
+    metrics_log: Location | str | None = None
+    """JSONL file (a path or storage location) rank 0 appends every report's metrics to (Train V2 keeps no metrics
+    history). A restart appends a ``{"resumed_from_step": N}`` line and then the reports from step N on, again."""
     after_step: Callable[[int, int], None] | None = None
     """Called with ``(step, rank)`` after every step; tests inject faults with it (``tests/helpers.KillOnce``)."""
 
@@ -129,7 +133,21 @@ class BufferSource:
 
         ``limit`` keeps only the oldest ``limit`` trajectories: it restores a checkpointed view in the fixed
         regime, where the buffer only appends, so an earlier view is always a prefix of the current one.
+
+        A buffer that restarted (it replays its journal) holds the same trajectories under new references: they are
+        fetched again, and references that died with the old buffer are dropped.
         """
+        for attempt in range(_REFRESH_ATTEMPTS):
+            try:
+                return self._refresh(limit)
+            except ray.exceptions.ObjectLostError as e:  # OwnerDiedError: the buffer died after answering
+                if attempt + 1 == _REFRESH_ATTEMPTS:
+                    raise
+                logger.warning("buffer batches lost with their owner (%s); asking the restarted buffer again", e)
+                time.sleep(1.0)
+        raise AssertionError("unreachable")
+
+    def _refresh(self, limit: int | None) -> int:
         snapshot = ray.get(self._buffer.snapshot.remote())
         if limit is not None:
             snapshot = _first_trajectories(snapshot, limit)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -22,6 +21,7 @@ from anyorder_ray.roles.buffer import TrajectoryBuffer
 from anyorder_ray.roles.evaluator import make_eval_actor
 from anyorder_ray.roles.rollout import RolloutWorker
 from anyorder_ray.roles.train_loop import METRICS_LOG, train_loop_per_worker
+from anyorder_ray.storage import Location
 
 
 def trial_cpus(cfg: ExperimentConfig) -> float:
@@ -34,20 +34,27 @@ def trial_cpus(cfg: ExperimentConfig) -> float:
     )
 
 
+BUFFER_JOURNAL = "trajectories"
+"""Folder of the trial's buffer journal, beside its checkpoints and metrics log."""
+
 # Actors of a trial are scheduled outside the trial's placement group (which only holds the driver's
 # tiny CPU share): they ask the cluster for their own resources, like the TorchTrainer's workers do.
 _OUTSIDE_TRIAL_PG = PlacementGroupSchedulingStrategy(placement_group=None)
 
 
-def make_buffer(cfg: ExperimentConfig) -> tuple[Any, str]:
-    """The trial's ``TrajectoryBuffer`` actor and its name, unique in the cluster (no restarts: it owns the data, a
-    restart would start empty). Actors that restart find it by name."""
+def make_buffer(cfg: ExperimentConfig, journal: Location | None = None) -> tuple[Any, str]:
+    """The trial's ``TrajectoryBuffer`` actor and its name, unique in the cluster (actors that restart find it by name).
+
+    With a ``journal`` (a folder or URI on the run's storage) every acknowledged batch is persisted there first, so
+    the buffer restarts (up to ``rollout.max_restarts`` times, calls in flight retried) with everything it had
+    acknowledged; without one it cannot restart (it would start empty) and its death fails the trial."""
     target = cfg.data.num_demos if cfg.data.regime == "fixed" else None
     name = f"trajectory-buffer-{uuid.uuid4().hex[:16]}"
+    restarts = {"max_restarts": cfg.rollout.max_restarts, "max_task_retries": -1} if journal is not None else {}
     buffer = (
         ray.remote(TrajectoryBuffer)
-        .options(name=name, num_cpus=0, max_restarts=0, scheduling_strategy=_OUTSIDE_TRIAL_PG)
-        .remote(cfg.data.buffer_capacity, target=target)
+        .options(name=name, num_cpus=0, scheduling_strategy=_OUTSIDE_TRIAL_PG, **restarts)
+        .remote(cfg.data.buffer_capacity, target=target, journal=journal)
     )
     return buffer, name
 
@@ -84,24 +91,29 @@ def make_evaluator(cfg: ExperimentConfig) -> Any:
     )
 
 
-def start_actors(cfg: ExperimentConfig) -> tuple[Any, list[Any], list[Any], Any | None]:
-    """The buffer, the rollout actors, their running ``run`` references and the eval actor of one trial."""
-    buffer, buffer_name = make_buffer(cfg)
+def start_actors(
+    cfg: ExperimentConfig, journal: Location | None = None
+) -> tuple[Any, list[Any], list[Any], Any | None]:
+    """The buffer (journaled to ``journal``), the rollout actors, their running ``run`` references and the eval actor
+    of one trial."""
+    buffer, buffer_name = make_buffer(cfg, journal)
     workers = [make_rollout_actor(cfg, i, buffer_name) for i in range(cfg.rollout.num_actors)]
     runs = [actor.run.remote() for actor in workers]  # each runs until the buffer says stop
     evaluator = make_evaluator(cfg) if cfg.eval.enabled else None
     return buffer, workers, runs, evaluator
 
 
-def run_trial(params: dict[str, Any], base: ExperimentConfig, run_dir: str) -> None:
-    """The Tune function trainable."""
+def run_trial(params: dict[str, Any], base: ExperimentConfig, run: Location) -> None:
+    """The Tune function trainable; ``run`` is the sweep's run folder (a path or storage URI)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = base.trial(params)
     trial_id = tune.get_context().get_trial_id()
-    buffer, workers, runs, evaluator = start_actors(cfg)
-    storage, name = Path(run_dir) / "train", f"train-{trial_id}"
+    storage, name = run.child("train"), f"train-{trial_id}"
+    # The trial's own folder: a trial that --resume runs again finds its journal there.
+    buffer, workers, runs, evaluator = start_actors(cfg, journal=storage.child(name, BUFFER_JOURNAL))
+    storage_path, storage_filesystem = storage.ray_storage()
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -111,7 +123,7 @@ def run_trial(params: dict[str, Any], base: ExperimentConfig, run_dir: str) -> N
                 "buffer": buffer,
                 "evaluator": evaluator,
                 "producers": runs,
-                "metrics_log": str(storage / name / METRICS_LOG),
+                "metrics_log": storage.child(name, METRICS_LOG),
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.train.num_workers,
@@ -120,7 +132,8 @@ def run_trial(params: dict[str, Any], base: ExperimentConfig, run_dir: str) -> N
             ),
             run_config=RunConfig(
                 name=name,
-                storage_path=str(storage),
+                storage_path=storage_path,
+                storage_filesystem=storage_filesystem,
                 callbacks=[TuneReportCallback()],
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),

@@ -33,6 +33,7 @@ from anyorder_ray.config import ExperimentConfig, MaskingConfig
 from anyorder_ray.data.batching import BatchMaker, TrajectoryView
 from anyorder_ray.data.encoding import IGNORE_INDEX, UnitEncoder, target_logits
 from anyorder_ray.models.factory import build_model, build_tokenizer
+from anyorder_ray.storage import Location, as_location
 from anyorder_ray.training.budget import StepBudget, broadcast_int, plan_compute_steps, step_cost
 from anyorder_ray.training.checkpoint import (
     RankState,
@@ -259,7 +260,8 @@ class TrainingRecipe:
         evaluator: rank 0's eval client (other ranks get one too when a sharded model must join a gather of the
             weights, None otherwise); evaluation happens when ``cfg.eval.enabled``.
         buffer_stats: rank 0 adds these ``rollout/...`` metrics to every report.
-        metrics_log: JSONL file rank 0 appends every report to (with a ``resumed_from_step`` line after a restart).
+        metrics_log: JSONL file (a path or storage URI) rank 0 appends every report to (with a
+            ``resumed_from_step`` line after a restart).
         after_step: called with ``(step, rank)`` after every step (tests inject faults with it).
     """
 
@@ -270,7 +272,7 @@ class TrainingRecipe:
         source: TrajectorySource,
         evaluator: Evaluator | None = None,
         buffer_stats: Callable[[], dict[str, float]] | None = None,
-        metrics_log: str | None = None,
+        metrics_log: Location | str | None = None,
         after_step: Callable[[int, int], None] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -278,7 +280,7 @@ class TrainingRecipe:
         self.source = source
         self.evaluator = evaluator
         self.buffer_stats = buffer_stats
-        self.metrics_log = metrics_log
+        self.metrics_log = as_location(metrics_log) if metrics_log is not None else None
         self.after_step = after_step
         self.step = 0
         self.total_tokens = 0
@@ -556,7 +558,5 @@ class TrainingRecipe:
                 delattr(self, name)
 
 
-def _append_jsonl(path: str, record: dict[str, Any]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=float) + "\n")
+def _append_jsonl(where: Location, record: dict[str, Any]) -> None:
+    where.append_text(json.dumps(record, default=float) + "\n")
