@@ -24,14 +24,10 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode
 
 import pyarrow.fs as pafs
 
 __all__ = ["Location", "StorageError", "as_location", "check_writable", "default_job_root", "in_ray_job"]
-
-# Query options that must never be printed (pyarrow's S3 URIs accept keys inline).
-_SECRET_OPTIONS = ("secret_key", "session_token", "access_key")
 
 
 class StorageError(RuntimeError):
@@ -68,11 +64,11 @@ class Location:
 
     @property
     def uri(self) -> str:
-        """The location as a user writes it (a path when local); secrets in the query are masked."""
+        """The location as a user writes it (a path when local). Its query holds filesystem options only: pyarrow
+        takes no credentials in a URI."""
         if self.is_local:
             return self.path
-        options = [(k, "***" if k in _SECRET_OPTIONS else v) for k, v in parse_qsl(self.query)]
-        return f"{self.scheme}://{self.path}" + (f"?{urlencode(options, safe=':/')}" if options else "")
+        return f"{self.scheme}://{self.path}" + (f"?{self.query}" if self.query else "")
 
     def __str__(self) -> str:
         return self.uri
@@ -228,12 +224,10 @@ def check_writable(loc: Location) -> None:
         with loc.fs.open_output_stream(probe.path) as f:
             f.write(payload)
         if probe.read_bytes() != payload:
-            raise StorageError(f"storage {loc.uri}: a file written there read back different")
+            raise OSError("a probe file written there read back different")
         loc.fs.delete_file(probe.path)
         if new_folders:  # deleting a file leaves its parent "folders" behind as marker objects
             loc.fs.delete_dir(new_folders[-1].path)
-    except StorageError:
-        raise
     except Exception as e:  # pyarrow raises OSError subclasses with the backend's message
         raise StorageError(_explain(loc, e)) from e
     finally:
@@ -259,8 +253,6 @@ def _explain(loc: Location, error: BaseException) -> str:
             "access denied: the credentials were refused, or they may not write there; check them "
             f"({_CREDENTIALS_HINT}) and grant write access to the prefix, or pick another location"
         )
-        if loc.scheme == "s3" and not _aws_credentials_configured():
-            fix = f"no AWS credentials were found in the environment: {_CREDENTIALS_HINT}"
     elif any(s in low for s in ("resolve", "connect", "timed out", "timeout", "unreachable")):
         fix = (
             "the storage endpoint cannot be reached: check the URI's host / endpoint_override and the network "
@@ -268,6 +260,8 @@ def _explain(loc: Location, error: BaseException) -> str:
         )
     else:
         fix = "check the URI (scheme, bucket, prefix) and the credentials"
+    if loc.scheme == "s3" and not _aws_credentials_configured():  # requests went out unsigned
+        fix = f"no AWS credentials were found in the environment: {_CREDENTIALS_HINT}. Also: {fix}"
     return f"cannot write to storage {loc.uri}: {text}. {fix[0].upper()}{fix[1:]}"
 
 

@@ -56,3 +56,15 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server) on loopback for the whole session; stopped at the end."""
+    from helpers import S3Server
+
+    server = S3Server()
+    try:
+        yield server
+    finally:
+        server.stop()

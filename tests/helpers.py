@@ -56,3 +56,66 @@ class KillOnce:
             return
         Path(self.marker).write_text(f"killed pid {os.getpid()} after step {step}\n")
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class S3Server:
+    """A real S3 API on loopback: moto's standalone server in a subprocess (``moto[server]`` from PyPI).
+
+    ``enforce_auth``: IAM policies are enforced after the first few (setup) requests, so a user with a read-only
+    policy really cannot write. ``uri`` builds the storage URI pyarrow (and so Ray) reads; ``env`` holds the
+    credentials a process needs (moto accepts any keys when auth is not enforced)."""
+
+    def __init__(self, enforce_auth: bool = False) -> None:
+        import socket
+        import subprocess
+        import time
+        import urllib.request
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = dict(os.environ)
+        if enforce_auth:
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "4"  # create bucket, user, policy, key; then IAM is enforced
+        code = "import sys; from moto.server import main; sys.exit(main(sys.argv[1:]))"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code, "-H", "127.0.0.1", "-p", str(self.port)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2)  # noqa: S310 (loopback)
+                break
+            except OSError:
+                assert self.process.poll() is None, "moto_server exited at start"
+                assert time.monotonic() < deadline, "moto_server did not answer"
+                time.sleep(0.2)
+
+    def client(self, service: str = "s3", **credentials: str):
+        import boto3
+
+        keys = {
+            "aws_access_key_id": self.env["AWS_ACCESS_KEY_ID"],
+            "aws_secret_access_key": self.env["AWS_SECRET_ACCESS_KEY"],
+        }
+        keys.update(credentials)
+        return boto3.client(service, endpoint_url=self.endpoint, region_name="us-east-1", **keys)
+
+    def uri(self, bucket: str, prefix: str = "") -> str:
+        path = f"{bucket}/{prefix}".rstrip("/")
+        return f"s3://{path}?endpoint_override=127.0.0.1:{self.port}&scheme=http&region=us-east-1"
+
+    def keys(self, bucket: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=HANG_GUARD_S)

@@ -153,7 +153,7 @@ class BufferState:
 
 @dataclass(frozen=True)
 class JournalRecord:
-    """One acknowledged batch as the journal stores it."""
+    """One ``add`` as the journal stores it (``trajectories`` empty when the buffer dropped the batch)."""
 
     worker: int
     next_seed: int | None
@@ -211,9 +211,11 @@ class TrajectoryBuffer:
         """Take ownership of ``batch`` (a list of trajectories); True while producers should go on."""
         import ray
 
-        accepting = self._state.wants_more() and not self._state.is_repeat(worker, next_seed)
-        if accepting and self._journal is not None:
-            self._journal.append(JournalRecord(worker, next_seed, batch))  # durable before it is acknowledged
+        if self._journal is not None:  # durable before it is acknowledged
+            # A batch the state will drop (a repeat, or past the fixed target) is journaled without its trajectories:
+            # replaying it moves the counters and resume seeds exactly as it did here.
+            accepting = self._state.wants_more() and not self._state.is_repeat(worker, next_seed)
+            self._journal.append(JournalRecord(worker, next_seed, batch if accepting else []))
         ref = ray.put(batch)  # owned by this actor: survives the producer's death
         return self._state.add(ref, len(batch), worker=worker, next_seed=next_seed)
 
