@@ -135,6 +135,52 @@ def test_killed_rollout_actor_restarts_resumes_and_loses_no_acknowledged_batch(r
         ray.kill(buffer, no_restart=True)
 
 
+@pytest.mark.slow
+def test_killed_buffer_actor_restarts_with_every_acknowledged_trajectory(ray_local, tmp_path):
+    """SIGKILL the buffer while a rollout actor streams into it and a trainer's view reads it: the restarted buffer
+    replays its journal (every acknowledged batch, in order), the producer goes on from its resume seed, and the
+    trainer's next refresh sees the same trajectories first, then the new ones."""
+    from anyorder_ray.roles.train_loop import BufferSource
+    from anyorder_ray.roles.trial import make_buffer, make_rollout_actor
+    from anyorder_ray.storage import Location
+
+    ray = ray_local
+    cfg = _smoke("data.regime=streaming", "data.buffer_capacity=100000", "rollout.episodes_per_batch=8",
+                 "rollout.max_restarts=1")  # fmt: skip
+    journal = Location.parse(tmp_path / "trajectories")
+    with _time_limit(HANG_GUARD_S):
+        buffer, buffer_name = make_buffer(cfg, journal)
+        actor = make_rollout_actor(cfg, 0, buffer_name)
+        try:
+            run = actor.run.remote()
+            _wait_for(lambda: ray.get(buffer.stats.remote()).batches >= 3, "three acknowledged batches")
+            view = BufferSource(buffer)
+            before = [t.seed for t in _held(ray, buffer)]
+            view.refresh()
+            old_pid = _pid(ray, buffer)
+            os.kill(old_pid, signal.SIGKILL)
+            # Calls retry on the restarted process: it answers once it has replayed the journal.
+            replayed = ray.get(buffer.replayed_count.remote(), timeout=HANG_GUARD_S)
+            new_pid = _pid(ray, buffer)
+            at_restart = ray.get(buffer.stats.remote(), timeout=HANG_GUARD_S)
+            _wait_for(lambda: ray.get(buffer.stats.remote()).batches >= at_restart.batches + 2, "new batches")
+            ray.get(buffer.stop.remote(), timeout=HANG_GUARD_S)
+            report = ray.get(run, timeout=HANG_GUARD_S)
+            size = view.refresh()  # the trainer's view: old references died with the buffer, new ones fetched
+        finally:
+            ray.kill(actor, no_restart=True)
+        after = [t.seed for t in _held(ray, buffer)]
+        files = len(journal.list())
+        ray.kill(buffer, no_restart=True)
+
+    assert new_pid != old_pid and replayed >= len(before) > 0  # acknowledged before the kill: all back
+    assert after[: len(before)] == before  # in the same order, first
+    assert len(after) > replayed and after == list(range(after[0], after[0] + len(after)))  # no seed twice or lost
+    assert report.next_seed == after[-1] + 1
+    assert size == len(after) == view.size
+    assert files >= len(after) // cfg.rollout.episodes_per_batch  # one journal file per acknowledged batch
+
+
 # -- eval actor ------------------------------------------------------------------------------------------------
 
 

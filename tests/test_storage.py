@@ -139,10 +139,12 @@ def _objects(server: S3Server, bucket: str) -> int:
     return reader.list_objects_v2(Bucket=bucket)["KeyCount"]
 
 
+@pytest.mark.slow  # moto answers unsigned uploads with internal errors that the S3 client retries (~20 s)
 def test_missing_credentials_are_named(iam_server, monkeypatch, capsys):
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HOME", "/nonexistent")  # no ~/.aws/credentials either
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # not on EC2: no instance role to wait ~20 s for
     monkeypatch.setattr(storage, "_FILESYSTEMS", {})
     code, err = _sweep_exit(iam_server.uri("read-only", "runs"), capsys)
     assert code == 2 and iam_server.uri("read-only", "runs") in err
