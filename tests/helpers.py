@@ -58,6 +58,22 @@ class KillOnce:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class KillProcessOnce:
+    """Fault injection from inside training: after step ``step`` rank 0 SIGKILLs process ``pid`` (an actor of the
+    trial, say) once; ``marker`` records it."""
+
+    pid: int
+    step: int
+    marker: str
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step != self.step or rank != 0 or os.path.exists(self.marker):
+            return
+        Path(self.marker).write_text(f"killed pid {self.pid} after step {step}\n")
+        os.kill(self.pid, signal.SIGKILL)
+
+
 class S3Server:
     """A real S3 API on loopback: moto's standalone server in a subprocess (``moto[server]`` from PyPI).
 

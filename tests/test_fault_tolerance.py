@@ -181,6 +181,46 @@ def test_killed_buffer_actor_restarts_with_every_acknowledged_trajectory(ray_loc
     assert files >= len(after) // cfg.rollout.episodes_per_batch  # one journal file per acknowledged batch
 
 
+@pytest.mark.slow
+def test_training_goes_on_when_the_buffer_actor_dies_mid_trial(ray_local, tmp_path):
+    """A real TorchTrainer run on streaming data: the buffer is SIGKILLed after step 10; the trainer's next refresh
+    (step 20) reads the restarted buffer, training runs to the end without a worker restart, and everything
+    acknowledged before the kill is still held."""
+    from helpers import KillProcessOnce
+
+    from anyorder_ray.roles.trial import make_buffer, make_rollout_actor
+    from anyorder_ray.storage import Location
+
+    ray = ray_local
+    cfg = _smoke("data.regime=streaming", "data.buffer_capacity=100000", "data.min_buffer_size=16",
+                 "rollout.episodes_per_batch=8", "train.max_steps=44", "train.report_every=4",
+                 "train.checkpoint_every=100", "train.cpus_per_worker=1", "eval.enabled=false")  # fmt: skip
+    journal = Location.parse(tmp_path / "trajectories")
+    marker = tmp_path / "buffer-killed.marker"
+    with _time_limit(HANG_GUARD_S):
+        buffer, buffer_name = make_buffer(cfg, journal)
+        producer = make_rollout_actor(cfg, 0, buffer_name)
+        producers = [producer.run.remote()]
+        pid = _pid(ray, buffer)
+        result = _train_run(cfg, buffer, producers, tmp_path / "run", kill=KillProcessOnce(pid, 10, str(marker)))
+        ray.get(buffer.stop.remote(), timeout=HANG_GUARD_S)
+        ray.get(producers, timeout=HANG_GUARD_S)
+        ray.kill(producer, no_restart=True)
+        replayed = ray.get(buffer.replayed_count.remote(), timeout=HANG_GUARD_S)
+        new_pid = _pid(ray, buffer)
+        held = [t.seed for t in _held(ray, buffer)]
+        ray.kill(buffer, no_restart=True)
+
+    assert marker.exists() and new_pid != pid  # the buffer really died and came back
+    assert result.error is None
+    log = _log(tmp_path / "run")
+    assert [r["train/step"] for r in log] == list(range(4, 45, 4))  # every report, no worker restart
+    assert not any("resumed_from_step" in r for r in log)
+    produced = [r["rollout/produced"] for r in log]
+    assert produced == sorted(produced) and produced[-1] > produced[2] > 0  # the counter survived the restart
+    assert held == list(range(len(held))) and len(held) > replayed > 0  # all acknowledged kept, then more
+
+
 # -- eval actor ------------------------------------------------------------------------------------------------
 
 
