@@ -70,6 +70,46 @@ def test_smoke_sweep_end_to_end(tmp_path):
     _check_smoke_results(run_dir)
 
 
+@pytest.mark.slow
+def test_smoke_sweep_on_s3_storage_and_resumed_from_its_uri(s3_server):
+    """The run folder on a real S3 API (moto's server on loopback): the tables, checkpoints, metrics logs and buffer
+    journals land in the bucket and read back from it; ``--resume <uri>`` of the finished run restores it from there."""
+    bucket = "sweeps"
+    s3_server.client().create_bucket(Bucket=bucket)
+    root = s3_server.uri(bucket, "team/runs")
+    env = _env(**s3_server.env)
+    cmd = [sys.executable, "-m", "anyorder_ray.sweep", "--config", str(SMOKE), "--name", "s3", "--num-cpus", "2",
+           f"sweep.storage_path={root}", "sweep.arms=[{mode: any_order, mask_prob: 0.5}]"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run = s3_server.uri(bucket, "team/runs/s3")
+    assert f"[sweep] run directory: {run}" in proc.stdout
+    assert f"[sweep] results: {s3_server.uri(bucket, 'team/runs/s3/results.md')}" in proc.stdout
+
+    keys = s3_server.keys(bucket)
+    body = s3_server.client().get_object(Bucket=bucket, Key="team/runs/s3/results.csv")["Body"].read().decode()
+    (row,) = list(csv.DictReader(body.splitlines()))
+    assert row["status"] == "ok" and row["arm"] == "any_order@0.5" and float(row["train_steps"]) == 12
+    for name in ("experiment.yaml", "results.md", "summary.md", "success_vs_step.png"):
+        assert f"team/runs/s3/{name}" in keys
+    (trial,) = {k.split("/")[4] for k in keys if k.startswith("team/runs/s3/train/train-")}
+    trial_keys = [k for k in keys if k.startswith(f"team/runs/s3/train/{trial}/")]
+    assert any(k.endswith("checkpoint_000012/model.safetensors") for k in trial_keys)
+    log = s3_server.client().get_object(Bucket=bucket, Key=f"team/runs/s3/train/{trial}/metrics.jsonl")
+    steps = [json.loads(line)["train/step"] for line in log["Body"].read().decode().splitlines()]
+    assert steps == [4, 8, 12]
+    # The fixed regime's 48 demos, acknowledged in batches of 16: three journal files.
+    assert len([k for k in trial_keys if "/trajectories/" in k and k.endswith(".pkl")]) == 3
+    assert not any("runtime_resources" in k for k in keys)
+
+    resume = [sys.executable, "-m", "anyorder_ray.sweep", "--resume", run, "--num-cpus", "2"]
+    again = subprocess.run(resume, cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "| any_order@0.5 |" in again.stdout  # the finished trial, restored from the bucket
+    log = s3_server.client().get_object(Bucket=bucket, Key=f"team/runs/s3/train/{trial}/metrics.jsonl")
+    assert [json.loads(line)["train/step"] for line in log["Body"].read().decode().splitlines()] == steps  # not rerun
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
