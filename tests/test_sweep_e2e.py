@@ -123,7 +123,9 @@ def test_smoke_sweep_through_ray_job_submit(tmp_path):
     # defaults, and a head whose dashboard agent cannot bind its port answers "No available agent" forever.
     port, dash, agent, agent_grpc, env_agent, metrics, client = (_free_port() for _ in range(7))
     temp_dir = Path("/tmp") / f"aoray-head-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    env = _env(RAY_AUTH_MODE="disabled")
+    # The job's driver inherits the head's environment: its default storage root (instead of ~/anyorder_ray).
+    home = tmp_path / "home"
+    env = _env(RAY_AUTH_MODE="disabled", ANYORDER_RAY_HOME=str(home))
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          "--object-store-memory=300000000", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -143,9 +145,8 @@ def test_smoke_sweep_through_ray_job_submit(tmp_path):
             assert head.poll() is None, head.stdout.read()
             assert time.time() < deadline, probe.stderr
             time.sleep(2)
-        cmd = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-               "python", "-m", "anyorder_ray.sweep", "--config", "tune_configs/smoke.yaml", "--name", "job",
-               f"train.output_dir={tmp_path}"]  # fmt: skip
+        cmd = [str(ray_bin), "job", "submit", "--address", address, "--working-dir", str(ROOT), "--", "python",
+               "-m", "anyorder_ray.sweep", "--config", "tune_configs/smoke.yaml", "--name", "job"]  # fmt: skip
         # The head's job agent comes up some seconds after the dashboard answers (longer on a busy machine).
         agent_deadline = time.time() + 180
         while True:
@@ -155,7 +156,12 @@ def test_smoke_sweep_through_ray_job_submit(tmp_path):
             time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
         assert "succeeded" in submit.stdout
-        _check_smoke_results(tmp_path / "job")
+        # The config's relative train.output_dir ("runs") would be inside the job's unpacked working directory,
+        # which Ray deletes: the run goes under the home root instead, and the last lines say where.
+        run_dir = home / "runs" / "job"
+        assert "[sweep] note: running as a Ray job: the job's working directory is deleted" in submit.stdout
+        assert f"[sweep] results: {run_dir / 'results.md'}" in submit.stdout
+        _check_smoke_results(run_dir)
     finally:
         # Stop only the head this test started: its whole process group (not `ray stop`, which stops every
         # Ray process of the user on the machine).
