@@ -53,7 +53,8 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -66,6 +67,7 @@ from envs.registry import EnvConfig
 try:
     import textworld
     import textworld.challenges
+    from jericho.jericho import UnsupportedGameWarning
     from textworld.generator import compile_game
 except ImportError:  # the optional extra; ``problems`` reports it
     textworld = None
@@ -101,6 +103,15 @@ PART_SEPARATOR = "\n\n\n"
 def _require_textworld() -> None:
     if textworld is None:
         raise ImportError(INSTALL_HINT)
+
+
+@contextlib.contextmanager
+def _quiet_jericho() -> Iterator[None]:
+    """Jericho warns on every load of a TextWorld game that it cannot read the score from the story file itself;
+    TextWorld's own state tracking supplies the score, so the warning says nothing about these games."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnsupportedGameWarning)
+        yield
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,7 +215,7 @@ def generate_game(level: Level, split: str, seed: int, path: Path) -> Path:
         options.seeds = seed
         options.path = str(Path(tmp) / path.stem)
         options.file_ext = ".z8"
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), _quiet_jericho():
             game = make(settings=level.settings_for(split), options=options)
             z8 = Path(compile_game(game, options))
         os.replace(z8.with_suffix(".json"), path.with_suffix(".json"))
@@ -427,10 +438,11 @@ class TextWorldWorld:
 
     def reset(self, seed: int) -> tuple[str, str]:
         path = self.pool.ensure(self.game_index(seed))
-        if self._env is None:
-            self._env = textworld.start(str(path), request_infos=self._infos)
-        elif path != self._game_path:
-            self._env.load(str(path))
+        with _quiet_jericho():
+            if self._env is None:
+                self._env = textworld.start(str(path), request_infos=self._infos)
+            elif path != self._game_path:
+                self._env.load(str(path))
         self._game_path = path
         self._state = self._env.reset()
         self.mission = clean_text(self._state["objective"] or "")
