@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from envs.base import World
 
-_WORLDS: dict[str, str] = {"babyai": "envs.babyai"}
+_WORLDS: dict[str, str] = {"babyai": "envs.babyai", "textworld": "envs.textworld"}
 
 
 def registered_worlds() -> tuple[str, ...]:
@@ -33,8 +33,8 @@ def registered_worlds() -> tuple[str, ...]:
 @dataclass(frozen=True)
 class EnvConfig:
     """Which world the agent lives in (the ``env`` section of an experiment). Keys only the world's adapter can judge
-    (``level``, ``obs_encoding``) are checked by ``env_problems``, which entry points call once, before Ray starts (it
-    imports the world's packages)."""
+    (``level``, ``obs_encoding``, ``split``) are checked by ``env_problems``, which entry points call once, before Ray
+    starts (it imports the world's packages)."""
 
     world: str = "babyai"
     """Registered world adapter (``envs.registry.registered_worlds()``)."""
@@ -44,6 +44,14 @@ class EnvConfig:
     """Cap on episode length; None uses the level's own limit."""
     obs_encoding: str = "grid"
     """How observations are written as text (BabyAI: ``grid`` or ``compact``, see ``envs.babyai``)."""
+    split: str = "train"
+    """Which games episode seeds draw from, in worlds that generate games (TextWorld: ``train``, ``heldout``,
+    ``test``)."""
+    num_games: int | None = None
+    """Games per split in worlds that generate games: seed ``s`` plays game ``s % num_games`` (None: each seed its
+    own game)."""
+    game_dir: str | None = None
+    """Where generated games are cached (None: the world's default under the user's cache folder)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -51,6 +59,8 @@ class EnvConfig:
             problems.append(f"world {self.world!r} is unknown; allowed: {', '.join(registered_worlds())}")
         if self.max_episode_steps is not None and self.max_episode_steps <= 0:
             problems.append("max_episode_steps must be > 0")
+        if self.num_games is not None and self.num_games <= 0:
+            problems.append("num_games must be > 0")
         if problems:
             raise ValueError("invalid env config: " + "; ".join(problems))
 

@@ -22,7 +22,7 @@ LIBRARY = ROOT / "anyorder_ray"
 PURE_PACKAGES = ("data", "training", "evaluation", "models", "results")
 PURE_MODULES = ("anyorder_ray.config", "anyorder_ray.fileio")
 RAY_PACKAGE = "roles"
-CONCRETE_WORLDS = {"envs.babyai"}  # every adapter module the registry names
+CONCRETE_WORLDS = {"envs.babyai", "envs.textworld"}  # every adapter module the registry names
 
 
 def _module_name(path: Path) -> str:

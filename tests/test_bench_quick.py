@@ -28,7 +28,9 @@ SCRIPTS = [
     "compile_speed",
     "behaviour_parity",
     "peer_loops",
+    "textworld_expert",
 ]
+NEEDS_EXTRA = {"textworld_expert": "textworld"}  # scripts that need an optional extra (skipped without it)
 
 
 # Scripts whose --quick run would repeat a test that runs anyway (the reason says which).
@@ -81,6 +83,8 @@ def test_parse_results_format() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bench_quick_prints_results(script: str) -> None:
+    if script in NEEDS_EXTRA:
+        pytest.importorskip(NEEDS_EXTRA[script], reason=f"{script} needs the {NEEDS_EXTRA[script]} extra")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / f"{script}.py"), "--quick"],
