@@ -63,10 +63,9 @@ def test_smoke_sweep_end_to_end(tmp_path):
     run_dir = tmp_path / "smoke-test"
     assert f"[sweep] run directory: {run_dir}" in proc.stdout
     assert "| causal |" in proc.stdout  # the table is printed
-    # Our restartable actors get plain-value constructor arguments: Ray logs no "restart can fail" ERROR for them
-    # (Ray Train's own PreemptionWatcher, given its workers' handles, still logs it: Ray's, left on).
-    for actor in ("RolloutWorker", "EvalWorker", "TrajectoryBuffer"):
-        assert f"Actor with class name: '{actor}'" not in proc.stdout + proc.stderr
+    # Restartable actors get plain-value constructor arguments, and Ray Train's preemption watcher (restartable, given
+    # its workers' handles) is off on a single local node: Ray logs no "restart can fail" ERROR line at all.
+    assert "has constructor arguments in the object store" not in proc.stdout + proc.stderr
     _check_smoke_results(run_dir)
 
 

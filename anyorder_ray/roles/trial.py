@@ -148,16 +148,25 @@ def run_trial(params: dict[str, Any], base: ExperimentConfig, run: Location) -> 
         ray.kill(buffer, no_restart=True)
 
 
-def local_env_vars() -> dict[str, str]:
+def local_env_vars(single_machine: bool = True) -> dict[str, str]:
     """Environment passed to every Ray worker of a sweep.
 
     ``OMP_WAIT_POLICY=PASSIVE``: torch's OpenMP threads sleep at a barrier instead of spinning. With the default
     (spinning) a 2-thread training step on a 2-core machine shared with any other busy process was measured 40-100x
     slower (16 s instead of ~0.15 s: a spinning thread holds the core its partner needs); passive waiting keeps it
     within about 2x. Set it in the environment to override.
+
+    ``single_machine`` (a local Ray the sweep started): Ray Train's preemption watcher is off. It watches for nodes
+    being drained (spot instances, autoscaler scale-down), which a single local node never is, and Ray logs an ERROR
+    line for it on every trial start (it is restartable and holds the training workers' handles as constructor
+    arguments). On a cluster it stays on; set ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` to override either way.
     """
-    return {
+    env = {
         "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
     }
+    watcher = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0" if single_machine else None)
+    if watcher is not None:
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = watcher
+    return env
