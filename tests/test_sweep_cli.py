@@ -200,6 +200,25 @@ def ray_scope() -> Iterator[_RayScope]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _journals(run_dir: Path) -> dict[str, list[tuple[int, int | None, list[int]]]]:
+    """Each trial's buffer journal as (worker, next seed, the trajectories' seeds) records, in order."""
+    from anyorder_ray.roles.buffer import BufferJournal
+    from anyorder_ray.roles.trial import BUFFER_JOURNAL
+    from anyorder_ray.storage import Location
+
+    return {
+        folder.name: [
+            (r.worker, r.next_seed, [t.seed for t in r.trajectories])
+            for r in BufferJournal(Location.parse(folder / BUFFER_JOURNAL)).records()
+        ]  # fmt: skip
+        for folder in sorted((run_dir / "train").glob("train-*"))
+    }
+
+
+def _trajectories(records: list[tuple[int, int | None, list[int]]]) -> int:
+    return sum(len(seeds) for _, _, seeds in records)
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "anyorder_ray.sweep", "--num-cpus", "2", *args]
 
@@ -302,6 +321,7 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
     # The killed driver's local Ray is gone (or is stopped here): the resumed run starts a fresh one.
     ray_scope.kill_leftovers()
     assert sorted(_trial_states(tune_dir).values()) != ["TERMINATED"] * len(ARMS)  # really interrupted
+    acknowledged = _journals(run_dir)  # what every trial's buffer had acknowledged when it died
 
     damaged = sweep.damaged_tune_state(tune_dir)
     proc = _run(_cli("--resume", str(run_dir)), ray_scope, timeout=HANG_GUARD_S)
@@ -317,6 +337,16 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
     assert all(r["status"] == "ok" and float(r["train_steps"]) == 12 for r in rows), rows
     states = _trial_states(tune_dir)
     assert len(states) == len(ARMS) and set(states.values()) == {"TERMINATED"}
+    # Every trajectory acknowledged before the kill is kept: a rerun trial's buffer replayed its journal (the same
+    # records first) and its producer went on from the resume seed, so each trial holds exactly its 48 demos.
+    after = _journals(run_dir)
+    for trial, records in acknowledged.items():
+        assert after[trial][: len(records)] == records, trial
+    for trial, records in acknowledged.items():  # the rerun trial's reports say how many its buffer restored
+        if records and trial != f"train-{finished}":
+            last = json.loads((run_dir / "train" / trial / "metrics.jsonl").read_text().splitlines()[-1])
+            assert last["rollout/restored"] == _trajectories(records), trial
+    assert [_trajectories(records) for records in after.values()] == [48] * len(ARMS)
     # The trial that had finished was not run again: its reported results are byte for byte the same.
     assert (_trial_dir(tune_dir, finished) / "result.json").read_bytes() == finished_result
     for trial in set(states) - {finished}:

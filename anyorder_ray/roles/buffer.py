@@ -20,6 +20,7 @@ wraps both as an actor class (resources are set by the caller with ``.options()`
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 from collections import deque
 from collections.abc import Iterator
@@ -41,12 +42,15 @@ class BufferStats:
     per_worker: dict[int, int] = field(default_factory=dict)
     repeated: int = 0
     """Batches dropped because they repeated seeds already acknowledged (a restarted producer's redo)."""
+    restored: int = 0
+    """Trajectories the buffer actor replayed from its journal when it (re)started."""
 
     def as_metrics(self) -> dict[str, float]:
         return {
             "rollout/buffer_size": self.size,
             "rollout/produced": self.produced,
             "rollout/evicted": self.evicted,
+            "rollout/restored": self.restored,
         }
 
 
@@ -240,4 +244,4 @@ class TrajectoryBuffer:
         return self._state.stats().size
 
     def stats(self) -> BufferStats:
-        return self._state.stats()
+        return dataclasses.replace(self._state.stats(), restored=self.replayed)
