@@ -58,7 +58,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": local_env_vars(single_machine=False)})
+        ray.init(runtime_env={"env_vars": local_env_vars()})
         return
     ray.init(
         # "local" always starts a new instance; None would join a cluster left by an earlier `ray start`.

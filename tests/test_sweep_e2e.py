@@ -64,7 +64,7 @@ def test_smoke_sweep_end_to_end(tmp_path):
     assert f"[sweep] run directory: {run_dir}" in proc.stdout
     assert "| causal |" in proc.stdout  # the table is printed
     # Restartable actors get plain-value constructor arguments, and Ray Train's preemption watcher (restartable, given
-    # its workers' handles) is off on a single local node: Ray logs no "restart can fail" ERROR line at all.
+    # its workers' handles) is off: Ray logs no "restart can fail" ERROR line at all.
     assert "has constructor arguments in the object store" not in proc.stdout + proc.stderr
     _check_smoke_results(run_dir)
 
@@ -155,6 +155,7 @@ def test_smoke_sweep_through_ray_job_submit(tmp_path):
             time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
         assert "succeeded" in submit.stdout
+        assert "has constructor arguments in the object store" not in submit.stdout + submit.stderr
         # The config's relative train.output_dir ("runs") would be inside the job's unpacked working directory,
         # which Ray deletes: the run goes under the home root instead, and the last lines say where.
         run_dir = home / "runs" / "job"

@@ -148,7 +148,7 @@ def run_trial(params: dict[str, Any], base: ExperimentConfig, run: Location) -> 
         ray.kill(buffer, no_restart=True)
 
 
-def local_env_vars(single_machine: bool = True) -> dict[str, str]:
+def local_env_vars() -> dict[str, str]:
     """Environment passed to every Ray worker of a sweep.
 
     ``OMP_WAIT_POLICY=PASSIVE``: torch's OpenMP threads sleep at a barrier instead of spinning. With the default
@@ -156,17 +156,16 @@ def local_env_vars(single_machine: bool = True) -> dict[str, str]:
     slower (16 s instead of ~0.15 s: a spinning thread holds the core its partner needs); passive waiting keeps it
     within about 2x. Set it in the environment to override.
 
-    ``single_machine`` (a local Ray the sweep started): Ray Train's preemption watcher is off. It watches for nodes
-    being drained (spot instances, autoscaler scale-down), which a single local node never is, and Ray logs an ERROR
-    line for it on every trial start (it is restartable and holds the training workers' handles as constructor
-    arguments). On a cluster it stays on; set ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` to override either way.
+    ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0``: Ray Train's preemption watcher is off. It is a restartable actor
+    holding the training workers' handles as constructor arguments, so Ray logs an ERROR line ("the actor restart
+    will fail") on every trial start of a healthy run. What it adds is drain awareness (a node the autoscaler or a
+    spot notice is about to take away): without it such a node's loss is an ordinary worker failure, which
+    ``train.max_failures`` restarts from the last checkpoint (tested with a node removed mid-trial). Set it to 1 in
+    the environment of the sweep to get the watcher back (and its ERROR line).
     """
-    env = {
+    return {
         "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
     }
-    watcher = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0" if single_machine else None)
-    if watcher is not None:
-        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = watcher
-    return env
