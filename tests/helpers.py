@@ -38,6 +38,23 @@ def world_tokenizer(env: EnvConfig | None = None):
     return build_world_tokenizer(world_vocabulary(env or babyai()))
 
 
+FAULT_FIGURES_ENV = "AORAY_FAULT_FIGURES"
+"""When set (``bench/fault_figures.py`` sets it), the fault-injection tests append what they measured to this file."""
+
+
+def record_fault(fault: str, acknowledged: int, available: int, steps_repeated: int | None) -> None:
+    """One line of the fault figures: trajectories acknowledged before the fault, those of them available after the
+    recovery (equal when nothing was lost), and training steps done again after the restart (None: no training)."""
+    path = os.environ.get(FAULT_FIGURES_ENV)
+    if not path:
+        return
+    import json
+
+    record = {"fault": fault, "acknowledged": acknowledged, "available": available, "steps_repeated": steps_repeated}
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 @dataclass(frozen=True)
 class KillOnce:
     """Fault injection: SIGKILL the worker process of ``rank`` once, right after step ``step`` (pass it as the train

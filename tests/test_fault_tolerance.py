@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import HANG_GUARD_S
+from helpers import HANG_GUARD_S, record_fault
 
 from anyorder_ray.config import ExperimentConfig, load_config
 from anyorder_ray.roles.buffer import BufferState
@@ -130,6 +130,8 @@ def test_killed_rollout_actor_restarts_resumes_and_loses_no_acknowledged_batch(r
         assert stats.size == len(held) > sum(len(c) for c in contents)
         seeds = [t.seed for t in held]
         assert len(set(seeds)) == len(seeds)  # no seed twice across the whole buffer
+        before = {t.seed for batch in contents for t in batch}
+        record_fault("rollout actor killed", at_kill.size, len(before & set(seeds)), None)
         # No seed skipped either (the bot solves every episode of this level in this range).
         assert seeds == list(range(cfg.rollout.seed_start, cfg.rollout.seed_start + len(seeds)))
         ray.kill(buffer, no_restart=True)
@@ -173,6 +175,7 @@ def test_killed_buffer_actor_restarts_with_every_acknowledged_trajectory(ray_loc
         files = len(journal.list())
         ray.kill(buffer, no_restart=True)
 
+    record_fault("buffer actor killed (standalone)", replayed, len(set(after) & set(after[:replayed])), None)
     assert new_pid != old_pid and replayed >= len(before) > 0  # acknowledged before the kill: all back
     assert after[: len(before)] == before  # in the same order, first
     assert len(after) > replayed and after == list(range(after[0], after[0] + len(after)))  # no seed twice or lost
@@ -219,6 +222,7 @@ def test_training_goes_on_when_the_buffer_actor_dies_mid_trial(ray_local, tmp_pa
     produced = [r["rollout/produced"] for r in log]
     assert produced == sorted(produced) and produced[-1] > produced[2] > 0  # the counter survived the restart
     assert held == list(range(len(held))) and len(held) > replayed > 0  # all acknowledged kept, then more
+    record_fault("buffer actor killed mid-trial", replayed, len(set(held) & set(range(replayed))), 0)
 
 
 # -- eval actor ------------------------------------------------------------------------------------------------
@@ -402,6 +406,7 @@ def test_killed_training_worker_resumes_exactly_from_its_last_checkpoint(ray_loc
     # at 0: step 3 is not reported again) and reports 9 again, then the rest.
     assert [r.get("train/step", r.get("resumed_from_step")) for r in killed_log] == [3, 6, 9, 6, 9, 12, 15, 18]
     assert killed_log[3] == {"resumed_from_step": 6}
+    record_fault("training worker killed", cfg.data.num_demos, cfg.data.num_demos, 10 - 6)  # killed after 10, from 6
     by_step = {r["train/step"]: r for r in plain_log}
     for record in killed_log[:3] + killed_log[4:]:
         expected = by_step[record["train/step"]]

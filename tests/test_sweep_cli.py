@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import HANG_GUARD_S
+from helpers import HANG_GUARD_S, record_fault
 
 from anyorder_ray import sweep
 from anyorder_ray.config import load_config
@@ -344,8 +344,16 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
         assert after[trial][: len(records)] == records, trial
     for trial, records in acknowledged.items():  # the rerun trial's reports say how many its buffer restored
         if records and trial != f"train-{finished}":
-            last = json.loads((run_dir / "train" / trial / "metrics.jsonl").read_text().splitlines()[-1])
-            assert last["rollout/restored"] == _trajectories(records), trial
+            log = [json.loads(line) for line in (run_dir / "train" / trial / "metrics.jsonl").read_text().splitlines()]
+            assert log[-1]["rollout/restored"] == _trajectories(records), trial
+            # Reported steps done again: from the step it resumed at (0 without a checkpoint) to the last one
+            # reported before the kill.
+            steps = [r["train/step"] for r in log if "train/step" in r]
+            restart = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), None)
+            resumed_from = next((r["resumed_from_step"] for r in log if "resumed_from_step" in r), 0)
+            repeated = steps[restart - 1] - resumed_from if restart is not None else 0
+            kept = _trajectories(after[trial][: len(records)])
+            record_fault("driver killed, sweep --resumed", _trajectories(records), kept, repeated)
     assert [_trajectories(records) for records in after.values()] == [48] * len(ARMS)
     # The trial that had finished was not run again: its reported results are byte for byte the same.
     assert (_trial_dir(tune_dir, finished) / "result.json").read_bytes() == finished_result
