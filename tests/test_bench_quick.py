@@ -37,6 +37,8 @@ NEEDS_EXTRA = {"textworld_expert": "textworld"}  # scripts that need an optional
 NOT_RUN_HERE = {
     "load_reproducibility": "its --quick run is the check of tests/test_sweep_e2e.py::"
     "test_a_compute_budget_trains_and_scores_the_same_on_a_quiet_and_a_loaded_machine",
+    "fault_figures": "it runs fault tests of the suite (tests/test_fault_tolerance.py, test_sweep_cli.py, "
+    "test_multinode.py) and tabulates what they recorded",
 }
 
 

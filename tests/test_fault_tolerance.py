@@ -175,7 +175,7 @@ def test_killed_buffer_actor_restarts_with_every_acknowledged_trajectory(ray_loc
         files = len(journal.list())
         ray.kill(buffer, no_restart=True)
 
-    record_fault("buffer actor killed (standalone)", replayed, len(set(after) & set(after[:replayed])), None)
+    record_fault("buffer actor killed (standalone)", len(before), len(set(before) & set(after)), None)
     assert new_pid != old_pid and replayed >= len(before) > 0  # acknowledged before the kill: all back
     assert after[: len(before)] == before  # in the same order, first
     assert len(after) > replayed and after == list(range(after[0], after[0] + len(after)))  # no seed twice or lost
