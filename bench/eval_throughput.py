@@ -42,7 +42,7 @@ from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
 from anyorder_ray.models.factory import build_model, build_tokenizer
 from anyorder_ray.training.optim import make_optimizer
 from anyorder_ray.training.recipe import train_step
-from envs import EnvConfig, Trajectory, make_world
+from envs import EnvConfig, Trajectory, evaluation_env, make_world
 
 
 class TimedScorer:
@@ -57,9 +57,11 @@ class TimedScorer:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._scorer, name)
 
-    def act(self, model: nn.Module, queries: Sequence[PolicyQuery]) -> list[str]:
+    def act(
+        self, model: nn.Module, queries: Sequence[PolicyQuery], candidates: Sequence[Sequence[str]] | None = None
+    ) -> list[str]:
         start = time.perf_counter()
-        out = self._scorer.act(model, queries)
+        out = self._scorer.act(model, queries, candidates)
         self.seconds += time.perf_counter() - start
         self.calls += 1
         self.queries += len(queries)
@@ -160,22 +162,23 @@ def main(argv: list[str] | None = None) -> list[Result]:
     tokenizer = build_tokenizer(cfg.model, cfg.env)
     encoder = UnitEncoder(tokenizer)
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
-    heldout, _ = expert_data(cfg.env, heldout_trajectory_seeds(cfg.eval, 64))
+    eval_env = evaluation_env(cfg.env)  # what the eval actor plays: held-out games where the world has a pool
+    heldout, _ = expert_data(eval_env, heldout_trajectory_seeds(cfg.eval, 64))
     if not args.checkpoint and train_steps > 0:
         torch.set_num_threads(cfg.train.torch_threads)
         data, _ = expert_data(cfg.env, range(200 if args.quick else cfg.data.num_demos))
         train_briefly(cfg, model, encoder, data, train_steps)
     torch.set_num_threads(args.threads)
     model.eval()
-    scorer = ActionScorer(encoder, make_world(cfg.env).action_names, cfg.history_steps(), cfg.data.max_seq_len)
+    scorer = ActionScorer(encoder, make_world(eval_env).action_names, cfg.history_steps(), cfg.data.max_seq_len)
     seeds = list(eval_episode_seeds(cfg.eval, episodes))
     print(
         f"{level}: {episodes} eval seeds, history_steps {cfg.history_steps()}, torch threads {torch.get_num_threads()}",
         flush=True,
     )
 
-    batched, timed_b = timed_episodes(model, scorer, cfg.env, seeds, args.batch_envs)
-    single, timed_s = timed_episodes(model, scorer, cfg.env, seeds, 1)
+    batched, timed_b = timed_episodes(model, scorer, eval_env, seeds, args.batch_envs)
+    single, timed_s = timed_episodes(model, scorer, eval_env, seeds, 1)
     same = sum(a.actions == b.actions for a, b in zip(batched.results, single.results, strict=True))
     print(f"same actions in {same}/{len(seeds)} episodes (float noise between batch shapes can flip near-ties)")
     speedup = batched.episodes_per_s / single.episodes_per_s
