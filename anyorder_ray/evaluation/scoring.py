@@ -132,7 +132,7 @@ class ActionScorer:
 
     Candidates are either a world's fixed action set (``action_names``: BabyAI's seven one-token actions, the same
     for every query) or each query's own list (``valid_actions()`` of its world: TextWorld's admissible commands,
-    2-4 words each, different in every state), passed to ``score`` / ``act``.
+    of 1-6 world tokens, different in every state), passed to ``score`` / ``act``.
 
     Args:
         encoder: the cached ``UnitEncoder`` of the model's tokenizer.
