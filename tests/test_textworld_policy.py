@@ -56,9 +56,9 @@ class CountingModel(nn.Module):
         self.model = model
         self.calls = 0
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> _Out:
+    def forward(self, input_ids: torch.Tensor, **inputs: torch.Tensor) -> _Out:
         self.calls += 1
-        return _Out(self.model(input_ids=input_ids, attention_mask=attention_mask).logits)
+        return _Out(self.model(input_ids=input_ids, **inputs).logits)
 
 
 class ReplayPolicy(nn.Module):
@@ -112,11 +112,14 @@ def _queries(traj: Trajectory) -> list[PolicyQuery]:
     return [PolicyQuery(traj.mission, tuple(zip(obs[:t], acts[:t], strict=True)), obs[t]) for t in range(len(acts))]
 
 
-def _alone(model: nn.Module, encoder: UnitEncoder, query: PolicyQuery, command: str, history: int) -> float:
+def _alone(
+    model: nn.Module, encoder: UnitEncoder, query: PolicyQuery, command: str, history: int, layout: str
+) -> float:
     """The command's score with its query encoded alone, written out: the action-NLL query with ``command`` as the
     true action, one forward, the log-softmax at its labels summed."""
     past = query.history[len(query.history) - history :] if history else ()
-    example = encode_query(query.mission, query_units(past, query.obs, [("act", command)]), encoder, 4096)
+    units = query_units(past, query.obs, [("act", command)])
+    example = encode_query(query.mission, units, encoder, 4096, layout)
     with eval_mode(model):
         (lp,) = target_log_probs(model, [example], 0)
     labels = torch.tensor([y for y in example.labels if y != IGNORE_INDEX])
@@ -124,10 +127,12 @@ def _alone(model: nn.Module, encoder: UnitEncoder, query: PolicyQuery, command: 
     return float(lp.cpu().gather(1, labels[:, None]).sum())
 
 
-def test_batched_multi_token_scores_equal_each_candidate_encoded_alone(game_dir):
+@pytest.mark.parametrize("layout", ["sequence", "block"])
+def test_batched_multi_token_scores_equal_each_candidate_encoded_alone(game_dir, layout):
     """Every state of a tw-simple expert episode with its own admissible commands (1-6 tokens): the batched scores
     equal the score of each query and command encoded alone (the action-NLL query, written out here), with one
-    forward per distinct command length; ``act`` is the argmax and picks only among the state's commands."""
+    forward per distinct command length; ``act`` is the argmax and picks only among the state's commands. In both
+    layouts the arms train with."""
     env = tw(SIMPLE, game_dir, num_games=1)
     traj, valid = _states(env, 0)
     encoder = UnitEncoder(build_tokenizer(TINY, env))
@@ -135,14 +140,14 @@ def test_batched_multi_token_scores_equal_each_candidate_encoded_alone(game_dir)
     lengths = {len(encoder.encode_text(c)) for cands in valid for c in cands}
     assert len(lengths) >= 3 and max(lengths) >= 4  # really multi-token, several length groups
 
-    scorer = ActionScorer(encoder, make_world(env, expert=False).action_names, 1, 4096)
+    scorer = ActionScorer(encoder, make_world(env, expert=False).action_names, 1, 4096, layout)
     queries = _queries(traj)
     scores = scorer.score(model, queries, valid)
     assert model.calls == len(lengths)
     assert [len(s) for s in scores] == [len(c) for c in valid]
     assert all(torch.isfinite(s).all() and (s <= 0).all() for s in scores)
     for t in range(0, len(queries), 3):  # every third state, every command (a forward each)
-        alone = [_alone(model, encoder, queries[t], c, 1) for c in valid[t]]
+        alone = [_alone(model, encoder, queries[t], c, 1, layout) for c in valid[t]]
         torch.testing.assert_close(scores[t], torch.tensor(alone), atol=1e-4, rtol=1e-4)
     acts = scorer.act(model, queries, valid)
     assert acts == [cands[int(s.argmax())] for cands, s in zip(valid, scores, strict=True)]
