@@ -15,7 +15,9 @@ on the CPU's matmul throughput: the per-sequence cost at batch 64 is a fixed flo
 (per-sequence cost at batch 1) / (per-sequence cost at batch 64). The script measures both, the share of matmuls in
 a profiled batch-64 forward, and how much of each loop is spent in the policy vs the environment.
 
-Run: ``python bench/eval_throughput.py`` (full, ~1.5 minutes) or ``--quick`` (< 1 minute).
+Run: ``python bench/eval_throughput.py`` (full, ~1.5 minutes) or ``--quick`` (< 1 minute). Any experiment config runs:
+``--config tune_configs/textworld_smoke.yaml`` plays TextWorld's held-out games (``envs.evaluation_env``), scoring each
+state's admissible commands, one forward per command length.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
 from anyorder_ray.models.factory import build_model, build_tokenizer
 from anyorder_ray.training.optim import make_optimizer
 from anyorder_ray.training.recipe import train_step
-from envs import EnvConfig, Trajectory, make_world
+from envs import EnvConfig, Trajectory, evaluation_env, make_world
 
 
 class TimedScorer:
@@ -57,9 +59,11 @@ class TimedScorer:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._scorer, name)
 
-    def act(self, model: nn.Module, queries: Sequence[PolicyQuery]) -> list[str]:
+    def act(
+        self, model: nn.Module, queries: Sequence[PolicyQuery], candidates: Sequence[Sequence[str]] | None = None
+    ) -> list[str]:
         start = time.perf_counter()
-        out = self._scorer.act(model, queries)
+        out = self._scorer.act(model, queries, candidates)
         self.seconds += time.perf_counter() - start
         self.calls += 1
         self.queries += len(queries)
@@ -84,42 +88,62 @@ def train_briefly(
     print(f"[train] {steps} steps in {time.perf_counter() - start:.1f} s, final loss {loss:.3f}", flush=True)
 
 
-def policy_queries(trajectories: list[Trajectory], history_steps: int, n: int) -> list[PolicyQuery]:
-    """``n`` realistic policy queries: the states of bot trajectories, with their histories."""
-    out: list[PolicyQuery] = []
+@dataclasses.dataclass(frozen=True)
+class PolicyStates:
+    """Policy queries with each state's candidates (``valid_actions()``), as ``run_episodes`` scores them."""
+
+    queries: list[PolicyQuery]
+    candidates: list[tuple[str, ...]]
+
+    def __getitem__(self, part: slice) -> PolicyStates:
+        return PolicyStates(self.queries[part], self.candidates[part])
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+def policy_states(env: EnvConfig, trajectories: list[Trajectory], history_steps: int, n: int) -> PolicyStates:
+    """``n`` realistic policy queries: the states of expert trajectories, with their histories, and each state's
+    ``valid_actions()`` (the trajectory replayed in the world: a fixed-action world gives its whole set)."""
+    world = make_world(env, expert=False)
+    states = PolicyStates([], [])
     for traj in trajectories:
         obs, acts = traj.observations, traj.actions
+        world.reset(traj.seed)
         for t in range(len(acts)):
             history = tuple(zip(obs[:t], acts[:t], strict=True))[-history_steps:] if history_steps else ()
-            out.append(PolicyQuery(traj.mission, history, obs[t]))
-            if len(out) == n:
-                return out
-    return out
+            states.queries.append(PolicyQuery(traj.mission, history, obs[t]))
+            states.candidates.append(world.valid_actions())
+            if len(states) == n:
+                return states
+            world.step(acts[t])
+    return states
 
 
-def per_sequence_cost(model: nn.Module, scorer: ActionScorer, queries: list[PolicyQuery], batch: int) -> float:
-    """Median seconds per query of ``scorer.log_probs`` (encode + collate + forward + scoring) at ``batch``."""
-    chunks = [queries[s : s + batch] for s in range(0, len(queries) - batch + 1, batch)]
-    scorer.log_probs(model, chunks[0])  # warm-up
+def per_sequence_cost(model: nn.Module, scorer: ActionScorer, states: PolicyStates, batch: int) -> float:
+    """Median seconds per query of ``scorer.score`` (encode + collate + forwards + scoring) at ``batch``."""
+    chunks = [states[s : s + batch] for s in range(0, len(states) - batch + 1, batch)]
+    scorer.score(model, chunks[0].queries, chunks[0].candidates)  # warm-up
     times = []
     for chunk in chunks:
         start = time.perf_counter()
-        scorer.log_probs(model, chunk)
+        scorer.score(model, chunk.queries, chunk.candidates)
         times.append((time.perf_counter() - start) / len(chunk))
     return statistics.median(times)
 
 
-def matmul_share(model: nn.Module, scorer: ActionScorer, queries: list[PolicyQuery]) -> tuple[float, float]:
-    """Share of the batched ``log_probs`` CPU time in matmul kernels, and the padding share of that batch."""
+def matmul_share(model: nn.Module, scorer: ActionScorer, states: PolicyStates) -> tuple[float, float]:
+    """Share of the batched ``score`` CPU time in matmul kernels, and the padding share of that batch (encoded with
+    each state's first candidate)."""
     from torch.profiler import ProfilerActivity, profile
 
-    scorer.log_probs(model, queries)
+    scorer.score(model, states.queries, states.candidates)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        scorer.log_probs(model, queries)
+        scorer.score(model, states.queries, states.candidates)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
-    lengths = [len(scorer.encode(q)) for q in queries]
+    lengths = [len(scorer.encode(q, c[0])) for q, c in zip(states.queries, states.candidates, strict=True)]
     padding = 1.0 - sum(lengths) / (max(lengths) * len(lengths))
     return matmul / max(total, 1e-9), padding
 
@@ -160,31 +184,33 @@ def main(argv: list[str] | None = None) -> list[Result]:
     tokenizer = build_tokenizer(cfg.model, cfg.env)
     encoder = UnitEncoder(tokenizer)
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
-    heldout, _ = expert_data(cfg.env, heldout_trajectory_seeds(cfg.eval, 64))
+    eval_env = evaluation_env(cfg.env)  # what the eval actor plays: held-out games where the world has a pool
+    heldout, _ = expert_data(eval_env, heldout_trajectory_seeds(cfg.eval, 64))
     if not args.checkpoint and train_steps > 0:
         torch.set_num_threads(cfg.train.torch_threads)
         data, _ = expert_data(cfg.env, range(200 if args.quick else cfg.data.num_demos))
         train_briefly(cfg, model, encoder, data, train_steps)
     torch.set_num_threads(args.threads)
     model.eval()
-    scorer = ActionScorer(encoder, make_world(cfg.env).action_names, cfg.history_steps(), cfg.data.max_seq_len)
+    scorer = ActionScorer(encoder, make_world(eval_env).action_names, cfg.history_steps(), cfg.data.max_seq_len)
     seeds = list(eval_episode_seeds(cfg.eval, episodes))
     print(
         f"{level}: {episodes} eval seeds, history_steps {cfg.history_steps()}, torch threads {torch.get_num_threads()}",
         flush=True,
     )
 
-    batched, timed_b = timed_episodes(model, scorer, cfg.env, seeds, args.batch_envs)
-    single, timed_s = timed_episodes(model, scorer, cfg.env, seeds, 1)
+    batched, timed_b = timed_episodes(model, scorer, eval_env, seeds, args.batch_envs)
+    single, timed_s = timed_episodes(model, scorer, eval_env, seeds, 1)
     same = sum(a.actions == b.actions for a, b in zip(batched.results, single.results, strict=True))
     print(f"same actions in {same}/{len(seeds)} episodes (float noise between batch shapes can flip near-ties)")
     speedup = batched.episodes_per_s / single.episodes_per_s
 
     # Why the ratio is what it is: per-query policy cost at batch 1 vs the lockstep width, and the matmul share.
-    queries = policy_queries(heldout, cfg.history_steps(), 4 * args.batch_envs if args.quick else 8 * args.batch_envs)
-    cost_1 = per_sequence_cost(model, scorer, queries[: 2 * args.batch_envs], 1)
-    cost_b = per_sequence_cost(model, scorer, queries, args.batch_envs)
-    share, padding = matmul_share(model, scorer, queries[: args.batch_envs])
+    n_states = 4 * args.batch_envs if args.quick else 8 * args.batch_envs
+    states = policy_states(eval_env, heldout, cfg.history_steps(), n_states)
+    cost_1 = per_sequence_cost(model, scorer, states[: 2 * args.batch_envs], 1)
+    cost_b = per_sequence_cost(model, scorer, states, args.batch_envs)
+    share, padding = matmul_share(model, scorer, states[: args.batch_envs])
     steps_s = (single.seconds - timed_s.seconds) / max(timed_s.calls, 1)
     steps_b = (batched.seconds - timed_b.seconds) / max(timed_b.queries, 1)
     print(

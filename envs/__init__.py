@@ -1,11 +1,20 @@
 """Worlds as text: each adapter turns an environment into trajectories of text units, behind one protocol.
 
 The library uses only what this package exports: the ``EnvConfig`` of a run, ``make_world`` / ``world_vocabulary``
-/ ``env_problems`` (the registry), the ``World`` protocol, the expert-episode loop and the ``Trajectory`` record.
+/ ``env_problems`` / ``evaluation_env`` (the registry), the ``World`` protocol, the expert-episode loop and the
+``Trajectory`` record.
 """
 
 from envs.base import CollectStats, ExpertUnavailable, StepResult, World, collect_expert_trajectories, expert_episode
-from envs.registry import EnvConfig, env_problems, make_world, register_world, registered_worlds, world_vocabulary
+from envs.registry import (
+    EnvConfig,
+    env_problems,
+    evaluation_env,
+    make_world,
+    register_world,
+    registered_worlds,
+    world_vocabulary,
+)
 from envs.trajectory import UNIT_KINDS, Trajectory, Unit, UnitKind
 
 __all__ = [
@@ -20,6 +29,7 @@ __all__ = [
     "World",
     "collect_expert_trajectories",
     "env_problems",
+    "evaluation_env",
     "expert_episode",
     "make_world",
     "register_world",

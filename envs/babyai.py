@@ -458,6 +458,11 @@ def make_world(cfg: EnvConfig, expert: bool = True) -> BabyAIWorld:
     return BabyAIWorld(cfg.level, max_steps=cfg.max_episode_steps, encoding=cfg.obs_encoding, expert=expert)
 
 
+def evaluation_config(cfg: EnvConfig) -> EnvConfig:
+    """``cfg`` itself: every seed generates its own level, and evaluation seeds (>= 1e9) are never training seeds."""
+    return cfg
+
+
 def vocabulary(cfg: EnvConfig) -> list[str]:
     """``world_vocabulary()``: the same for every level and encoding, so one tokenizer serves them all."""
     return world_vocabulary()

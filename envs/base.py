@@ -41,7 +41,8 @@ class World(Protocol):
 
     @property
     def action_names(self) -> tuple[str, ...]:
-        """Every action of the world's fixed action set, in the environment's action-index order."""
+        """Every action of the world's fixed action set, in the environment's action-index order; empty for a world
+        without one (TextWorld), whose policy scores each state's ``valid_actions()`` instead."""
         ...
 
     def valid_actions(self) -> tuple[str, ...]:

@@ -7,10 +7,14 @@ An adapter module provides three functions, imported lazily (a world's packages 
   (evaluation needs only the environment, and an expert's planning can be most of a step's cost);
 - ``vocabulary(cfg: EnvConfig) -> list[str]``: every word its missions, observations and actions can hold, in a
   fixed order (the local word-level tokenizer is built from it);
-- ``problems(cfg: EnvConfig) -> list[str]``: what is wrong with ``cfg`` for this world (empty when nothing).
+- ``problems(cfg: EnvConfig) -> list[str]``: what is wrong with ``cfg`` for this world (empty when nothing);
+- ``evaluation_config(cfg: EnvConfig) -> EnvConfig``: the world evaluation plays when training plays ``cfg``, so that
+  evaluation episodes and held-out trajectories never come from training (BabyAI: ``cfg`` itself, since evaluation
+  seeds are never training seeds; TextWorld: the ``heldout`` games, since with ``num_games`` set any seed plays a
+  game of the training pool).
 
-Nothing outside ``envs/`` imports an adapter module: the library calls ``make_world``, ``world_vocabulary`` and
-``env_problems`` here, with the ``EnvConfig`` of the run.
+Nothing outside ``envs/`` imports an adapter module: the library calls ``make_world``, ``world_vocabulary``,
+``env_problems`` and ``evaluation_env`` here, with the ``EnvConfig`` of the run.
 """
 
 from __future__ import annotations
@@ -88,6 +92,11 @@ def make_world(cfg: EnvConfig, *, expert: bool = True) -> World:
 def world_vocabulary(cfg: EnvConfig) -> list[str]:
     """Every word the world of ``cfg`` can produce (missions, observations of every encoding, actions)."""
     return _adapter(cfg).vocabulary(cfg)
+
+
+def evaluation_env(cfg: EnvConfig) -> EnvConfig:
+    """The ``EnvConfig`` evaluation (live episodes and held-out trajectories) plays for a run trained on ``cfg``."""
+    return _adapter(cfg).evaluation_config(cfg)
 
 
 def env_problems(cfg: EnvConfig) -> list[str]:

@@ -625,6 +625,13 @@ def make_world(cfg: EnvConfig, expert: bool = True) -> TextWorldWorld:
     )  # fmt: skip
 
 
+def evaluation_config(cfg: EnvConfig) -> EnvConfig:
+    """Evaluation plays the ``heldout`` games when training plays ``train`` (with ``num_games`` set, an evaluation
+    seed would otherwise pick a training game); a run trained on ``heldout`` or ``test`` is evaluated on its own
+    split."""
+    return dataclasses.replace(cfg, split="heldout") if cfg.split == "train" else cfg
+
+
 def vocabulary(cfg: EnvConfig) -> list[str]:
     """``challenge_vocabulary`` of ``cfg.level``'s challenge: the same for every option, split and game."""
     _raise_problems(cfg)

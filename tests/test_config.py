@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ def test_the_issue_lists_every_experiment_yaml():
 
 @pytest.mark.parametrize("path", TUNE_CONFIGS, ids=lambda p: p.name)
 def test_every_tune_config_loads_and_its_arms_resolve(path):
+    if path.stem.startswith("textworld") and importlib.util.find_spec("textworld") is None:
+        pytest.skip("textworld is not installed: its configs fail the env check, as they should")
     cfg = load_config(path)
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.arms() and all(isinstance(arm, MaskingConfig) for arm in cfg.arms())

@@ -190,6 +190,57 @@ def test_scorer_rejects_bad_arguments(encoder):
         ActionScorer(encoder, ["left", "teleport_xyzzy"], 1, 64)
 
 
+def _fixed_set_reference(model, scorer: ActionScorer, queries) -> torch.Tensor:
+    """The fixed-action-set scorer as it was before per-query candidates: per token length of ``action_names`` one
+    forward over every query (placeholder: the first action of that length), then one gather."""
+    from anyorder_ray.evaluation.scoring import eval_mode, target_log_probs
+
+    names = scorer.action_names
+    token_ids = [scorer.encoder.encode_text(name) for name in names]
+    out = torch.empty((len(queries), len(names)))
+    with eval_mode(model):
+        for n in sorted({len(ids) for ids in token_ids}):
+            idx = [i for i, ids in enumerate(token_ids) if len(ids) == n]
+            cand = torch.tensor([token_ids[i] for i in idx])
+            examples = [scorer.encode(q, names[idx[0]]) for q in queries]
+            lp = torch.stack(target_log_probs(model, examples, scorer.pad_id)).cpu()
+            out[:, idx] = lp[:, torch.arange(n)[None, :], cand].sum(-1)
+    return out
+
+
+def test_fixed_action_set_scores_are_unchanged_by_per_query_candidates(tokenizer, encoder, bot_trajectories):
+    """BabyAI through the generalised scorer: ``log_probs`` (the fixed set), ``score`` with each state's
+    ``valid_actions()`` and the pre-generalisation algorithm give bit-identical scores and the same actions, on the
+    real tiny LLaDA2 model; a world without a fixed set is refused where one is needed, naming the way out."""
+    from anyorder_ray.models.llada2_moe import LLaDA2MoeModelLM, llada2_config
+
+    torch.manual_seed(0)
+    cfg = llada2_config(
+        "tiny", vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    model = LLaDA2MoeModelLM(cfg).eval()
+    world = make_world(babyai(LEVEL), expert=False)
+    scorer = ActionScorer(encoder, world.action_names, 2, 256)
+    queries = [_query(traj, t) for traj in bot_trajectories for t in range(traj.num_actions)]
+    fixed = scorer.log_probs(model, queries)
+    per_query = torch.stack(scorer.score(model, queries, [world.valid_actions()] * len(queries)))
+    assert torch.equal(fixed, _fixed_set_reference(model, scorer, queries))
+    assert torch.equal(per_query, fixed)
+    assert scorer.act(model, queries) == scorer.act(model, queries, [world.valid_actions()] * len(queries))
+    # Multi-token names too (two forwards): the same scores as before, to the last bit.
+    names = ["left", "go forward", "pick up", "done"]
+    multi = ActionScorer(encoder, names, 1, 256)
+    torch.testing.assert_close(multi.log_probs(model, queries[:5]), _fixed_set_reference(model, multi, queries[:5]),
+                               rtol=0, atol=0)  # fmt: skip
+    free = ActionScorer(encoder, (), 1, 256)
+    for call in (lambda: free.log_probs(model, queries[:1]), lambda: free.act(model, queries[:1])):
+        with pytest.raises(ValueError, match="valid_actions"):
+            call()
+    with pytest.raises(ValueError, match="no candidate"):
+        free.score(model, queries[:2], [("left",), ()])
+
+
 # --- episodes -----------------------------------------------------------------------------------------------
 
 

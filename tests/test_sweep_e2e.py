@@ -4,6 +4,8 @@ real local head started (and stopped) by the test. Bounded in time; run last (ma
 from __future__ import annotations
 
 import csv
+import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -19,6 +21,7 @@ from helpers import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
+TEXTWORLD_SMOKE = ROOT / "tune_configs" / "textworld_smoke.yaml"
 ARMS = {"causal", "prefix", "any_order@0.5"}
 
 
@@ -107,6 +110,43 @@ def test_smoke_sweep_on_s3_storage_and_resumed_from_its_uri(s3_server):
     assert "| any_order@0.5 |" in again.stdout  # the finished trial, restored from the bucket
     log = s3_server.client().get_object(Bucket=bucket, Key=f"team/runs/s3/train/{trial}/metrics.jsonl")
     assert [json.loads(line)["train/step"] for line in log["Body"].read().decode().splitlines()] == steps  # not rerun
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("textworld") is None, reason="textworld is not installed")
+def test_textworld_smoke_sweep_end_to_end(tmp_path, request):
+    """The whole pipeline on TextWorld, unchanged: rollout actors play generated games with the expert, the trainer
+    trains every arm on multi-token commands, the eval actor plays the held-out games with the same scorer and
+    reports success and NLLs. The games are generated up front into pytest's cache folder, once (the actors of
+    concurrent trials would otherwise generate each missing game side by side; a game is a function of its level,
+    split and index, so a cached one is the game the sweep would generate)."""
+    from anyorder_ray.config import load_config
+    from envs import evaluation_env, make_world
+
+    games = request.config.cache.mkdir("textworld_smoke_games")
+    env = dataclasses.replace(load_config(TEXTWORLD_SMOKE).env, game_dir=str(games))
+    for cfg in (env, evaluation_env(env)):
+        world = make_world(cfg, expert=False)
+        for seed in range(env.num_games):
+            world.reset(seed)  # generates the seed's game unless it is in the cache
+    cmd = [sys.executable, "-m", "anyorder_ray.sweep", "--config", str(TEXTWORLD_SMOKE), "--name", "tw",
+           "--num-cpus", "2", f"train.output_dir={tmp_path}", f"env.game_dir={games}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    with (tmp_path / "tw" / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["arm"] for r in rows} == ARMS and len(rows) == len(ARMS)
+    for r in rows:
+        assert r["status"] == "ok", r
+        for key in ("success", "success_low", "success_high", "world_model_nll", "world_model_nll_per_obs",
+                    "action_nll", "train_tokens"):  # fmt: skip
+            assert math.isfinite(float(r[key])), (key, r)
+        assert float(r["episodes"]) == 8 and float(r["train_steps"]) == 12
+        assert float(r["action_nll"]) > 0 and float(r["world_model_nll"]) > 0
+    # Nothing but the prepared pools was played: the training games and the held-out games.
+    played = sorted((p.parent.name, p.name) for p in games.rglob("game_*.z8"))
+    n = env.num_games
+    assert played == sorted((split, f"game_{i:06d}.z8") for split in ("heldout", "train") for i in range(n))
 
 
 def _free_port() -> int:

@@ -67,10 +67,13 @@ def run_episodes(
 ) -> EpisodeStats:
     """Play one episode per seed with ``scorer.act``, ``batch_envs`` worlds in lockstep.
 
+    At every step each live world's ``valid_actions()`` are its query's candidates (a fixed-action world such as
+    BabyAI gives its whole action set; TextWorld the commands its current state admits).
+
     ``make_world`` builds one world (e.g. ``lambda: envs.make_world(env_cfg, expert=False)``); ``min(batch_envs,
-    len(seeds))`` are built. Every lockstep step scores all live worlds with one batched forward; a finished slot is
-    refilled with the next seed. ``batch_envs=1`` is the one-world-at-a-time loop. Results do not depend on
-    ``batch_envs`` for a model whose per-sequence output does not depend on the rest of the batch.
+    len(seeds))`` are built. Every lockstep step scores all live worlds with one batched forward per candidate token
+    length; a finished slot is refilled with the next seed. ``batch_envs=1`` is the one-world-at-a-time loop. Results
+    do not depend on ``batch_envs`` for a model whose per-sequence output does not depend on the rest of the batch.
     """
     if batch_envs < 1:
         raise ValueError(f"batch_envs must be >= 1, got {batch_envs}")
@@ -99,7 +102,7 @@ def run_episodes(
         if not live:
             break
         queries = [PolicyQuery(slots[k].mission, tuple(slots[k].history), slots[k].obs) for k in live]
-        actions = scorer.act(model, queries)
+        actions = scorer.act(model, queries, [worlds[k].valid_actions() for k in live])
         for k, action in zip(live, actions, strict=True):
             slot, world = slots[k], worlds[k]
             res = world.step(action)

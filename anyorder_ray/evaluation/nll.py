@@ -40,7 +40,8 @@ def nll_queries(
     """The (world-model, action) queries of every step t of ``trajectory``, in the scorer's window.
 
     World model: history + obs_t + act_t visible, obs_{t+1} masked, nothing after it.
-    Action: history + obs_t visible, act_t masked (exactly the policy's query, with the true action).
+    Action: history + obs_t visible, act_t masked (exactly the policy's query, with the true action: the summed NLL of
+    a multi-token command is minus ``ActionScorer``'s score of it).
     """
     obs, acts = trajectory.observations, trajectory.actions
     world, action = [], []

@@ -1,4 +1,5 @@
-"""The model as a policy: ``ActionScorer`` scores every valid action of a batch of queries in one forward pass.
+"""The model as a policy: ``ActionScorer`` scores the candidate actions of a batch of queries, one forward pass per
+candidate token length.
 
 One query layout serves acting, action NLL and world-model NLL (``encode_query`` does the encoding, in the layout the
 arm trained with: ``sequence`` or ``block``)::
@@ -6,7 +7,8 @@ arm trained with: ``sequence`` or ``block``)::
     mission, (obs, act) x history_steps, obs_t, [act_t masked]            action query / policy
     mission, (obs, act) x history_steps, obs_t, act_t, [obs_t+1 masked]   world-model query
 
-An action's score is the summed log-probability of its tokens at the masked positions; ``act`` takes the argmax.
+An action's score is the summed log-probability of its tokens at the masked positions (all masked at once: a product
+of marginals); ``act`` takes the argmax. Candidates are a world's fixed action set or each state's ``valid_actions()``.
 The same scorer serves the eval actor, training-time checks and the tests.
 """
 
@@ -116,19 +118,29 @@ def target_log_probs(model: nn.Module, examples: Sequence[EncodedExample], pad_i
 
 
 class ActionScorer:
-    """Scores every valid action of a batch of policy queries with one forward pass (per action length).
+    """Scores candidate actions of a batch of policy queries: one forward pass per candidate token length.
 
     Each query is encoded as mission + the last ``history_steps`` steps + the current observation (visible)
-    + a next-action unit (target). The target unit's tokens are mask tokens whatever text it holds, so a
-    placeholder of the right token length stands in for it. An action's score is the sum of the log-softmax
-    of its tokens at the masked positions. Actions whose texts tokenize to different lengths are grouped by
-    length (one forward per distinct length); with the world tokenizer every action is one token.
+    + a next-action unit (target). The target unit's tokens are mask tokens whatever text it holds, so any candidate
+    of the right token length stands in for it: the queries that have a candidate of length ``n`` are encoded once
+    with an ``n``-token target and run in one forward, and every candidate of that length is read off it.
+
+    A candidate's score is the sum of the log-softmax of its tokens at the masked positions, all of them masked at
+    once: a product of per-position marginals, not the chain rule's joint probability (which would take one forward
+    per token and candidate). It is exactly the action-NLL query of ``nll.py`` with that candidate as the true action,
+    so the action NLL of a command is minus its score. ``act`` takes the argmax (ties: the first candidate).
+
+    Candidates are either a world's fixed action set (``action_names``: BabyAI's seven one-token actions, the same
+    for every query) or each query's own list (``valid_actions()`` of its world: TextWorld's admissible commands,
+    of 1-6 world tokens, different in every state), passed to ``score`` / ``act``.
 
     Args:
         encoder: the cached ``UnitEncoder`` of the model's tokenizer.
-        action_names: the valid actions, as unit texts.
+        action_names: the world's fixed action set, as unit texts; empty for a world without one (then every call
+            names each query's candidates).
         history_steps: past (obs, act) steps kept in a query (>= 0).
         max_length: token budget per query; older steps are cropped by ``encode_units`` beyond it.
+        layout: the layout the model trained with (``sequence`` or ``block``).
     """
 
     def __init__(
@@ -139,8 +151,6 @@ class ActionScorer:
         max_length: int,
         layout: str = "sequence",
     ) -> None:
-        if not action_names:
-            raise ValueError("action_names is empty")
         if len(set(action_names)) != len(action_names):
             raise ValueError(f"action_names has duplicates: {list(action_names)}")
         if history_steps < 0:
@@ -151,46 +161,83 @@ class ActionScorer:
         self.max_length = int(max_length)
         self.layout = layout
         self.pad_id = pad_id_of(encoder)
-        # length -> (action indices, their token ids [n_actions, length]); the placeholder is any member.
-        groups: dict[int, list[int]] = {}
-        token_ids = [encoder.encode_text(name) for name in self.action_names]  # raises on unknown words
-        for i, ids in enumerate(token_ids):
-            groups.setdefault(len(ids), []).append(i)
-        self._groups = {
-            n: (torch.tensor(idx), torch.tensor([token_ids[i] for i in idx], dtype=torch.long))
-            for n, idx in sorted(groups.items())
-        }
+        for name in self.action_names:
+            encoder.encode_text(name)  # raises on unknown words now rather than at the first query
 
     @property
     def num_forwards(self) -> int:
-        """Forward passes per ``log_probs`` call (distinct token lengths among the actions)."""
-        return len(self._groups)
+        """Forward passes per ``log_probs`` call: the distinct token lengths of the fixed action set."""
+        return len({len(self.encoder.encode_text(name)) for name in self._fixed_set()})
+
+    def _fixed_set(self) -> tuple[str, ...]:
+        if not self.action_names:
+            raise ValueError(
+                "this scorer has no fixed action set (the world's action_names is empty): pass each query's "
+                "candidates, e.g. world.valid_actions()"
+            )
+        return self.action_names
 
     def encode(self, query: PolicyQuery, placeholder: str | None = None) -> EncodedExample:
-        """The encoded action query (target = next action, written as ``placeholder``)."""
+        """The encoded action query (target = next action, written as ``placeholder``: the first fixed action when
+        None; only its token length matters)."""
         history = query.history[len(query.history) - self.history_steps :] if self.history_steps else ()
-        units = query_units(history, query.obs, [("act", placeholder or self.action_names[0])])
+        units = query_units(history, query.obs, [("act", placeholder or self._fixed_set()[0])])
         return encode_query(query.mission, units, self.encoder, self.max_length, self.layout)
 
-    def log_probs(self, model: nn.Module, queries: Sequence[PolicyQuery]) -> torch.Tensor:
-        """``[len(queries), len(action_names)]`` log-probabilities (each <= 0), on the CPU, fp32."""
-        if not queries:
-            return torch.empty((0, len(self.action_names)))
-        out = torch.empty((len(queries), len(self.action_names)))
-        with eval_mode(model):
-            for n, (idx, cand) in self._groups.items():
-                placeholder = self.action_names[int(idx[0])]
-                examples = [self.encode(q, placeholder) for q in queries]
-                per_query = target_log_probs(model, examples, self.pad_id)
-                lp = torch.stack(per_query).cpu()  # [B, n, V]: every query has exactly n targets
-                # score[b, a] = sum_j lp[b, j, cand[a, j]]
-                gathered = lp[:, torch.arange(n)[None, :], cand]  # [B, A_g, n]
-                out[:, idx] = gathered.sum(-1)
-        return out
+    def score(
+        self, model: nn.Module, queries: Sequence[PolicyQuery], candidates: Sequence[Sequence[str]]
+    ) -> list[torch.Tensor]:
+        """Per query, the summed log-probability of each of its ``candidates`` (1-D fp32 on the CPU, each <= 0, in
+        the order given).
 
-    def act(self, model: nn.Module, queries: Sequence[PolicyQuery]) -> list[str]:
-        """The highest-scoring action per query (ties: the first in ``action_names``)."""
+        Candidates are grouped by token length; each group is one forward over the queries that have a candidate of
+        that length (a query's placeholder is its first candidate of the length), and one gather reads every
+        candidate of the group off it. A query's scores do not depend on the other queries of the batch (up to the
+        model's own batch invariance).
+        """
+        if len(candidates) != len(queries):
+            raise ValueError(f"need one candidate list per query, got {len(candidates)} for {len(queries)} queries")
+        token_ids = [[self.encoder.encode_text(c) for c in cands] for cands in candidates]  # raises on unknown words
+        out = [[0.0] * len(cands) for cands in candidates]
+        # length -> (query, candidate) pairs in query order, then candidate order
+        groups: dict[int, list[tuple[int, int]]] = {}
+        for q, ids in enumerate(token_ids):
+            if not ids:
+                raise ValueError(f"query {q} has no candidate actions")
+            for c, toks in enumerate(ids):
+                groups.setdefault(len(toks), []).append((q, c))
+        with eval_mode(model):
+            for n, pairs in sorted(groups.items()):
+                rows: dict[int, int] = {}  # query -> its row in this group's batch
+                examples = []
+                for q, c in pairs:
+                    if q not in rows:
+                        rows[q] = len(examples)
+                        examples.append(self.encode(queries[q], candidates[q][c]))
+                lp = torch.stack(target_log_probs(model, examples, self.pad_id)).cpu()  # [B_n, n, V]
+                row = torch.tensor([rows[q] for q, _ in pairs])
+                cand = torch.tensor([token_ids[q][c] for q, c in pairs], dtype=torch.long)  # [P, n]
+                # score[p] = sum_j lp[row[p], j, cand[p, j]]
+                scores = lp[row[:, None], torch.arange(n)[None, :], cand].sum(-1)  # [P]
+                for (q, c), value in zip(pairs, scores.tolist(), strict=True):
+                    out[q][c] = value  # fp32 -> Python float -> fp32 below: exact
+        return [torch.tensor(values, dtype=torch.float32) for values in out]
+
+    def log_probs(self, model: nn.Module, queries: Sequence[PolicyQuery]) -> torch.Tensor:
+        """``[len(queries), len(action_names)]`` log-probabilities of the fixed action set (``score`` with it as
+        every query's candidates), on the CPU, fp32."""
+        names = self._fixed_set()
+        if not queries:
+            return torch.empty((0, len(names)))
+        return torch.stack(self.score(model, queries, [names] * len(queries)))
+
+    def act(
+        self, model: nn.Module, queries: Sequence[PolicyQuery], candidates: Sequence[Sequence[str]] | None = None
+    ) -> list[str]:
+        """The highest-scoring candidate per query (ties: the first); ``candidates`` default to the fixed set."""
         if not queries:
             return []
-        best = self.log_probs(model, queries).argmax(dim=-1).tolist()
-        return [self.action_names[i] for i in best]
+        if candidates is None:
+            candidates = [self._fixed_set()] * len(queries)
+        scores = self.score(model, queries, candidates)
+        return [cands[int(s.argmax())] for cands, s in zip(candidates, scores, strict=True)]

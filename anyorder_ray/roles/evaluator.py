@@ -33,7 +33,7 @@ from anyorder_ray.evaluation.nll import heldout_nll
 from anyorder_ray.evaluation.scoring import ActionScorer
 from anyorder_ray.evaluation.stats import eval_metrics
 from anyorder_ray.models.factory import build_model, build_model_config, build_tokenizer
-from envs import EnvConfig, collect_expert_trajectories, make_world
+from envs import EnvConfig, collect_expert_trajectories, evaluation_env, make_world
 
 __all__ = ["EvalWorker", "make_eval_actor"]
 
@@ -48,7 +48,8 @@ class EvalWorker:
     ``eval/...`` metrics.
 
     Args:
-        env: the world to evaluate in.
+        env: the world the trial trains in; the actor plays ``evaluation_env(env)`` (held-out games where the world
+            generates a pool of them).
         eval_cfg: seeds, episode counts, lockstep width, held-out set size, where weights come from.
         model: the trial's model section (the tokenizer and the skeleton are built from it, as the trainer does).
         history_steps: past steps in the policy's query (``ExperimentConfig.history_steps()``).
@@ -70,7 +71,7 @@ class EvalWorker:
         layout: str = "sequence",
     ) -> None:
         torch.set_num_threads(max(1, int(torch_threads)))
-        self._env = env
+        self._env = evaluation_env(env)
         self._cfg = eval_cfg
         self._history_steps = int(history_steps)
         self._max_length = int(max_length)
@@ -82,9 +83,10 @@ class EvalWorker:
                 f"eval.num_gpus_per_actor={eval_cfg.num_gpus_per_actor:g} but this eval actor sees no CUDA device "
                 "(Ray sets CUDA_VISIBLE_DEVICES from the actor's GPU share); set it to 0 to evaluate on CPU"
             )
-        tokenizer = build_tokenizer(model, env)
+        tokenizer = build_tokenizer(model, self._env)
         self._encoder = UnitEncoder(tokenizer)
-        world = make_world(env, expert=True)
+        world = make_world(self._env, expert=True)
+        # One scorer for every world: a fixed action set (BabyAI) or, when it is empty, each state's valid_actions().
         self._scorer = ActionScorer(self._encoder, world.action_names, self._history_steps, self._max_length, layout)
         seeds = heldout_trajectory_seeds(eval_cfg, eval_cfg.heldout_trajectories)
         self._heldout, self._heldout_stats = collect_expert_trajectories(world, seeds)
