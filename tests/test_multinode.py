@@ -13,6 +13,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -206,6 +207,7 @@ def _autoscaling_head(temp_dir: Path) -> Iterator[str]:
             head.wait(timeout=120)
         with contextlib.suppress(ProcessLookupError):  # what ignored SIGTERM (or was still starting)
             os.killpg(group, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 WORK_ON_ONE_CPU = ("train.cpus_per_worker=1", "rollout.num_cpus_per_actor=1", "eval.num_cpus_per_actor=1")
