@@ -264,3 +264,122 @@ def test_autoscaler_adds_worker_nodes_for_the_sweep_and_removes_them_when_idle(t
         _wait_for(lambda: set(_alive_nodes(state)) == {head}, "the idle worker nodes to be removed")
         dead = {n["NodeID"] for n in state.node_table() if not n["Alive"]}
         assert set(workers_seen) <= dead
+
+
+# -- node loss -------------------------------------------------------------------------------------------------
+
+CHECKPOINT_EVERY = 4
+MAX_STEPS = 40
+
+
+@pytest.fixture
+def cluster() -> Iterator[Any]:
+    """A ``ray.cluster_utils.Cluster`` with a 1-CPU head on free ports in a private temp dir (no driver here).
+
+    Torn down node by node with ``remove_node``: ``Cluster.shutdown`` would also reset this process's internal-KV
+    client, which belongs to the session's ``ray_local`` if another test started it. The head wrote its address to
+    Ray's default address file (what ``ray.init()`` without an address joins); it is removed if still ours.
+    """
+    from ray._common.utils import get_ray_address_file
+    from ray.cluster_utils import Cluster
+
+    temp_dir = _short_temp_dir("nl")
+    head_args = dict(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES, gcs_server_port=_free_port(),
+                     dashboard_agent_listen_port=_free_port(), include_dashboard=False,
+                     temp_dir=str(temp_dir))  # fmt: skip
+    cluster = Cluster(initialize_head=True, head_node_args=head_args)
+    try:
+        yield cluster
+    finally:
+        for node in list(cluster.worker_nodes):
+            cluster.remove_node(node, allow_graceful=False)
+        address = cluster.address
+        if cluster.head_node is not None:
+            cluster.remove_node(cluster.head_node)
+        address_file = Path(get_ray_address_file(None))
+        if address_file.is_file() and address_file.read_text().strip() == address:
+            address_file.unlink()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _add_node(cluster: Any, num_cpus: int) -> Any:
+    return cluster.add_node(num_cpus=num_cpus, object_store_memory=OBJECT_STORE_BYTES,
+                            temp_dir=cluster.head_node.get_temp_dir_path())  # fmt: skip
+
+
+def _one(state: Any, class_name: str, *states: str) -> dict[str, Any] | None:
+    """The one actor of ``class_name`` (None while there is none, or it is in none of ``states``)."""
+    found = _actors(state, class_name)
+    assert len(found) <= 1, found
+    return found[0] if found and (not states or found[0]["State"] in states) else None
+
+
+@pytest.mark.slow
+def test_a_trial_survives_losing_the_node_of_its_training_worker_and_rollout_actor(cluster, tmp_path):
+    """A trial's training worker and rollout actor run on a "victim" node; after the first checkpoint the victim's
+    processes are killed (``Cluster.remove_node``, not graceful). The worker group restarts on a spare node and
+    resumes from its checkpoint (``resumed_from_step`` > 0 in metrics.jsonl), the rollout actor is restarted on the
+    spare node, and the sweep finishes (exit 0, status ok, every step trained).
+
+    Placement without custom resources: the head (1 CPU) holds the trial function, the buffer (0 CPUs: it has no
+    restarts, it must not be on the victim), the eval actor and Ray Train's controller; the rollout actor and the
+    training worker ask for a whole CPU each, so they wait until the victim (2 CPUs) joins, and it is the only node
+    they fit on until the spare is added.
+    """
+    state = cluster.global_state
+    head = cluster.head_node.node_id
+    run_dir = tmp_path / "nodeloss"
+    log = tmp_path / "sweep.log"
+    proc = _start_sweep(cluster.address, log, "--name", "nodeloss", f"train.output_dir={tmp_path}",
+                        "sweep.arms=[{mode: causal}]", f"train.max_steps={MAX_STEPS}",
+                        f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.report_every=2", "train.max_failures=2",
+                        "train.cpus_per_worker=1", "rollout.num_cpus_per_actor=1", "rollout.max_restarts=2",
+                        "eval.every_steps=20")  # fmt: skip
+    try:
+        # The trial started on the head: its eval actor runs there, its rollout actor waits for a node with a CPU.
+        _wait_for(lambda: _one(state, "EvalWorker", "ALIVE") and _one(state, "RolloutWorker"), "the trial's actors")
+        assert _one(state, "EvalWorker")["Address"]["NodeID"] == head
+        assert _one(state, "RolloutWorker", "ALIVE") is None
+        victim = _add_node(cluster, num_cpus=2)
+        rollout = _wait_for(lambda: _one(state, "RolloutWorker", "ALIVE"), "the rollout actor to start")
+        trainer = _wait_for(lambda: _one(state, "RayTrainWorker", "ALIVE"), "the training worker to start")
+        assert rollout["Address"]["NodeID"] == trainer["Address"]["NodeID"] == victim.node_id
+        buffer = _one(state, "TrajectoryBuffer", "ALIVE")
+        assert buffer is not None and buffer["Address"]["NodeID"] == head
+        spare = _add_node(cluster, num_cpus=2)
+
+        # Reports well past the first checkpoint: Ray Train has registered it by then (the second one too, likely).
+        def past_first_checkpoint() -> list[dict[str, Any]]:
+            records = _trial_log(run_dir)
+            return records if any(r.get("train/step", 0) > 2 * CHECKPOINT_EVERY for r in records) else []
+
+        before = _wait_for(past_first_checkpoint, "reports past the first checkpoint")
+        assert before[-1]["train/step"] < MAX_STEPS, "the trial ended before the node was lost: raise MAX_STEPS"
+        cluster.remove_node(victim, allow_graceful=False)
+
+        restarted: dict[str, Any] | None = None
+        while proc.poll() is None:  # the restarted rollout actor, while the trial still runs
+            restarted = restarted or _one(state, "RolloutWorker", "ALIVE")
+            if restarted and restarted["NumRestarts"] == 0:
+                restarted = None
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _finish(proc, log)
+
+    (row,) = _result_rows(run_dir)
+    assert row["status"] == "ok" and float(row["train_steps"]) == MAX_STEPS, row
+    records = _trial_log(run_dir)
+    resumed = [r["resumed_from_step"] for r in records if "resumed_from_step" in r]
+    assert resumed and resumed[0] >= CHECKPOINT_EVERY, resumed  # from a checkpoint, not from step 0
+    assert records[-1]["train/step"] == MAX_STEPS
+    # The rollout actor was restarted once, on the spare node (seen alive there, or in its last record: the trial
+    # kills it at the end); the training worker group started again there too.
+    restarted = restarted or _one(state, "RolloutWorker")
+    assert restarted["NumRestarts"] == 1 and restarted["Address"]["NodeID"] == spare.node_id, restarted
+    trainers = {a["Address"]["NodeID"] for a in _actors(state, "RayTrainWorker")}
+    assert trainers == {victim.node_id, spare.node_id}, trainers
+    produced = [r["rollout/produced"] for r in records if "rollout/produced" in r]
+    print(f"resumed from step {resumed}; rollout/produced before the loss {before[-1].get('rollout/produced')}, "
+          f"after {produced[-1]} (all reports: {produced})")  # fmt: skip
