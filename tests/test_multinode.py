@@ -29,6 +29,10 @@ from helpers import HANG_GUARD_S
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
 OBJECT_STORE_BYTES = 150 * 1024 * 1024
+AUTH_MODE = "disabled"
+"""Ray's token authentication, off for every process of these private loopback clusters. Stated explicitly: a local
+``ray.init()`` earlier in this process (the session's ``ray_local``) sets ``RAY_AUTH_MODE=token`` here, which
+processes started from here would inherit; a driver and a cluster whose modes differ do not work together."""
 
 
 def _free_port() -> int:
@@ -90,7 +94,7 @@ def _start_sweep(address: str, log: Path, *args: str) -> subprocess.Popen:
     """``python -m anyorder_ray.sweep`` on the cluster at ``address`` (output to ``log``)."""
     env = dict(os.environ)
     env.update(RAY_ADDRESS=address, RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # fmt: skip
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE=AUTH_MODE)  # fmt: skip
     with log.open("w") as out:
         return subprocess.Popen([sys.executable, "-m", "anyorder_ray.sweep", "--config", str(SMOKE), *args],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
@@ -186,7 +190,7 @@ def _autoscaling_head(temp_dir: Path) -> Iterator[str]:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_USAGE_STATS_ENABLED="0",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")  # fmt: skip
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE=AUTH_MODE)  # fmt: skip
     ray_bin = Path(sys.executable).with_name("ray")
     with (temp_dir / "head.log").open("w") as log:
         head = subprocess.Popen(
@@ -273,7 +277,7 @@ MAX_STEPS = 40
 
 
 @pytest.fixture
-def cluster() -> Iterator[Any]:
+def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """A ``ray.cluster_utils.Cluster`` with a 1-CPU head on free ports in a private temp dir (no driver here).
 
     Torn down node by node with ``remove_node``: ``Cluster.shutdown`` would also reset this process's internal-KV
@@ -283,6 +287,7 @@ def cluster() -> Iterator[Any]:
     from ray._common.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
+    monkeypatch.setenv("RAY_AUTH_MODE", AUTH_MODE)  # the nodes' processes start from here, with this environment
     temp_dir = _short_temp_dir("nl")
     head_args = dict(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES, gcs_server_port=_free_port(),
                      dashboard_agent_listen_port=_free_port(), include_dashboard=False,
