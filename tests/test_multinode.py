@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import HANG_GUARD_S
+from helpers import HANG_GUARD_S, record_fault
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
@@ -326,10 +326,10 @@ def test_a_trial_survives_losing_the_node_of_its_training_worker_and_rollout_act
     resumes from its checkpoint (``resumed_from_step`` > 0 in metrics.jsonl), the rollout actor is restarted on the
     spare node, and the sweep finishes (exit 0, status ok, every step trained).
 
-    Placement without custom resources: the head (1 CPU) holds the trial function, the buffer (0 CPUs: it has no
-    restarts, it must not be on the victim), the eval actor and Ray Train's controller; the rollout actor and the
-    training worker ask for a whole CPU each, so they wait until the victim (2 CPUs) joins, and it is the only node
-    they fit on until the spare is added.
+    Placement without custom resources: the head (1 CPU) holds the trial function, the buffer (0 CPUs; it would
+    restart from its journal, tested in test_fault_tolerance.py), the eval actor and Ray Train's controller; the
+    rollout actor and the training worker ask for a whole CPU each, so they wait until the victim (2 CPUs) joins, and
+    it is the only node they fit on until the spare is added.
     """
     state = cluster.global_state
     head = cluster.head_node.node_id
@@ -388,3 +388,18 @@ def test_a_trial_survives_losing_the_node_of_its_training_worker_and_rollout_act
     produced = [r["rollout/produced"] for r in records if "rollout/produced" in r]
     print(f"resumed from step {resumed}; rollout/produced before the loss {before[-1].get('rollout/produced')}, "
           f"after {produced[-1]} (all reports: {produced})")  # fmt: skip
+    # No acknowledged trajectory lost: what the buffer had acknowledged before the loss is what it holds at the end,
+    # and its journal on the run's storage holds exactly those trajectories.
+    acknowledged = before[-1]["rollout/produced"]
+    assert records[-1]["rollout/buffer_size"] == acknowledged > 0
+    from anyorder_ray.roles.buffer import BufferJournal
+    from anyorder_ray.roles.trial import BUFFER_JOURNAL
+    from anyorder_ray.storage import Location
+
+    (journal,) = (run_dir / "train").glob(f"train-*/{BUFFER_JOURNAL}")
+    journaled = sorted(t.seed for r in BufferJournal(Location.parse(journal)).records() for t in r.trajectories)
+    assert journaled == sorted(set(journaled)) and len(journaled) == acknowledged
+    steps = [r["train/step"] for r in records if "train/step" in r]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    record_fault("node removed mid-trial", acknowledged, records[-1]["rollout/buffer_size"],
+                 steps[restart - 1] - resumed[0])  # fmt: skip
