@@ -215,6 +215,11 @@ def _journals(run_dir: Path) -> dict[str, list[tuple[int, int | None, list[int]]
     }
 
 
+def _has_reported(run_dir: Path, trial: str) -> bool:
+    log = run_dir / "train" / f"train-{trial}" / "metrics.jsonl"
+    return log.exists() and '"train/step"' in log.read_text()
+
+
 def _trajectories(records: list[tuple[int, int | None, list[int]]]) -> int:
     return sum(len(seeds) for _, _, seeds in records)
 
@@ -298,20 +303,22 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
         stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
-        # Wait for one trial finished (as Tune's state on disk records it) and the next one running.
+        # Wait for one trial finished (as Tune's state on disk records it) and the next one training: it reported,
+        # so its buffer has acknowledged data and it is mid-way through its steps when the driver dies.
         deadline = time.monotonic() + 240  # a hang guard, not a timing check
         while True:
             states = _trial_states(tune_dir)
             done = [t for t, s in states.items() if s == "TERMINATED"]
-            if done and "RUNNING" in states.values():
+            running = [t for t, s in states.items() if s == "RUNNING"]
+            if done and any(_has_reported(run_dir, t) for t in running):
                 break
             assert "ERROR" not in states.values(), (tmp_path / "first.log").read_text()[-4000:]
             assert driver.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
             assert time.monotonic() < deadline, (states, (tmp_path / "first.log").read_text()[-4000:])
-            time.sleep(0.5)
-        (finished,) = done
-        finished_result = (_trial_dir(tune_dir, finished) / "result.json").read_bytes()
-        assert _reported_final(finished_result)
+            time.sleep(0.2)
+        # One finished trial, or two when the second finished before its first report was seen.
+        finished = {t: (_trial_dir(tune_dir, t) / "result.json").read_bytes() for t in done}
+        assert all(_reported_final(result) for result in finished.values())
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything in its process group
         driver.wait(timeout=HANG_GUARD_S)
     finally:
@@ -343,7 +350,7 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
     for trial, records in acknowledged.items():
         assert after[trial][: len(records)] == records, trial
     for trial, records in acknowledged.items():  # the rerun trial's reports say how many its buffer restored
-        if records and trial != f"train-{finished}":
+        if records and trial.removeprefix("train-") not in finished:
             log = [json.loads(line) for line in (run_dir / "train" / trial / "metrics.jsonl").read_text().splitlines()]
             assert log[-1]["rollout/restored"] == _trajectories(records), trial
             # Reported steps done again: from the step it resumed at (0 without a checkpoint) to the last one
@@ -355,7 +362,8 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
             kept = _trajectories(after[trial][: len(records)])
             record_fault("driver killed, sweep --resumed", _trajectories(records), kept, repeated)
     assert [_trajectories(records) for records in after.values()] == [48] * len(ARMS)
-    # The trial that had finished was not run again: its reported results are byte for byte the same.
-    assert (_trial_dir(tune_dir, finished) / "result.json").read_bytes() == finished_result
-    for trial in set(states) - {finished}:
+    # The trials that had finished were not run again: their reported results are byte for byte the same.
+    for trial, result in finished.items():
+        assert (_trial_dir(tune_dir, trial) / "result.json").read_bytes() == result
+    for trial in set(states) - set(finished):
         assert _reported_final((_trial_dir(tune_dir, trial) / "result.json").read_bytes())
