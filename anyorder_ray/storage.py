@@ -197,7 +197,11 @@ def _filesystem(scheme: str, bucket: str, query: str) -> pafs.FileSystem:
             try:
                 _FILESYSTEMS[key], _ = pafs.FileSystem.from_uri(uri)
             except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors
-                raise StorageError(f"storage {scheme}://{bucket}: {e}") from e
+                raise StorageError(
+                    f"storage {scheme}://{bucket}: {e}. Check the URI: a path, or a scheme pyarrow.fs knows (s3://, "
+                    "gs://, hdfs://, file://) with only that filesystem's options in the query (S3: region, "
+                    "endpoint_override, scheme, ...)"
+                ) from e
     return _FILESYSTEMS[key]
 
 

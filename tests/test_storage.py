@@ -106,6 +106,17 @@ def test_a_local_storage_path_that_cannot_be_created_is_refused(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [("s4://bucket/runs", "Unrecognized filesystem type in URI"),
+     ("s3://bucket/runs?endpont_override=127.0.0.1:9", "Unexpected query parameter in S3 URI: 'endpont_override'")],
+    ids=["scheme", "option"],
+)  # fmt: skip
+def test_a_misspelt_uri_is_refused(uri, expected, capsys):
+    code, err = _sweep_exit(uri, capsys)
+    assert code == 2 and expected in err and "Check the URI" in err
+
+
 def test_a_misspelt_bucket_is_refused(aws_env, capsys):
     _bucket(aws_env, "real-bucket")
     code, err = _sweep_exit(aws_env.uri("reel-bucket", "runs"), capsys)
