@@ -31,6 +31,7 @@ from anyorder_ray.config import ConfigError, ExperimentConfig, default_config_pa
 from anyorder_ray.results.plots import write_plots
 from anyorder_ray.results.tables import results_rows, write_summary, write_tables
 from anyorder_ray.storage import Location, StorageError, as_location, check_writable, default_job_root, in_ray_job
+from envs import prepare_env
 
 RUN_CONFIG_FILE = "experiment.yaml"
 
@@ -347,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[sweep] level {cfg.env.level}; arms: {arms}; seeds {list(cfg.sweep.seeds)}", flush=True)
     print(f"[sweep] TensorBoard: tensorboard --logdir {run.child('tune')}", flush=True)
     start = time.time()
+    # Built once here, not by each trial's actors side by side (TextWorld's game pools; on a cluster this fills the
+    # driver node's cache only).
+    prepared = prepare_env(cfg.env)
+    if prepared:
+        print(f"[sweep] {len(prepared)} world files ready (training and evaluation pools)", flush=True)
     tuner = restore_tuner(cfg, run) if args.resume is not None else build_tuner(cfg, run)
     grid = tuner.fit()
     rows = results_rows(grid, cfg)

@@ -1,8 +1,8 @@
 """Worlds as text: each adapter turns an environment into trajectories of text units, behind one protocol.
 
 The library uses only what this package exports: the ``EnvConfig`` of a run, ``make_world`` / ``world_vocabulary``
-/ ``env_problems`` / ``evaluation_env`` (the registry), the ``World`` protocol, the expert-episode loop and the
-``Trajectory`` record.
+/ ``env_problems`` / ``evaluation_env`` / ``prepare_env`` (the registry), the ``World`` protocol, the expert-episode
+loop and the ``Trajectory`` record.
 """
 
 from envs.base import CollectStats, ExpertUnavailable, StepResult, World, collect_expert_trajectories, expert_episode
@@ -11,6 +11,7 @@ from envs.registry import (
     env_problems,
     evaluation_env,
     make_world,
+    prepare_env,
     register_world,
     registered_worlds,
     world_vocabulary,
@@ -32,6 +33,7 @@ __all__ = [
     "evaluation_env",
     "expert_episode",
     "make_world",
+    "prepare_env",
     "register_world",
     "registered_worlds",
     "world_vocabulary",

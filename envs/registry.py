@@ -13,14 +13,19 @@ An adapter module provides three functions, imported lazily (a world's packages 
   seeds are never training seeds; TextWorld: the ``heldout`` games, since with ``num_games`` set any seed plays a
   game of the training pool).
 
+and optionally ``prepare(cfg: EnvConfig) -> list[Path]``: build ahead of time what episodes of ``cfg`` will load
+(TextWorld: the games of a fixed pool), so that concurrent trials do not each build the same thing; returns what it
+built or found.
+
 Nothing outside ``envs/`` imports an adapter module: the library calls ``make_world``, ``world_vocabulary``,
-``env_problems`` and ``evaluation_env`` here, with the ``EnvConfig`` of the run.
+``env_problems``, ``evaluation_env`` and ``prepare_env`` here, with the ``EnvConfig`` of the run.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -97,6 +102,19 @@ def world_vocabulary(cfg: EnvConfig) -> list[str]:
 def evaluation_env(cfg: EnvConfig) -> EnvConfig:
     """The ``EnvConfig`` evaluation (live episodes and held-out trajectories) plays for a run trained on ``cfg``."""
     return _adapter(cfg).evaluation_config(cfg)
+
+
+def prepare_env(cfg: EnvConfig) -> list[Path]:
+    """Build what episodes of ``cfg`` and of its evaluation world will load, once, in this process (with progress
+    output): the files built or found. Worlds that build nothing ahead (BabyAI) return an empty list."""
+    adapter = _adapter(cfg)
+    prepare = getattr(adapter, "prepare", None)
+    if prepare is None:
+        return []
+    paths: list[Path] = []
+    for env in dict.fromkeys((cfg, evaluation_env(cfg))):  # the evaluation world may be the same
+        paths += prepare(env)
+    return paths
 
 
 def env_problems(cfg: EnvConfig) -> list[str]:

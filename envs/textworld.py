@@ -625,6 +625,14 @@ def make_world(cfg: EnvConfig, expert: bool = True) -> TextWorldWorld:
     )  # fmt: skip
 
 
+def prepare(cfg: EnvConfig) -> list[Path]:
+    """The games of ``cfg``'s fixed pool (``num_games``), generated now where missing. Without a pool every seed is its
+    own game: nothing can be built ahead, so nothing is."""
+    if cfg.num_games is None:
+        return []
+    return prepare_games(cfg, range(cfg.num_games))
+
+
 def evaluation_config(cfg: EnvConfig) -> EnvConfig:
     """Evaluation plays the ``heldout`` games when training plays ``train`` (with ``num_games`` set, an evaluation
     seed would otherwise pick a training game); a run trained on ``heldout`` or ``test`` is evaluated on its own

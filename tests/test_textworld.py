@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from envs import EnvConfig, World, collect_expert_trajectories, env_problems, expert_episode, make_world
+from envs import EnvConfig, World, collect_expert_trajectories, env_problems, expert_episode, make_world, prepare_env
 from envs import world_vocabulary as vocab_of
 
 HAVE_TEXTWORLD = importlib.util.find_spec("textworld") is not None
@@ -87,6 +87,20 @@ def test_levels_parse_to_a_canonical_name() -> None:
     assert parse_level("tw-cooking --recipe 2 --open").name.startswith("tw-cooking --recipe 2 --take 1")
     assert parse_level("tw-coin_collector --level 7").name == "tw-coin_collector --level 7"
     assert parse_level("tw-simple --goal brief").slug == "tw-simple-rewards-dense-goal-brief"
+
+
+@needs_textworld
+def test_prepare_env_builds_the_training_and_evaluation_pools_once(game_dir, capsys) -> None:
+    """What the sweep's driver calls before any trial: both pools of a fixed ``num_games``, generated where missing
+    (the shared cache holds 3 training games and held-out game 0 already), found where present."""
+    cfg = tw("tw-coin_collector", game_dir, num_games=2)
+    paths = prepare_env(cfg)
+    assert len(paths) == 4 and all(p.is_file() for p in paths)
+    assert {p.parent for p in paths[:2]} != {p.parent for p in paths[2:]}  # the train pool, then the held-out pool
+    assert "1 generated" in capsys.readouterr().out  # held-out game 1 only: the rest was cached
+    assert prepare_env(cfg) == paths and "generated" not in capsys.readouterr().out  # second call: all found
+    assert prepare_env(tw("tw-coin_collector", game_dir)) == []  # no fixed pool: every seed its own game
+    assert prepare_env(EnvConfig()) == []  # BabyAI builds nothing ahead
 
 
 @needs_textworld
