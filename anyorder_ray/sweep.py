@@ -229,7 +229,8 @@ def storage_root(cfg: ExperimentConfig) -> tuple[Location, str | None]:
 
 
 def resolve_run(args: argparse.Namespace) -> tuple[ExperimentConfig, Location]:
-    """The validated config and run folder of this invocation. Creates nothing; raises ``ConfigError``."""
+    """The validated config and run folder of this invocation; a new run's storage is checked for writing first.
+    Creates nothing (the write check removes its probe); raises ``ConfigError`` or ``StorageError``."""
     if args.resume is not None:
         extra = [flag for flag, given in (("--config", args.config), ("--name", args.name)) if given is not None]
         if extra or args.overrides:
@@ -270,23 +271,16 @@ def resolve_run(args: argparse.Namespace) -> tuple[ExperimentConfig, Location]:
     path = args.config or default_config_path()
     cfg = load_config(path, args.overrides)
     validate_env(cfg.env, str(path))
-    root, _ = storage_root(cfg)
+    root, note = storage_root(cfg)
+    if note:
+        print(f"[sweep] note: {note}", flush=True)
+    if not root.is_local:
+        print(f"[sweep] checking storage {root} ...", flush=True)
+    check_writable(root)  # raises StorageError naming the URI and the fix; leaves nothing behind
     run = root.child(args.name or f"{cfg.sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        taken = run.exists()
-    except OSError as e:
-        raise ConfigError(_storage_problem(root, e)) from e
-    if taken:
+    if run.exists():
         raise ConfigError(f"run directory {run} already exists: pick another --name, or --resume it")
     return cfg, run
-
-
-def _storage_problem(root: Location, error: BaseException) -> str:
-    try:
-        check_writable(root)
-    except StorageError as e:
-        return str(e)
-    return f"cannot use storage {root}: {error}"
 
 
 def _load_saved_config(saved: Location) -> ExperimentConfig:
@@ -314,13 +308,6 @@ def main(argv: list[str] | None = None) -> int:
     # one trial leaves no run directory behind.
     try:
         cfg, run = resolve_run(args)
-        if args.resume is None:
-            root, note = storage_root(cfg)
-            if note:
-                print(f"[sweep] note: {note}", flush=True)
-            if not root.is_local:
-                print(f"[sweep] checking storage {root} ...", flush=True)
-            check_writable(root)
     except (ConfigError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
