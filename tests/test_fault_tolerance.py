@@ -162,7 +162,7 @@ def test_killed_buffer_actor_restarts_with_every_acknowledged_trajectory(ray_loc
             old_pid = _pid(ray, buffer)
             os.kill(old_pid, signal.SIGKILL)
             # Calls retry on the restarted process: it answers once it has replayed the journal.
-            replayed = ray.get(buffer.replayed_count.remote(), timeout=HANG_GUARD_S)
+            replayed = ray.get(buffer.stats.remote(), timeout=HANG_GUARD_S).restored
             new_pid = _pid(ray, buffer)
             at_restart = ray.get(buffer.stats.remote(), timeout=HANG_GUARD_S)
             _wait_for(lambda: ray.get(buffer.stats.remote()).batches >= at_restart.batches + 2, "new batches")
@@ -209,7 +209,7 @@ def test_training_goes_on_when_the_buffer_actor_dies_mid_trial(ray_local, tmp_pa
         ray.get(buffer.stop.remote(), timeout=HANG_GUARD_S)
         ray.get(producers, timeout=HANG_GUARD_S)
         ray.kill(producer, no_restart=True)
-        replayed = ray.get(buffer.replayed_count.remote(), timeout=HANG_GUARD_S)
+        replayed = ray.get(buffer.stats.remote(), timeout=HANG_GUARD_S).restored
         new_pid = _pid(ray, buffer)
         held = [t.seed for t in _held(ray, buffer)]
         ray.kill(buffer, no_restart=True)

@@ -202,14 +202,14 @@ class TrajectoryBuffer:
 
         self._state = BufferState(capacity, target=target)
         self._journal = BufferJournal(journal) if journal is not None else None
-        self.replayed = 0
+        self._restored = 0
         if self._journal is not None:
             for record in self._journal.records():
                 self._state.add(ray.put(record.trajectories), len(record.trajectories), record.worker,
                                 record.next_seed)  # fmt: skip
-                self.replayed += len(record.trajectories)
-            if self.replayed:
-                print(f"[buffer] restored {self.replayed} acknowledged trajectories from {journal}", flush=True)
+                self._restored += len(record.trajectories)
+            if self._restored:
+                print(f"[buffer] restored {self._restored} acknowledged trajectories from {journal}", flush=True)
 
     def add(self, batch: list, worker: int = 0, next_seed: int | None = None) -> bool:
         """Take ownership of ``batch`` (a list of trajectories); True while producers should go on."""
@@ -222,10 +222,6 @@ class TrajectoryBuffer:
             self._journal.append(JournalRecord(worker, next_seed, batch if accepting else []))
         ref = ray.put(batch)  # owned by this actor: survives the producer's death
         return self._state.add(ref, len(batch), worker=worker, next_seed=next_seed)
-
-    def replayed_count(self) -> int:
-        """Trajectories this instance restored from the journal when it started (0 on a first start)."""
-        return self.replayed
 
     def wants_more(self) -> bool:
         return self._state.wants_more()
@@ -244,4 +240,4 @@ class TrajectoryBuffer:
         return self._state.stats().size
 
     def stats(self) -> BufferStats:
-        return dataclasses.replace(self._state.stats(), restored=self.replayed)
+        return dataclasses.replace(self._state.stats(), restored=self._restored)

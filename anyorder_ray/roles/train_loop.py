@@ -137,15 +137,13 @@ class BufferSource:
         A buffer that restarted (it replays its journal) holds the same trajectories under new references: they are
         fetched again, and references that died with the old buffer are dropped.
         """
-        for attempt in range(_REFRESH_ATTEMPTS):
+        for _ in range(_REFRESH_ATTEMPTS - 1):
             try:
                 return self._refresh(limit)
             except ray.exceptions.ObjectLostError as e:  # OwnerDiedError: the buffer died after answering
-                if attempt + 1 == _REFRESH_ATTEMPTS:
-                    raise
                 logger.warning("buffer batches lost with their owner (%s); asking the restarted buffer again", e)
                 time.sleep(1.0)
-        raise AssertionError("unreachable")
+        return self._refresh(limit)  # the last attempt raises what it meets
 
     def _refresh(self, limit: int | None) -> int:
         snapshot = ray.get(self._buffer.snapshot.remote())
