@@ -98,6 +98,19 @@ def tokenizer():
     return world_tokenizer()
 
 
+@pytest.fixture
+def model(tokenizer):
+    """The real tiny LLaDA2 model for the world tokenizer, seed 0, in eval mode."""
+    from anyorder_ray.models.llada2_moe import LLaDA2MoeModelLM, llada2_config
+
+    torch.manual_seed(0)
+    cfg = llada2_config(
+        "tiny", vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    return LLaDA2MoeModelLM(cfg).eval()
+
+
 @pytest.fixture(scope="module")
 def encoder(tokenizer):
     return UnitEncoder(tokenizer)
@@ -208,18 +221,10 @@ def _fixed_set_reference(model, scorer: ActionScorer, queries) -> torch.Tensor:
     return out
 
 
-def test_fixed_action_set_scores_are_unchanged_by_per_query_candidates(tokenizer, encoder, bot_trajectories):
+def test_fixed_action_set_scores_are_unchanged_by_per_query_candidates(model, encoder, bot_trajectories):
     """BabyAI through the generalised scorer: ``log_probs`` (the fixed set), ``score`` with each state's
     ``valid_actions()`` and the pre-generalisation algorithm give bit-identical scores and the same actions, on the
     real tiny LLaDA2 model; a world without a fixed set is refused where one is needed, naming the way out."""
-    from anyorder_ray.models.llada2_moe import LLaDA2MoeModelLM, llada2_config
-
-    torch.manual_seed(0)
-    cfg = llada2_config(
-        "tiny", vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    model = LLaDA2MoeModelLM(cfg).eval()
     world = make_world(babyai(LEVEL), expert=False)
     scorer = ActionScorer(encoder, world.action_names, 2, 256)
     queries = [_query(traj, t) for traj in bot_trajectories for t in range(traj.num_actions)]
@@ -400,17 +405,7 @@ def test_eval_seeds_never_overlap_rollout_seeds(rollout, eval_cfg):
 # --- the real model -----------------------------------------------------------------------------------------
 
 
-def test_scorer_on_tiny_llada2(tokenizer, encoder, bot_trajectories):
-    try:
-        from anyorder_ray.models.llada2_moe import LLaDA2MoeModelLM, llada2_config
-    except ImportError as e:  # the model package is landing in parallel
-        pytest.skip(f"LLaDA2 model not importable yet: {e}")
-    torch.manual_seed(0)
-    cfg = llada2_config(
-        "tiny", vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    model = LLaDA2MoeModelLM(cfg).eval()
+def test_scorer_on_tiny_llada2(model, tokenizer, encoder, bot_trajectories):
     scorer = ActionScorer(encoder, ACTION_NAMES, 2, 256)
     traj = max(bot_trajectories, key=lambda t: t.num_actions)
     queries = [_query(traj, t) for t in range(traj.num_actions)]  # different lengths: padding in the batch
