@@ -414,7 +414,8 @@ def crop_window(trajectory: Trajectory, max_steps: int, rng: np.random.Generator
     offset = start // 2
     units = tuple(Unit(u.kind, u.text, u.step - offset) for u in trajectory.units[start:end])
     meta = {**trajectory.meta, "window_start_step": offset}
-    return Trajectory(trajectory.mission, trajectory.level, trajectory.seed, units, trajectory.success, meta)
+    return Trajectory(trajectory.mission, trajectory.level, trajectory.seed, units, trajectory.success, meta,
+                      trajectory.provenance)  # fmt: skip
 
 
 def collate(
