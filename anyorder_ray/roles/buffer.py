@@ -9,10 +9,15 @@ train worker resolves them from the object store once, caches them and samples l
 (``roles.train_loop.BufferSource``).
 
 Durability: given a ``journal`` location (the trial's storage: a folder or a URI), the buffer writes every batch
-it accepts there *before* acknowledging it, one file per batch. A restarted buffer actor (or the buffer of a trial
+it accepts there *before* acknowledging it, one file per batch (its trajectories carry their ``Provenance``; journals
+written before provenance existed load as expert demos). A restarted buffer actor (or the buffer of a trial
 that ``--resume`` runs again) replays the journal in order and so holds exactly what was acknowledged, with the
 producers' resume seeds; its batches get new object references, which train workers pick up at their next refresh.
 The journal keeps every acknowledged batch, evicted ones included: it is also the run's dataset of trajectories.
+
+Provenance: a batch is one producer's, under one policy version and one beta (``batch_provenance``). The buffer counts
+what it holds by source, evicts following ``data.eviction`` (``fifo``, or ``onpolicy_first``: the demo set stays) and,
+in the dagger regime, accepts exactly ``expert_quota`` expert demos (the demo budget) and any number of on-policy ones.
 
 ``BufferState`` is the pure bookkeeping (unit-tested without Ray), ``BufferJournal`` the files; ``TrajectoryBuffer``
 wraps both as an actor class (resources are set by the caller with ``.options()``).
@@ -28,6 +33,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from anyorder_ray.storage import Location
+from envs.trajectory import EXPERT, Provenance
+
+EVICTIONS = ("fifo", "onpolicy_first")
+
+
+def batch_provenance(batch: list) -> Provenance:
+    """The provenance a batch's trajectories share (EXPERT for an empty batch); a mixed batch is refused (it could not
+    be evicted or counted as one)."""
+    found = {(p.source, p.policy_version, p.beta) for p in (getattr(t, "provenance", EXPERT) for t in batch)}
+    if len(found) > 1:
+        raise ValueError(f"a batch must come from one source, policy version and beta, got {sorted(found)}")
+    if not found:
+        return EXPERT
+    source, version, beta = found.pop()
+    return EXPERT if source == "expert" else Provenance(source, version, beta)
 
 
 @dataclass(frozen=True)
@@ -44,6 +64,14 @@ class BufferStats:
     """Batches dropped because they repeated seeds already acknowledged (a restarted producer's redo)."""
     restored: int = 0
     """Trajectories the buffer actor replayed from its journal when it (re)started."""
+    onpolicy: int = 0
+    """On-policy trajectories held (the rest are expert demos)."""
+    policy_version: int = 0
+    """Highest policy version (training step of the weights) among acknowledged trajectories; 0: none yet."""
+    beta: float = 1.0
+    """Beta of the latest acknowledged batch (1: an expert batch, or none yet)."""
+    expert_dropped: int = 0
+    """Expert trajectories refused past the dagger regime's demo budget."""
 
     def as_metrics(self) -> dict[str, float]:
         return {
@@ -51,6 +79,9 @@ class BufferStats:
             "rollout/produced": self.produced,
             "rollout/evicted": self.evicted,
             "rollout/restored": self.restored,
+            "rollout/onpolicy_fraction": self.onpolicy / self.size if self.size else 0.0,
+            "rollout/policy_version": self.policy_version,
+            "rollout/beta": self.beta,
         }
 
 
@@ -59,18 +90,38 @@ class _Entry:
     ref: Any  # an ObjectRef to a list[Trajectory] (any object in tests)
     count: int  # trajectories of the batch still held (eviction trims from the front)
     start: int  # index of the first held trajectory in the batch
+    on_policy: bool = False
 
 
 class BufferState:
-    """FIFO bookkeeping over batches of trajectories: capacity, eviction, producers' progress."""
+    """Bookkeeping over batches of trajectories: capacity, eviction (``fifo`` or ``onpolicy_first``), the demo budget,
+    producers' progress.
 
-    def __init__(self, capacity: int, target: int | None = None) -> None:
+    ``target`` (fixed regime): accept exactly this many trajectories, then ask producers to stop. ``expert_quota``
+    (dagger regime): accept exactly this many expert trajectories (later expert ones are dropped and counted), and
+    on-policy ones without limit.
+    """
+
+    def __init__(
+        self, capacity: int, target: int | None = None, eviction: str = "fifo", expert_quota: int | None = None
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         if target is not None and target > capacity:
             raise ValueError(f"target ({target}) must not exceed capacity ({capacity})")
+        if expert_quota is not None and not 1 <= expert_quota <= capacity:
+            raise ValueError(f"expert_quota ({expert_quota}) must be in [1, capacity ({capacity})]")
+        if eviction not in EVICTIONS:
+            raise ValueError(f"eviction {eviction!r} is unknown; allowed: {', '.join(EVICTIONS)}")
         self.capacity = capacity
-        self.target = target  # fixed-budget regime: accept exactly this many, then ask producers to stop
+        self.target = target
+        self.eviction = eviction
+        self.expert_quota = expert_quota
+        self._experts = 0  # expert trajectories accepted
+        self._expert_dropped = 0
+        self._onpolicy = 0  # on-policy trajectories held
+        self._policy_version = 0
+        self._beta = 1.0
         self._entries: deque[_Entry] = deque()
         self._size = 0
         self._produced = 0
@@ -82,11 +133,19 @@ class BufferState:
         self._stopped = False
 
     # -- producers ---------------------------------------------------------------------------------
-    def add(self, ref: Any, count: int, worker: int = 0, next_seed: int | None = None) -> bool:
-        """Register a batch of ``count`` trajectories; returns True while producers should go on.
+    def add(
+        self,
+        ref: Any,
+        count: int,
+        worker: int = 0,
+        next_seed: int | None = None,
+        provenance: Provenance = EXPERT,
+    ) -> bool:
+        """Register a batch of ``count`` trajectories of ``provenance``; returns True while producers should go on.
 
         In the fixed-budget regime a batch that would overshoot the target is trimmed, so the buffer
-        holds exactly ``target`` trajectories (the surplus at the end of that batch is never sampled).
+        holds exactly ``target`` trajectories (the surplus at the end of that batch is never sampled). The dagger
+        regime trims expert batches to ``expert_quota`` the same way.
 
         A batch whose ``next_seed`` does not go past the worker's acknowledged progress repeats seeds the
         buffer already holds and is dropped. That happens when a producer dies with an ``add`` in flight:
@@ -99,12 +158,23 @@ class BufferState:
             return self.wants_more()
         if self.target is not None:
             count = min(count, self.target - self._produced)
+        on_policy = provenance.on_policy
+        if self.expert_quota is not None and not on_policy:
+            kept = min(count, self.expert_quota - self._experts)
+            self._expert_dropped += count - kept
+            count = kept
         if count > 0:
-            self._entries.append(_Entry(ref, count, 0))
+            self._entries.append(_Entry(ref, count, 0, on_policy))
             self._size += count
             self._produced += count
             self._batches += 1
             self._per_worker[worker] = self._per_worker.get(worker, 0) + count
+            if on_policy:
+                self._onpolicy += count
+            else:
+                self._experts += count
+            self._policy_version = max(self._policy_version, provenance.policy_version)
+            self._beta = provenance.beta
         if next_seed is not None:
             self._next_seed[worker] = max(next_seed, self._next_seed.get(worker, 0))
         self._evict()
@@ -119,6 +189,10 @@ class BufferState:
             return False
         return self.target is None or self._produced < self.target
 
+    def wants_expert(self) -> bool:
+        """Whether an expert batch would still be accepted (the dagger regime's demo budget is not full)."""
+        return self.wants_more() and (self.expert_quota is None or self._experts < self.expert_quota)
+
     def stop(self) -> None:
         """Ask producers to stop at their next ``add``."""
         self._stopped = True
@@ -127,16 +201,25 @@ class BufferState:
         """Next seed a restarted producer should use (acknowledged progress survives its crash)."""
         return self._next_seed.get(worker)
 
+    def _victim(self) -> int:
+        """Index of the entry to trim next: the oldest (fifo), or the oldest on-policy one (``onpolicy_first``)."""
+        if self.eviction == "onpolicy_first" and self._onpolicy:
+            return next(i for i, e in enumerate(self._entries) if e.on_policy)
+        return 0
+
     def _evict(self) -> None:
         while self._size > self.capacity:
-            head = self._entries[0]
-            drop = min(head.count, self._size - self.capacity)
-            head.count -= drop
-            head.start += drop
+            i = self._victim()
+            entry = self._entries[i]
+            drop = min(entry.count, self._size - self.capacity)
+            entry.count -= drop
+            entry.start += drop
             self._size -= drop
             self._evicted += drop
-            if head.count == 0:
-                self._entries.popleft()
+            if entry.on_policy:
+                self._onpolicy -= drop
+            if entry.count == 0:
+                del self._entries[i]
 
     # -- consumers ---------------------------------------------------------------------------------
     def snapshot(self) -> list[tuple[Any, int, int]]:
@@ -152,16 +235,25 @@ class BufferState:
             batches=self._batches,
             per_worker=dict(self._per_worker),
             repeated=self._repeated,
+            onpolicy=self._onpolicy,
+            policy_version=self._policy_version,
+            beta=self._beta,
+            expert_dropped=self._expert_dropped,
         )
 
 
 @dataclass(frozen=True)
 class JournalRecord:
-    """One ``add`` as the journal stores it (``trajectories`` empty when the buffer dropped the batch)."""
+    """One ``add`` as the journal stores it (``trajectories`` empty when the buffer dropped the batch).
+
+    The trajectories carry their ``Provenance`` (records written before it existed unpickle as expert demos); the
+    batch's provenance is stored as well, so a replayed dropped batch (no trajectories) moves the counters as it did
+    (older records lack it: the class default, an expert batch, which is what they were)."""
 
     worker: int
     next_seed: int | None
     trajectories: list
+    provenance: Provenance = EXPERT
 
 
 class BufferJournal:
@@ -197,16 +289,23 @@ class TrajectoryBuffer:
     With a ``journal`` location every accepted batch is persisted before ``add`` returns, and a new instance (an
     actor restart) starts from everything the journal holds."""
 
-    def __init__(self, capacity: int, target: int | None = None, journal: Location | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        target: int | None = None,
+        journal: Location | None = None,
+        eviction: str = "fifo",
+        expert_quota: int | None = None,
+    ) -> None:
         import ray
 
-        self._state = BufferState(capacity, target=target)
+        self._state = BufferState(capacity, target=target, eviction=eviction, expert_quota=expert_quota)
         self._journal = BufferJournal(journal) if journal is not None else None
         self._restored = 0
         if self._journal is not None:
             for record in self._journal.records():
                 self._state.add(ray.put(record.trajectories), len(record.trajectories), record.worker,
-                                record.next_seed)  # fmt: skip
+                                record.next_seed, record.provenance)  # fmt: skip
                 self._restored += len(record.trajectories)
             if self._restored:
                 print(f"[buffer] restored {self._restored} acknowledged trajectories from {journal}", flush=True)
@@ -215,16 +314,21 @@ class TrajectoryBuffer:
         """Take ownership of ``batch`` (a list of trajectories); True while producers should go on."""
         import ray
 
+        provenance = batch_provenance(batch)
         if self._journal is not None:  # durable before it is acknowledged
-            # A batch the state will drop (a repeat, or past the fixed target) is journaled without its trajectories:
-            # replaying it moves the counters and resume seeds exactly as it did here.
-            accepting = self._state.wants_more() and not self._state.is_repeat(worker, next_seed)
-            self._journal.append(JournalRecord(worker, next_seed, batch if accepting else []))
+            # A batch the state will drop (a repeat, or past the fixed target or the demo budget) is journaled without
+            # its trajectories: replaying it moves the counters and resume seeds exactly as it did here.
+            open_to = self._state.wants_more() if provenance.on_policy else self._state.wants_expert()
+            accepting = open_to and not self._state.is_repeat(worker, next_seed)
+            self._journal.append(JournalRecord(worker, next_seed, batch if accepting else [], provenance))
         ref = ray.put(batch)  # owned by this actor: survives the producer's death
-        return self._state.add(ref, len(batch), worker=worker, next_seed=next_seed)
+        return self._state.add(ref, len(batch), worker=worker, next_seed=next_seed, provenance=provenance)
 
     def wants_more(self) -> bool:
         return self._state.wants_more()
+
+    def wants_expert(self) -> bool:
+        return self._state.wants_expert()
 
     def stop(self) -> None:
         self._state.stop()
