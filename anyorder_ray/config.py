@@ -30,6 +30,8 @@ from anyorder_ray.data.masking import BLOCK_MODES, MaskMode
 from envs.registry import EnvConfig, env_problems
 
 LOSS_NORMS = ("token", "unit")
+REGIMES = ("fixed", "streaming", "dagger")
+EVICTIONS = ("fifo", "onpolicy_first")
 LAYOUTS = ("sequence", "block")
 
 
@@ -70,12 +72,18 @@ class DataConfig:
     """Maximum tokens per sequence; longer windows keep the mission and the most recent units."""
     window_steps: int = 3
     """Steps (obs, act) per randomly cropped training window; history seen by the policy is window_steps - 1."""
-    regime: Literal["fixed", "streaming"] = "fixed"
-    """``fixed``: exactly ``num_demos`` unique successful demos; ``streaming``: actors keep producing."""
+    regime: Literal["fixed", "streaming", "dagger"] = "fixed"
+    """``fixed``: exactly ``num_demos`` unique successful demos; ``streaming``: actors keep producing expert demos;
+    ``dagger``: exactly ``num_demos`` expert demos, then the actors act with the trainer's latest weights (the expert's
+    action executed with probability beta, see ``rollout.beta_*``) and stream the visited states, labelled by the
+    expert, into the buffer until training ends."""
     num_demos: int = 1000
-    """Demo budget for the fixed regime."""
+    """Demo budget of the fixed and dagger regimes (expert demonstrations; dagger's on-policy data comes on top)."""
     buffer_capacity: int = 20000
-    """Trajectories the buffer keeps; the oldest are evicted past it (streaming)."""
+    """Trajectories the buffer keeps; past it, trajectories are evicted following ``eviction``."""
+    eviction: Literal["fifo", "onpolicy_first"] = "fifo"
+    """Which trajectories go first past ``buffer_capacity``: ``fifo`` (default) the oldest; ``onpolicy_first`` the
+    oldest on-policy ones, expert demos only once no on-policy trajectory is left (the demo set is kept)."""
     min_buffer_size: int = 64
     """Streaming regime: training starts once the buffer holds this many trajectories. The fixed regime always waits
     for its whole demo set, so what a run trains on never depends on how fast the rollout actors were."""
@@ -86,27 +94,36 @@ class DataConfig:
         p: list[str] = []
         _check(p, self.max_seq_len >= 16, f"max_seq_len must be >= 16, got {self.max_seq_len}")
         _check(p, self.window_steps >= 1, f"window_steps must be >= 1, got {self.window_steps}")
-        _check(p, self.regime in ("fixed", "streaming"), f"regime must be 'fixed' or 'streaming', got {self.regime!r}")
+        _check(p, self.regime in REGIMES, f"regime {self.regime!r} is unknown; allowed: {', '.join(REGIMES)}")
+        _check(p, self.eviction in EVICTIONS, f"eviction {self.eviction!r} is unknown; allowed: {', '.join(EVICTIONS)}")
         _check(p, self.num_demos >= 1, f"num_demos must be >= 1, got {self.num_demos}")
         _check(p, self.buffer_capacity >= 1, "buffer_capacity must be >= 1")
         _check(p, 1 <= self.min_buffer_size <= self.buffer_capacity, "need 1 <= min_buffer_size <= buffer_capacity")
         _check(p, self.bucket_pool_batches >= 1, f"bucket_pool_batches must be >= 1, got {self.bucket_pool_batches}")
-        if self.regime == "fixed":
+        if self.regime in ("fixed", "dagger"):
             _check(
                 p,
                 self.num_demos <= self.buffer_capacity,
-                f"fixed regime: num_demos ({self.num_demos}) must fit in buffer_capacity ({self.buffer_capacity})",
+                f"{self.regime} regime: num_demos ({self.num_demos}) must fit in buffer_capacity "
+                f"({self.buffer_capacity})",
             )
         _raise("data", p)
 
     def start_size(self) -> int:
-        """Trajectories needed before training starts: the whole demo set (fixed), ``min_buffer_size`` (streaming)."""
-        return self.num_demos if self.regime == "fixed" else self.min_buffer_size
+        """Trajectories needed before training starts: the whole demo set (fixed, dagger), ``min_buffer_size``
+        (streaming)."""
+        return self.min_buffer_size if self.regime == "streaming" else self.num_demos
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Rollout actors running the expert bot."""
+    """Rollout actors: the expert bot, and in the dagger regime (``data.regime: dagger``) the policy it labels.
+
+    Dagger: each actor looks for newer weights before every batch (a small call to the trial's weight board, never a
+    wait); until the first weights exist it runs the expert only (and once the demo budget is full, idles until they
+    do). A batch under weights of training step ``v`` executes the expert's action with probability
+    ``beta(v, planned_steps)`` at each step and the policy's greedy action otherwise; the expert labels every state.
+    """
 
     num_actors: int = 1
     num_cpus_per_actor: float = 0.25
@@ -116,14 +133,49 @@ class RolloutConfig:
     """Training seeds are ``[seed_start, seed_start + 10**8)``, split evenly among actors."""
     max_restarts: int = 3
     """Restarts of each rollout actor, and of the trial's buffer actor (which replays its journal)."""
+    beta_start: float = 0.5
+    """Dagger: probability of executing the expert's action under the first weights (step 0 of the schedule)."""
+    beta_end: float = 0.0
+    """Dagger: the probability at the end of the anneal (and after it)."""
+    beta_anneal_steps: int | None = None
+    """Dagger: training steps over which beta goes linearly from ``beta_start`` to ``beta_end``; None: the trial's
+    planned steps (the budget's step count, published with the weights)."""
+    weights_every_steps: int = 25
+    """Dagger: training steps between two weight versions the trainer publishes to the rollout actors."""
+    batch_envs: int = 8
+    """Dagger: worlds each actor plays in lockstep (one batched policy forward per step for all of them)."""
+    idle_poll_s: float = 0.5
+    """Dagger: seconds an actor sleeps between looks at the weight board while it has nothing to do (demo budget
+    full, no weights yet)."""
 
     def __post_init__(self) -> None:
         p: list[str] = []
         _check(p, self.num_actors >= 1, "num_actors must be >= 1")
+        for key in ("beta_start", "beta_end"):
+            _check(p, 0.0 <= getattr(self, key) <= 1.0, f"{key} must be in [0, 1], got {getattr(self, key)}")
+        _check(p, self.beta_anneal_steps is None or self.beta_anneal_steps >= 1, "beta_anneal_steps must be >= 1 "
+               f"(or null: the trial's planned steps), got {self.beta_anneal_steps}")  # fmt: skip
+        _check(p, self.weights_every_steps >= 1, f"weights_every_steps must be >= 1, got {self.weights_every_steps}")
+        _check(p, self.batch_envs >= 1, f"batch_envs must be >= 1, got {self.batch_envs}")
+        _check(p, self.idle_poll_s > 0, f"idle_poll_s must be > 0, got {self.idle_poll_s}")
         _check(p, self.num_cpus_per_actor > 0, "num_cpus_per_actor must be > 0")
         _check(p, self.episodes_per_batch >= 1, "episodes_per_batch must be >= 1")
         _check(p, 0 <= self.seed_start < 10**9 - 10**8, "seed_start must be in [0, 9e8) (eval seeds start at 1e9)")
         _raise("rollout", p)
+
+    def beta(self, version: int, planned_steps: int | None = None) -> float:
+        """Dagger's beta for weights of training step ``version``: 1 without weights (``version`` 0, the expert
+        alone), then linear from ``beta_start`` (step 0) to ``beta_end`` at ``beta_anneal_steps`` (or
+        ``planned_steps``, the trial's step count, when that is None) and flat after it."""
+        if version < 0:
+            raise ValueError(f"version must be >= 0, got {version}")
+        if version == 0:
+            return 1.0
+        horizon = self.beta_anneal_steps or planned_steps
+        if not horizon:
+            raise ValueError("the beta schedule needs beta_anneal_steps or the trial's planned steps")
+        frac = min(1.0, version / horizon)
+        return self.beta_start + (self.beta_end - self.beta_start) * frac
 
 
 @dataclass(frozen=True)
