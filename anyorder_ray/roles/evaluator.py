@@ -1,7 +1,8 @@
 """The eval actor: scores the latest weights in the live world and on held-out expert trajectories.
 
 The trainer never waits on it: it sends ``evaluate`` with the weights of some step and collects the metric dict
-whenever it is ready. Weights arrive in one of two ways (``eval.weights``):
+whenever it is ready. Weights arrive in one of two ways (``eval.weights``; loaded by ``roles.weights``, as DAgger's
+rollout actors load theirs):
 
 - ``object_store``: an fp32 state dict that rank 0 put into the object store, as ``[ref]`` (nested in a list so Ray
   does not resolve it before the actor runs); loaded into a skeleton built once by ``models.factory.build_model``;
@@ -14,11 +15,7 @@ The policy, the episodes and the NLL protocol are ``anyorder_ray.evaluation``; t
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -33,11 +30,10 @@ from anyorder_ray.evaluation.nll import heldout_nll
 from anyorder_ray.evaluation.scoring import ActionScorer
 from anyorder_ray.evaluation.stats import eval_metrics
 from anyorder_ray.models.factory import build_model, build_model_config, build_tokenizer
+from anyorder_ray.roles.weights import Weights, load_policy_weights
 from envs import EnvConfig, collect_expert_trajectories, evaluation_env, make_world
 
 __all__ = ["EvalWorker", "make_eval_actor"]
-
-Weights = Any  # a state dict, [ObjectRef of a state dict], an ObjectRef, a ray.train.Checkpoint, or a folder path
 
 
 class EvalWorker:
@@ -107,28 +103,8 @@ class EvalWorker:
         return self._last_step
 
     def _load(self, weights: Weights) -> None:
-        if isinstance(weights, list | tuple):
-            if len(weights) != 1:
-                raise ValueError(f"weights as a list must hold exactly one ObjectRef, got {len(weights)} items")
-            weights = weights[0]
-        if isinstance(weights, ray.ObjectRef):
-            weights = ray.get(weights)
-        if isinstance(weights, ray.train.Checkpoint | str | os.PathLike):
-            from anyorder_ray.models.llada2_moe import load_llada2_model
-
-            with _local_folder(weights) as folder:
-                self._model = load_llada2_model(folder, config=self._model_config, device=self._device)
-            return
-        if not isinstance(weights, Mapping):
-            raise TypeError(
-                "weights must be a state dict, [ObjectRef], a ray.train.Checkpoint or a checkpoint folder, got "
-                f"{type(weights).__name__}"
-            )
-        if self._cfg.weights == "checkpoint" or self._model is None:
-            raise RuntimeError("this eval actor loads checkpoints (eval.weights: checkpoint), not state dicts")
-        # strict: a missing or unexpected key means trainer and evaluator disagree on the model.
-        self._model.load_state_dict(weights, strict=True)  # copies (and casts to fp32) into the skeleton
-        self._model.eval()
+        self._model = load_policy_weights(self._model, weights, self._model_config, self._device,
+                                          state_dicts=self._cfg.weights == "object_store")  # fmt: skip
 
     def evaluate(self, weights: Weights, step: int, num_episodes: int | None = None) -> dict[str, float]:
         """Load ``weights`` (from training step ``step``) and return the ``eval/...`` metrics.
@@ -152,19 +128,6 @@ class EvalWorker:
                           self._nll_batch_size, self._layout)  # fmt: skip
         self._last_step = int(step)
         return eval_metrics(episodes, nll, step, time.perf_counter() - start)
-
-
-@contextlib.contextmanager
-def _local_folder(weights: Any) -> Iterator[str]:
-    """A local folder holding the checkpoint (a ``ray.train.Checkpoint`` on remote storage is downloaded)."""
-    if isinstance(weights, ray.train.Checkpoint):
-        with weights.as_directory() as folder:
-            yield folder
-        return
-    folder = Path(os.fspath(weights))
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist (deleted by num_to_keep already?)")
-    yield str(folder)
 
 
 def make_eval_actor(

@@ -176,3 +176,33 @@ def load_weights_into(model: torch.nn.Module, directory: str | os.PathLike) -> N
     missing, unexpected = inner.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {directory} does not match the model: missing {missing}, unexpected {unexpected}")
+
+
+def state_dict_problems(model: torch.nn.Module, state_dict: Any, limit: int = 5) -> list[str]:
+    """What keeps ``state_dict`` from loading into ``model`` as it is: missing or unexpected keys, values that are not
+    tensors, wrong shapes, non-finite floats (at most ``limit`` of each kind are named). Empty: it loads.
+
+    Checked before a single tensor is copied: ``load_state_dict`` copies every matching tensor before it raises on
+    the first mismatch, so a bad state dict would otherwise leave the model half overwritten."""
+    if not isinstance(state_dict, Mapping):
+        return [f"weights must be a state dict (a mapping of tensors), got {type(state_dict).__name__}"]
+    expected = unwrap(model).state_dict()
+    problems = []
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    if missing:
+        problems.append(f"{len(missing)} missing keys {missing[:limit]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys {unexpected[:limit]}")
+    bad = []
+    for key in sorted(expected.keys() & state_dict.keys()):
+        value, want = state_dict[key], expected[key]
+        if not isinstance(value, torch.Tensor):
+            bad.append(f"{key} is a {type(value).__name__}, not a tensor")
+        elif value.shape != want.shape:
+            bad.append(f"{key} has shape {tuple(value.shape)}, the model's is {tuple(want.shape)}")
+        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad.append(f"{key} holds non-finite values")
+    if bad:
+        problems.append(f"{len(bad)} bad tensors: " + "; ".join(bad[:limit]))
+    return problems
