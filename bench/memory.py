@@ -137,7 +137,7 @@ def ray_train_worker_peak(config: str, steps: int) -> int:
                     continue  # the process just exited
             stop.wait(0.25)
 
-    buffer, workers, runs, _ = start_actors(cfg)
+    buffer, workers, runs, _, _ = start_actors(cfg)
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     start = time.perf_counter()

@@ -1,22 +1,40 @@
-"""Rollout actors: run the world's expert on their own seed range and feed the trajectory buffer.
+"""Rollout actors: run the world's expert (and, in the dagger regime, the latest policy) on their own seed range and
+feed the trajectory buffer.
 
 Each batch goes to ``buffer.add`` by value and the buffer puts it into the object store, so the buffer
 owns it. Once the buffer acknowledged a batch, the data survives this actor's death; a restarted actor asks the buffer
 where it left off and continues from the next seed, so no acknowledged trajectory is lost and no seed
 is used twice (should the dead actor's last ``add`` land after its successor read the resume seed, the
 buffer drops whichever copy of those seeds arrives second).
+
+Dagger (``data.regime: dagger``): before each batch the actor looks at the trial's ``PolicyBoard`` (one small call,
+never a wait) and loads a newer version if there is one, through the eval actor's loader (``roles.weights``). With
+weights it plays ``evaluation.dagger.dagger_episodes`` with the same ``ActionScorer`` as the eval actor and beta from
+``rollout.beta(version, planned_steps)``; without weights it runs the expert alone, and once the demo budget is full it
+idles (``rollout.idle_poll_s``) until weights arrive. A version that cannot be loaded is logged, counted on the board
+(``rollout/weights_rejected``) and skipped: the actor keeps the weights it had. A restarted actor starts from the
+board's latest version.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import ray
+import torch
 
-from anyorder_ray.config import RolloutConfig
+from anyorder_ray.config import ModelConfig, RolloutConfig
+from anyorder_ray.data.encoding import UnitEncoder
 from anyorder_ray.data.seeds import rollout_seed_range
+from anyorder_ray.evaluation.dagger import dagger_episodes
+from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
+from anyorder_ray.models.factory import build_model, build_model_config, build_tokenizer
+from anyorder_ray.roles.weights import load_policy_weights
 from envs import EnvConfig, collect_expert_trajectories, make_world
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,15 +47,76 @@ class RolloutReport:
     failed: int
     seconds: float
     next_seed: int
+    onpolicy: int = 0
+    """Trajectories played under policy weights (dagger)."""
+    policy_version: int = 0
+    """The version of the weights this actor held at the end (0: none)."""
+
+
+@dataclass(frozen=True)
+class PolicySource:
+    """What a dagger rollout actor needs to act with the trial's weights (plain values, so a restart rebuilds)."""
+
+    board_name: str
+    """The trial's named ``PolicyBoard`` actor."""
+    model: ModelConfig
+    history_steps: int
+    max_length: int
+    layout: str = "sequence"
+
+
+class _ActingPolicy:
+    """The model a dagger actor acts with: a skeleton built once, the board's newest loadable version in it."""
+
+    def __init__(self, source: PolicySource, env: EnvConfig, action_names: tuple[str, ...], worker: int) -> None:
+        tokenizer = build_tokenizer(source.model, env)
+        self._model = build_model(source.model, tokenizer, load_weights=False).float().eval()
+        self._model_config = build_model_config(source.model, tokenizer)
+        self.scorer = ActionScorer(UnitEncoder(tokenizer), action_names, source.history_steps, source.max_length,
+                                   source.layout)  # fmt: skip
+        self._board = ray.get_actor(source.board_name)
+        self._worker = worker
+        self._seen = 0  # the board serial last looked at (loaded or rejected)
+        self.version = 0
+        self.planned_steps: int | None = None
+        self.rejected = 0
+
+    def refresh(self) -> bool:
+        """Load the board's latest version if it is new; True when the weights changed. Never waits for weights."""
+        if ray.get(self._board.serial.remote()) == self._seen:
+            return False
+        serial, version, planned, weights = ray.get(self._board.latest.remote())
+        self._seen = serial
+        try:
+            self._model = load_policy_weights(self._model, weights, self._model_config, torch.device("cpu"))
+        except Exception as e:  # noqa: BLE001 (a bad version must never stop the actor: it is reported and skipped)
+            self.rejected += 1
+            reason = f"{type(e).__name__}: {e}"[:2000]
+            logger.warning("rollout actor %d: policy version %d rejected, keeping version %d: %s",
+                           self._worker, version, self.version, reason)  # fmt: skip
+            self._board.reject.remote(self._worker, version, reason)
+            return False
+        self.version, self.planned_steps = int(version), planned
+        return True
+
+    def act(self, queries: list[PolicyQuery], candidates: list[tuple[str, ...]]) -> list[str]:
+        return self.scorer.act(self._model, queries, candidates)
 
 
 class RolloutWorker:
     """Actor class: ``ray.remote(RolloutWorker).options(num_cpus=..., max_restarts=...)``."""
 
-    def __init__(self, env: EnvConfig, rollout: RolloutConfig, worker: int, buffer_name: str) -> None:
+    def __init__(
+        self,
+        env: EnvConfig,
+        rollout: RolloutConfig,
+        worker: int,
+        buffer_name: str,
+        policy: PolicySource | None = None,
+    ) -> None:
         """``buffer_name``: the trial's named ``TrajectoryBuffer`` actor, looked up on every (re)start. A handle passed
         as a constructor argument would be a reference Ray has to keep alive for restarts (it logs an ERROR that
-        such a restart can fail); a name is plain data."""
+        such a restart can fail); a name is plain data. ``policy``: act with the trial's weights (dagger)."""
         self._cfg = rollout
         self._worker = worker
         self._buffer = ray.get_actor(buffer_name)
@@ -45,24 +124,53 @@ class RolloutWorker:
         self._seeds = rollout_seed_range(rollout, worker)
         resume = ray.get(self._buffer.resume_seed.remote(worker))
         self._next_seed = resume if resume is not None else self._seeds.start
+        self._policy: _ActingPolicy | None = None
+        self._worlds = [self._world]
+        if policy is not None:
+            torch.set_num_threads(max(1, round(rollout.num_cpus_per_actor)))
+            self._policy = _ActingPolicy(policy, env, self._world.action_names, worker)
+            self._worlds += [make_world(env, expert=True) for _ in range(rollout.batch_envs - 1)]
+            self._history_steps = policy.history_steps
 
     def next_seed(self) -> int:
         return self._next_seed
 
+    def policy_version(self) -> int:
+        """The version of the weights this actor acts with (0: none, the expert alone)."""
+        return self._policy.version if self._policy is not None else 0
+
     def run(self, max_batches: int | None = None) -> RolloutReport:
         """Produce batches until the buffer has enough (or ``max_batches``); returns a report."""
-        start, episodes, kept, failed, batches = time.perf_counter(), 0, 0, 0, 0
+        start, episodes, kept, failed, batches, onpolicy = time.perf_counter(), 0, 0, 0, 0, 0
         keep_going = True
         while keep_going and (max_batches is None or batches < max_batches):
             lo = self._next_seed
             hi = min(lo + self._cfg.episodes_per_batch, self._seeds.stop)
             if lo >= hi:
                 break  # seed range exhausted
-            trajs, stats = collect_expert_trajectories(self._world, range(lo, hi))
+            policy = self._policy
+            if policy is not None:
+                policy.refresh()
+            if policy is not None and policy.version > 0:
+                beta = self._cfg.beta(policy.version, policy.planned_steps)
+                trajs, stats = dagger_episodes(self._worlds, range(lo, hi), policy.act, beta, policy.version,
+                                               self._history_steps, rng_seed=self._worker)  # fmt: skip
+                onpolicy += len(trajs)
+                attempted, succeeded = stats.attempted, stats.succeeded
+            else:
+                if policy is not None and not ray.get(self._buffer.wants_expert.remote()):
+                    # Dagger with the demo budget full and no weights yet: nothing useful to do until they come.
+                    keep_going = ray.get(self._buffer.wants_more.remote())
+                    if keep_going:
+                        time.sleep(self._cfg.idle_poll_s)
+                    continue
+                trajs, collected = collect_expert_trajectories(self._world, range(lo, hi))
+                attempted, succeeded = collected.attempted, collected.succeeded
             keep_going = ray.get(self._buffer.add.remote(trajs, self._worker, hi))
             self._next_seed = hi
-            episodes += stats.attempted
-            kept += stats.succeeded
-            failed += stats.failed
+            episodes += attempted
+            kept += len(trajs)
+            failed += attempted - succeeded
             batches += 1
-        return RolloutReport(self._worker, episodes, kept, failed, time.perf_counter() - start, self._next_seed)
+        return RolloutReport(self._worker, episodes, kept, failed, time.perf_counter() - start, self._next_seed,
+                             onpolicy, self.policy_version())  # fmt: skip

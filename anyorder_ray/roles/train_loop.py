@@ -5,6 +5,7 @@
 - ``BufferSource``: a worker-local view of the trial's ``TrajectoryBuffer`` actor (batches fetched once, then
   sampled locally by ``data.batching.TrajectoryView``).
 - ``EvalClient``: rank 0's side of the eval actor (submit weights or a checkpoint without waiting, collect results).
+- ``WeightPublisher``: rank 0's side of the dagger regime's ``PolicyBoard`` (publish weights without waiting).
 
 ``train_loop_per_worker`` builds them and runs ``training.recipe.TrainingRecipe``; every rank reports metrics (Ray
 Train V2 expects a report from every worker), only rank 0 writes checkpoints and talks to the eval actor.
@@ -53,6 +54,8 @@ class LoopSettings:
     """The eval actor (None: no evaluation)."""
     producers: Sequence[Any] = ()
     """The rollout actors' ``run`` references: a failed one stops the wait for data with its error."""
+    board: Any | None = None
+    """The trial's ``PolicyBoard`` (dagger regime): rank 0 publishes weights there for the rollout actors."""
     metrics_log: Location | str | None = None
     """JSONL file (a path or storage location) rank 0 appends every report's metrics to (Train V2 keeps no metrics
     history). A restart appends a ``{"resumed_from_step": N}`` line and then the reports from step N on, again."""
@@ -280,6 +283,29 @@ class EvalClient:
         return self.poll(timeout=timeout)
 
 
+class WeightPublisher:
+    """Rank 0's side of the ``PolicyBoard``: ``publish`` puts an fp32 state dict into the object store (the eval actor's
+    channel) and posts it as the latest version without waiting for anything.
+
+    ``gather`` (a sharded model): the full weights are gathered first, a collective, so every rank calls ``publish``
+    (ranks other than 0 with ``board=None``)."""
+
+    def __init__(self, board: Any | None, gather: bool = False) -> None:
+        self.board = board
+        self.gather = gather
+        self.published = 0
+
+    def publish(self, model: torch.nn.Module, step: int, planned_steps: int | None = None) -> None:
+        weights = full_state_dict(model) if self.gather else None  # every rank: a collective
+        if self.board is None:
+            return
+        if weights is None:
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+        # Nested in a list: the board keeps the reference (rank 0 owns the object) and actors fetch it themselves.
+        self.board.publish.remote([ray.put(weights)], int(step), planned_steps)
+        self.published += 1
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point of every TorchTrainer worker; ``loop_config`` holds the fields of ``LoopSettings``."""
     settings = LoopSettings.from_dict(loop_config)
@@ -291,15 +317,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
         gather = cfg.train.data_parallel_mode == "fsdp2" and cfg.eval.weights == "object_store"
         actor = settings.evaluator if session.rank == 0 else None
         evaluator = EvalClient(actor, cfg.eval.episodes, gather=gather) if actor is not None or gather else None
-    buffer = settings.buffer
+    buffer, board = settings.buffer, settings.board
+    publisher = None
+    if board is not None:
+        gather = cfg.train.data_parallel_mode == "fsdp2"
+        if session.rank == 0 or gather:
+            publisher = WeightPublisher(board if session.rank == 0 else None, gather=gather)
+
+    def rollout_stats() -> dict[str, float]:
+        stats = ray.get(buffer.stats.remote()).as_metrics()
+        if board is not None:
+            stats.update(ray.get(board.stats.remote()))
+        return stats
+
     recipe = TrainingRecipe(
         cfg,
         session,
         BufferSource(buffer, settings.producers),
         evaluator=evaluator,
-        buffer_stats=lambda: ray.get(buffer.stats.remote()).as_metrics(),
+        buffer_stats=rollout_stats,
         metrics_log=settings.metrics_log,
         after_step=settings.after_step,
+        publisher=publisher,
     )
     recipe.setup()
     try:
@@ -308,5 +347,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
         recipe.cleanup()
 
 
-__all__ = ["METRICS_LOG", "BufferSource", "EvalClient", "LoopSettings", "RaySession", "is_sharded",
+__all__ = ["METRICS_LOG", "BufferSource", "EvalClient", "LoopSettings", "RaySession", "WeightPublisher", "is_sharded",
            "train_loop_per_worker"]  # fmt: skip

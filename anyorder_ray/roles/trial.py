@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -19,8 +19,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from anyorder_ray.config import ExperimentConfig
 from anyorder_ray.roles.buffer import TrajectoryBuffer
 from anyorder_ray.roles.evaluator import make_eval_actor
-from anyorder_ray.roles.rollout import RolloutWorker
+from anyorder_ray.roles.rollout import PolicySource, RolloutWorker
 from anyorder_ray.roles.train_loop import METRICS_LOG, train_loop_per_worker
+from anyorder_ray.roles.weights import PolicyBoard
 from anyorder_ray.storage import Location
 
 
@@ -49,20 +50,46 @@ def make_buffer(cfg: ExperimentConfig, journal: Location | None = None) -> tuple
     the buffer restarts (up to ``rollout.max_restarts`` times, calls in flight retried) with everything it had
     acknowledged; without one it cannot restart (it would start empty) and its death fails the trial."""
     target = cfg.data.num_demos if cfg.data.regime == "fixed" else None
+    quota = cfg.data.num_demos if cfg.data.regime == "dagger" else None  # the demo budget; on-policy data on top
     name = f"trajectory-buffer-{uuid.uuid4().hex[:16]}"
     restarts = {"max_restarts": cfg.rollout.max_restarts, "max_task_retries": -1} if journal is not None else {}
     buffer = (
         ray.remote(TrajectoryBuffer)
         .options(name=name, num_cpus=0, scheduling_strategy=_OUTSIDE_TRIAL_PG, **restarts)
-        .remote(cfg.data.buffer_capacity, target=target, journal=journal)
+        .remote(
+            cfg.data.buffer_capacity, target=target, journal=journal, eviction=cfg.data.eviction, expert_quota=quota
+        )
     )
     return buffer, name
 
 
-def make_rollout_actor(cfg: ExperimentConfig, worker: int, buffer_name: str) -> Any:
+def make_board(cfg: ExperimentConfig) -> tuple[Any, str]:
+    """The trial's ``PolicyBoard`` (dagger: the latest weights for the rollout actors) and its unique name. Restarted
+    up to ``rollout.max_restarts`` times; a restarted board is empty until the trainer's next publication (actors keep
+    the weights they hold meanwhile)."""
+    name = f"policy-board-{uuid.uuid4().hex[:16]}"
+    board = (
+        ray.remote(PolicyBoard)
+        .options(
+            name=name,
+            num_cpus=0,
+            max_restarts=cfg.rollout.max_restarts,
+            max_task_retries=-1,
+            scheduling_strategy=_OUTSIDE_TRIAL_PG,
+        )
+        .remote()
+    )
+    return board, name
+
+
+def make_rollout_actor(cfg: ExperimentConfig, worker: int, buffer_name: str, board_name: str | None = None) -> Any:
     """Rollout actor ``worker`` feeding the buffer named ``buffer_name``: restarted up to ``rollout.max_restarts``
     times, its ``run`` retried on the new process (which resumes at the buffer's acknowledged seed, so a retry
-    repeats no data). Its constructor arguments are plain values, so a restart cannot fail for want of them."""
+    repeats no data, and with the board's latest weights). Its constructor arguments are plain values, so a restart
+    cannot fail for want of them. ``board_name``: act with the weights of that ``PolicyBoard`` (dagger)."""
+    policy = None
+    if board_name is not None:
+        policy = PolicySource(board_name, cfg.model, cfg.history_steps(), cfg.data.max_seq_len, cfg.masking.layout)
     return (
         ray.remote(RolloutWorker)
         .options(
@@ -71,7 +98,7 @@ def make_rollout_actor(cfg: ExperimentConfig, worker: int, buffer_name: str) -> 
             max_task_retries=-1,
             scheduling_strategy=_OUTSIDE_TRIAL_PG,
         )
-        .remote(cfg.env, cfg.rollout, worker, buffer_name)
+        .remote(cfg.env, cfg.rollout, worker, buffer_name, policy)
     )
 
 
@@ -91,16 +118,41 @@ def make_evaluator(cfg: ExperimentConfig) -> Any:
     )
 
 
-def start_actors(
-    cfg: ExperimentConfig, journal: Location | None = None
-) -> tuple[Any, list[Any], list[Any], Any | None]:
-    """The buffer (journaled to ``journal``), the rollout actors, their running ``run`` references and the eval actor
-    of one trial."""
+class TrialActors(NamedTuple):
+    """The actors of one trial."""
+
+    buffer: Any
+    workers: list[Any]
+    runs: list[Any]
+    """The rollout actors' running ``run`` references."""
+    evaluator: Any | None
+    board: Any | None
+    """The ``PolicyBoard`` (dagger regime only)."""
+
+    def loop_config(self, cfg: ExperimentConfig, metrics_log: Location | None = None) -> dict[str, Any]:
+        """The TorchTrainer's ``train_loop_config`` (``roles.train_loop.LoopSettings``) for these actors."""
+        # `producers` is nested in a dict, so the references reach the workers unresolved.
+        return {"cfg": cfg, "buffer": self.buffer, "evaluator": self.evaluator, "producers": self.runs,
+                "board": self.board, "metrics_log": metrics_log}  # fmt: skip
+
+    def stop(self) -> None:
+        """Stop the producers and end every actor (no restarts)."""
+        ray.get(self.buffer.stop.remote())
+        for actor in [*self.workers, self.evaluator, self.board]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        ray.kill(self.buffer, no_restart=True)
+
+
+def start_actors(cfg: ExperimentConfig, journal: Location | None = None) -> TrialActors:
+    """The buffer (journaled to ``journal``), the policy board (dagger), the rollout actors with their running ``run``
+    references and the eval actor of one trial."""
     buffer, buffer_name = make_buffer(cfg, journal)
-    workers = [make_rollout_actor(cfg, i, buffer_name) for i in range(cfg.rollout.num_actors)]
+    board, board_name = make_board(cfg) if cfg.data.regime == "dagger" else (None, None)
+    workers = [make_rollout_actor(cfg, i, buffer_name, board_name) for i in range(cfg.rollout.num_actors)]
     runs = [actor.run.remote() for actor in workers]  # each runs until the buffer says stop
     evaluator = make_evaluator(cfg) if cfg.eval.enabled else None
-    return buffer, workers, runs, evaluator
+    return TrialActors(buffer, workers, runs, evaluator, board)
 
 
 def run_trial(params: dict[str, Any], base: ExperimentConfig, run: Location) -> None:
@@ -112,19 +164,12 @@ def run_trial(params: dict[str, Any], base: ExperimentConfig, run: Location) -> 
     trial_id = tune.get_context().get_trial_id()
     storage, name = run.child("train"), f"train-{trial_id}"
     # The trial's own folder: a trial that --resume runs again finds its journal there.
-    buffer, workers, runs, evaluator = start_actors(cfg, journal=storage.child(name, BUFFER_JOURNAL))
+    actors = start_actors(cfg, journal=storage.child(name, BUFFER_JOURNAL))
     storage_path, storage_filesystem = storage.ray_storage()
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
-            # `producers` is nested in a dict, so the references reach the workers unresolved.
-            train_loop_config={
-                "cfg": cfg,
-                "buffer": buffer,
-                "evaluator": evaluator,
-                "producers": runs,
-                "metrics_log": storage.child(name, METRICS_LOG),
-            },
+            train_loop_config=actors.loop_config(cfg, storage.child(name, METRICS_LOG)),
             scaling_config=ScalingConfig(
                 num_workers=cfg.train.num_workers,
                 use_gpu=cfg.train.use_gpu,
@@ -141,11 +186,7 @@ def run_trial(params: dict[str, Any], base: ExperimentConfig, run: Location) -> 
         )
         trainer.fit()
     finally:
-        ray.get(buffer.stop.remote())
-        for actor in [*workers, evaluator]:
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
-        ray.kill(buffer, no_restart=True)
+        actors.stop()
 
 
 def local_env_vars() -> dict[str, str]:

@@ -60,6 +60,7 @@ __all__ = [
     "TIMING_METRICS",
     "Evaluator",
     "LocalSession",
+    "Publisher",
     "Session",
     "StepStats",
     "TrainingRecipe",
@@ -131,6 +132,12 @@ class Evaluator(Protocol):
     def wait(self) -> dict[str, float]: ...
 
     def final(self, model: torch.nn.Module, step: int, episodes: int, checkpoint: Any = None) -> dict[str, float]: ...
+
+
+class Publisher(Protocol):
+    """Where the dagger regime's rollout actors get the latest weights (every rank calls: a sharded model gathers)."""
+
+    def publish(self, model: torch.nn.Module, step: int, planned_steps: int | None = None) -> None: ...
 
 
 class LocalSession:
@@ -263,6 +270,8 @@ class TrainingRecipe:
         metrics_log: JSONL file (a path or storage URI) rank 0 appends every report to (with a
             ``resumed_from_step`` line after a restart).
         after_step: called with ``(step, rank)`` after every step (tests inject faults with it).
+        publisher: the dagger regime's weight channel to the rollout actors: the weights go there every
+            ``rollout.weights_every_steps`` steps (never waited for).
     """
 
     def __init__(
@@ -274,8 +283,10 @@ class TrainingRecipe:
         buffer_stats: Callable[[], dict[str, float]] | None = None,
         metrics_log: Location | str | None = None,
         after_step: Callable[[int, int], None] | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
         self.cfg = cfg
+        self.publisher = publisher
         self.session = session
         self.source = source
         self.evaluator = evaluator
@@ -407,6 +418,8 @@ class TrainingRecipe:
             self.total_flops += step_cost(self.model_config, micro)[1]
             window.add(stats)
             last = self.step == self.budget.total  # every rank agrees: the budget's total is rank 0's, broadcast
+            if self.publisher is not None and self.step % cfg.rollout.weights_every_steps == 0 and not last:
+                self.publisher.publish(self.model, self.step, self.budget.total)
             eval_now = cfg.eval.enabled and self.step % cfg.eval.every_steps == 0 and not last
             if eval_now and not by_checkpoint and self.evaluator is not None:
                 self.evaluator.submit(self.model, self.step)  # every rank: a sharded model gathers first

@@ -1,0 +1,160 @@
+"""DAgger episodes: the policy and the expert share the wheel, the expert labels every state visited.
+
+At each step of an episode the expert's action for the current state is asked first (the label); then, with
+probability ``beta``, the expert's action is executed, otherwise the policy's (its argmax, from the same
+``ActionScorer`` the eval actor uses). The trajectory stores the states actually visited with the expert's labels as
+its actions, so imitation on it teaches the expert's answer in the states the policy leads to (Ross et al. 2011). Its
+``Provenance`` says which weights acted, with which beta, and how many steps executed the policy's choice; the
+executed actions are kept in ``meta["executed"]`` (where they differ from the labels, ``obs_t, act_t, obs_t+1`` is not
+a transition of the world: the next observation followed the executed action).
+
+Each episode draws its coin flips from its own generator, seeded by ``(rng_seed, episode seed)``, one draw per step
+whatever the outcome, so an episode does not depend on the other episodes of its lockstep batch: with ``beta = 1`` it is
+exactly the expert's episode, with ``beta = 0`` every executed action is the policy's.
+
+Episodes run in lockstep over the given worlds: one batched policy call per step for the live episodes whose coin
+chose the policy. No Ray here: the rollout actor (``roles.rollout``) supplies the worlds, the policy and the weights.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from anyorder_ray.evaluation.scoring import PolicyQuery
+from envs.base import ExpertUnavailable, World
+from envs.trajectory import Provenance, Trajectory
+
+__all__ = ["DaggerStats", "Policy", "dagger_episodes"]
+
+Policy = Callable[[Sequence[PolicyQuery], Sequence[Sequence[str]]], list[str]]
+"""Chooses one action per query among its candidates, e.g. ``lambda q, c: scorer.act(model, q, c)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class DaggerStats:
+    """Counts of one ``dagger_episodes`` call."""
+
+    attempted: int
+    kept: int
+    """Episodes stored (every episode with at least one labelled step)."""
+    succeeded: int
+    """Stored episodes that ended in success."""
+    expert_gave_up: int
+    """Episodes the expert could not label to their end (kept up to the state it gave up in)."""
+    steps: int
+    policy_actions: int
+    seconds: float
+
+
+@dataclass
+class _Slot:
+    seed: int
+    mission: str
+    rng: np.random.Generator
+    observations: list[str]
+    labels: list[str]
+    executed: list[str]
+    reward: float = 0.0
+    policy_actions: int = 0
+    gave_up: bool = False
+    success: bool = False
+
+
+def dagger_episodes(
+    worlds: Sequence[World],
+    seeds: Sequence[int],
+    policy: Policy,
+    beta: float,
+    version: int,
+    history_steps: int,
+    rng_seed: int = 0,
+) -> tuple[list[Trajectory], DaggerStats]:
+    """One DAgger episode per seed (``len(worlds)`` at a time, in lockstep), stored in seed order.
+
+    Args:
+        worlds: worlds with their expert (``make_world(env, expert=True)``), reused from episode to episode.
+        seeds: episode seeds.
+        policy: the policy's choice among each query's candidates (the world's ``valid_actions()``).
+        beta: probability of executing the expert's action at each step.
+        version: the training step of the policy's weights (>= 1), recorded in the provenance.
+        history_steps: past (obs, executed action) steps in the policy's query.
+        rng_seed: with each episode's seed, seeds its coin flips (the rollout actor passes its index).
+    """
+    if not worlds:
+        raise ValueError("need at least one world")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    start = time.perf_counter()
+    seeds = [int(s) for s in seeds]
+    done: dict[int, _Slot] = {}
+    slots: list[_Slot | None] = [None] * len(worlds)
+    pending = iter(seeds)
+
+    def refill(k: int) -> None:
+        seed = next(pending, None)
+        if seed is None:
+            slots[k] = None
+            return
+        obs, mission = worlds[k].reset(seed)
+        slots[k] = _Slot(seed, mission, np.random.default_rng([rng_seed, seed]), [obs], [], [])
+
+    def finish(k: int) -> None:
+        slot, world = slots[k], worlds[k]
+        slot.success = world.done and world.success  # read before the world is reset for the next seed
+        done[slot.seed] = slot
+        refill(k)
+
+    for k in range(len(worlds)):
+        refill(k)
+    while any(s is not None for s in slots):
+        live = [k for k, s in enumerate(slots) if s is not None]
+        labels: dict[int, str] = {}
+        for k in live:
+            try:
+                labels[k] = worlds[k].expert_action()
+            except ExpertUnavailable:
+                slots[k].gave_up = True
+        for k in [k for k in live if k not in labels]:
+            finish(k)  # the expert cannot label this state: the episode ends here
+        live = [k for k in live if k in labels]
+        by_policy = [k for k in live if slots[k].rng.random() >= beta]  # one draw per step and episode
+        chosen = {k: labels[k] for k in live}
+        if by_policy:
+            queries = []
+            for k in by_policy:
+                s = slots[k]
+                past = list(zip(s.observations[:-1], s.executed, strict=True))
+                history = tuple(past[len(past) - history_steps :]) if history_steps else ()
+                queries.append(PolicyQuery(s.mission, history, s.observations[-1]))
+            actions = policy(queries, [worlds[k].valid_actions() for k in by_policy])
+            chosen.update(zip(by_policy, actions, strict=True))
+            for k in by_policy:
+                slots[k].policy_actions += 1
+        for k in live:
+            s, world = slots[k], worlds[k]
+            obs, reward, _, _ = world.step(chosen[k])
+            s.labels.append(labels[k])
+            s.executed.append(chosen[k])
+            s.observations.append(obs)
+            s.reward = reward
+            if world.done:
+                finish(k)
+    out, succeeded, gave_up, steps, by_policy_total = [], 0, 0, 0, 0
+    for seed in seeds:
+        s = done[seed]
+        gave_up += s.gave_up
+        steps += len(s.labels)
+        if not s.labels:
+            continue
+        by_policy_total += s.policy_actions
+        succeeded += s.success
+        provenance = Provenance("on_policy", int(version), float(beta), s.policy_actions)
+        meta = {"num_steps": len(s.labels), "reward": round(s.reward, 4), "executed": list(s.executed)}
+        out.append(Trajectory.from_steps(s.mission, worlds[0].level, s.seed, s.observations, s.labels, s.success,
+                                         meta=meta, provenance=provenance))  # fmt: skip
+    stats = DaggerStats(len(seeds), len(out), succeeded, gave_up, steps, by_policy_total, time.perf_counter() - start)
+    return out, stats
