@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import ray.cloudpickle
 
 from anyorder_ray.data.tokenization import build_world_tokenizer
@@ -89,6 +90,27 @@ class KillProcessOnce:
             return
         Path(self.marker).write_text(f"killed pid {self.pid} after step {step}\n")
         os.kill(self.pid, signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class WaitForOnPolicyData:
+    """Test hook (the train loop's ``after_step``): after step ``step`` rank 0 waits until ``buffer`` (the trial's
+    ``TrajectoryBuffer`` actor) holds on-policy trajectories, so that a short dagger run is sure to train on some
+    (the wait is a synchronisation, not a measurement: it ends when the data is there, whatever the machine's speed)."""
+
+    buffer: object
+    step: int
+
+    def __call__(self, step: int, rank: int) -> None:
+        import time
+
+        if step != self.step or rank != 0:
+            return
+        deadline = time.monotonic() + HANG_GUARD_S
+        while ray.get(self.buffer.stats.remote()).onpolicy == 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no on-policy trajectory reached the buffer")
+            time.sleep(0.2)
 
 
 class S3Server:
