@@ -239,6 +239,22 @@ def test_an_unloadable_state_dict_is_rejected_and_leaves_the_model_untouched(pol
     assert loaded is skeleton and all(torch.equal(v, good[k]) for k, v in skeleton.state_dict().items())
 
 
+def test_every_publication_is_new_to_the_actors_even_a_repeated_version_or_a_restarted_board():
+    from anyorder_ray.roles.weights import PolicyBoard
+
+    board = PolicyBoard()
+    assert board.stamp()[1] == 0  # no weights yet
+    first = board.publish(["w8"], 8, planned_steps=100)
+    again = board.publish(["w8 of a restarted trainer"], 8, planned_steps=100)
+    assert first != again and board.latest() == (again, 8, 100, ["w8 of a restarted trainer"])
+    restarted = PolicyBoard()
+    assert restarted.publish(["w12"], 12)[1] == first[1] and restarted.stamp() != first  # same count, other board
+    board.reject(0, 8, "shape mismatch")
+    assert board.stats() == {"rollout/weights_published": 2, "rollout/weights_rejected": 1}
+    with pytest.raises(ValueError, match="training step >= 1"):
+        board.publish(["w0"], 0)
+
+
 # -- on a real local Ray -------------------------------------------------------------------------------------------
 
 

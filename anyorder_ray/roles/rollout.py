@@ -76,17 +76,18 @@ class _ActingPolicy:
                                    source.layout)  # fmt: skip
         self._board = ray.get_actor(source.board_name)
         self._worker = worker
-        self._seen = 0  # the board serial last looked at (loaded or rejected)
+        self._seen: tuple[str, int] | None = None  # the board stamp last looked at (loaded or rejected)
         self.version = 0
         self.planned_steps: int | None = None
         self.rejected = 0
 
     def refresh(self) -> bool:
         """Load the board's latest version if it is new; True when the weights changed. Never waits for weights."""
-        if ray.get(self._board.serial.remote()) == self._seen:
+        stamp = ray.get(self._board.stamp.remote())
+        if stamp == self._seen or stamp[1] == 0:  # nothing new, or a board (re)started empty
             return False
-        serial, version, planned, weights = ray.get(self._board.latest.remote())
-        self._seen = serial
+        stamp, version, planned, weights = ray.get(self._board.latest.remote())
+        self._seen = stamp
         try:
             self._model = load_policy_weights(self._model, weights, self._model_config, torch.device("cpu"))
         except Exception as e:  # noqa: BLE001 (a bad version must never stop the actor: it is reported and skipped)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -96,33 +97,35 @@ def _local_folder(weights: Any) -> Iterator[str]:
 class PolicyBoard:
     """Actor class: the latest policy weights of a trial (create it with ``ray.remote(PolicyBoard).options(...)``).
 
-    ``serial`` counts publications, so a version published again (a training worker group restarted from an earlier
-    checkpoint publishes the same steps again) is still new to the actors."""
+    Each publication gets a new ``stamp`` (the board's instance id, a count), so a version published again (a training
+    worker group restarted from an earlier checkpoint publishes the same steps again) is still new to the actors, and
+    so is the first publication to a board that restarted (empty: count 0)."""
 
     def __init__(self) -> None:
+        self._instance = uuid.uuid4().hex
         self._serial = 0
         self._version = 0
         self._planned_steps: int | None = None
         self._weights: Any = None
         self._rejected = 0
 
-    def publish(self, weights: Any, version: int, planned_steps: int | None = None) -> int:
+    def publish(self, weights: Any, version: int, planned_steps: int | None = None) -> tuple[str, int]:
         """Make ``weights`` (``[ref]``: the reference is kept, not resolved) of training step ``version`` the latest;
-        ``planned_steps`` is the trial's step count (DAgger's beta schedule anneals over it). Returns the serial."""
+        ``planned_steps`` is the trial's step count (DAgger's beta schedule anneals over it). Returns its stamp."""
         if version < 1:
             raise ValueError(f"version must be a training step >= 1, got {version}")
         self._serial += 1
         self._version, self._planned_steps, self._weights = int(version), planned_steps, weights
-        return self._serial
+        return self.stamp()
 
-    def serial(self) -> int:
-        """Publications so far (0: no weights yet): a cheap look before fetching."""
-        return self._serial
+    def stamp(self) -> tuple[str, int]:
+        """``(board instance, publications so far)``; count 0: no weights yet. A cheap look before fetching."""
+        return self._instance, self._serial
 
-    def latest(self) -> tuple[int, int, int | None, Any]:
-        """``(serial, version, planned_steps, weights)`` of the latest publication (references nested in the weights
+    def latest(self) -> tuple[tuple[str, int], int, int | None, Any]:
+        """``(stamp, version, planned_steps, weights)`` of the latest publication (references nested in the weights
         reach the caller unresolved)."""
-        return self._serial, self._version, self._planned_steps, self._weights
+        return self.stamp(), self._version, self._planned_steps, self._weights
 
     def reject(self, worker: int, version: int, reason: str) -> None:
         """An actor could not load ``version``: counted (``rollout/weights_rejected``) and logged."""
