@@ -469,7 +469,7 @@ def vocabulary(cfg: EnvConfig) -> list[str]:
 
 
 def problems(cfg: EnvConfig) -> list[str]:
-    """What is wrong with ``cfg.level`` and ``cfg.obs_encoding`` (close matches for a misspelt level)."""
+    """What is wrong with ``cfg.level``, ``cfg.obs_encoding`` (close matches for a misspelt level) and ``cfg.split``."""
     out = []
     try:
         normalize_level(cfg.level)
@@ -478,4 +478,10 @@ def problems(cfg: EnvConfig) -> list[str]:
     allowed = [e.value for e in ObsEncoding]
     if cfg.obs_encoding not in allowed:
         out.append(f"env.obs_encoding {cfg.obs_encoding!r} is unknown; allowed: {', '.join(allowed)}")
+    if cfg.split != "train":
+        out.append(
+            f"env.split {cfg.split!r}: BabyAI has no game pools (every seed generates its own level; evaluation "
+            "plays seeds from eval.seed_start, never training seeds); leave env.split at 'train' and change "
+            "env.level for another distribution"
+        )
     return out

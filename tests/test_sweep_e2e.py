@@ -148,6 +148,30 @@ def test_textworld_smoke_sweep_end_to_end(tmp_path, request):
     n = env.num_games
     assert played == sorted((split, f"game_{i:06d}.z8") for split in ("heldout", "train") for i in range(n))
 
+    # The finished run played again by `python -m anyorder_ray.evaluate`: in its own world it reproduces the sweep's
+    # final evaluation from the checkpoints alone; with env.split=train it plays the training games instead.
+    evaluate = [sys.executable, "-m", "anyorder_ray.evaluate", str(tmp_path / "tw"), "--threads", "2"]
+    proc = subprocess.run(evaluate, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    with (tmp_path / "tw" / "evaluations" / "own-world" / "results.csv").open() as f:
+        again = {r["trial"]: r for r in csv.DictReader(f)}
+    assert again.keys() == {r["trial"] for r in rows}
+    for r in rows:
+        a = again[r["trial"]]
+        assert (a["status"], a["episodes"], a["success"], a["checkpoint"]) == ("ok", r["episodes"], r["success"],
+                                                                               r["checkpoint"]), (a, r)  # fmt: skip
+        for key in ("world_model_nll", "action_nll"):
+            assert float(a[key]) == pytest.approx(float(r[key]), rel=1e-4), (key, a, r)
+    proc = subprocess.run(evaluate + ["env.split=train", "eval.final_episodes=4"], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    folder = tmp_path / "tw" / "evaluations" / "split-train_final_episodes-4"
+    with (folder / "results.csv").open() as f:
+        on_train = list(csv.DictReader(f))
+    assert len(on_train) == len(ARMS) and all(r["status"] == "ok" and float(r["episodes"]) == 4 for r in on_train)
+    assert "split: train" in (folder / "evaluation.yaml").read_text()
+    assert sorted(p.parent.name for p in games.rglob("game_*.z8")) == sorted(s for s, _ in played)  # no new game
+
 
 def _free_port() -> int:
     with socket.socket() as s:

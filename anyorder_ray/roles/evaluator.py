@@ -44,8 +44,8 @@ class EvalWorker:
     ``eval/...`` metrics.
 
     Args:
-        env: the world the trial trains in; the actor plays ``evaluation_env(env)`` (held-out games where the world
-            generates a pool of them).
+        env: the world the trial trains in (the tokenizer is built from it, as the trainer's is); the actor plays
+            ``evaluation_env(env)`` (held-out games where the world generates a pool of them) unless ``play`` is given.
         eval_cfg: seeds, episode counts, lockstep width, held-out set size, where weights come from.
         model: the trial's model section (the tokenizer and the skeleton are built from it, as the trainer does).
         history_steps: past steps in the policy's query (``ExperimentConfig.history_steps()``).
@@ -53,6 +53,8 @@ class EvalWorker:
         layout: the layout the arm trained with (``masking.layout``); its queries are encoded the same way.
         torch_threads: intra-op threads of this actor (match its CPU reservation).
         nll_batch_size: sequences per forward of the held-out NLL.
+        play: the world to play and to draw the held-out trajectories from instead of ``evaluation_env(env)``
+            (another split or level, for out-of-distribution checks: ``python -m anyorder_ray.evaluate``).
     """
 
     def __init__(
@@ -65,9 +67,10 @@ class EvalWorker:
         torch_threads: int = 1,
         nll_batch_size: int = 64,
         layout: str = "sequence",
+        play: EnvConfig | None = None,
     ) -> None:
         torch.set_num_threads(max(1, int(torch_threads)))
-        self._env = evaluation_env(env)
+        self._env = evaluation_env(env) if play is None else play
         self._cfg = eval_cfg
         self._history_steps = int(history_steps)
         self._max_length = int(max_length)
@@ -79,7 +82,7 @@ class EvalWorker:
                 f"eval.num_gpus_per_actor={eval_cfg.num_gpus_per_actor:g} but this eval actor sees no CUDA device "
                 "(Ray sets CUDA_VISIBLE_DEVICES from the actor's GPU share); set it to 0 to evaluate on CPU"
             )
-        tokenizer = build_tokenizer(model, self._env)
+        tokenizer = build_tokenizer(model, env)  # the trainer's: a token id means the same word in both
         self._encoder = UnitEncoder(tokenizer)
         world = make_world(self._env, expert=True)
         # One scorer for every world: a fixed action set (BabyAI) or, when it is empty, each state's valid_actions().
