@@ -13,7 +13,8 @@ overridden: the model, tokenizer and arm of each trial are the run's.
 
 The tables land in ``<run>/evaluations/<name>/`` (``--name``; default from the overrides): ``results.csv`` /
 ``results.md`` with one row per trial (the sweep's columns; steps, budget and FLOPs are the training run's),
-``summary.*`` per arm over seeds with the difference to causal, and ``evaluation.yaml`` (the world and evaluation
+``summary.*`` per arm over seeds with the difference to causal, ``episodes.csv`` with every episode (trial, arm,
+seed, episode seed, success, length, reward, the commands taken), and ``evaluation.yaml`` (the world and evaluation
 settings played, and the command). Runs in this process on this machine's cores (``--threads``); with storage URIs
 the checkpoints are downloaded one at a time. Worlds that generate games generate the missing ones of the pool as
 the episodes reach them (with a line each).
@@ -22,6 +23,7 @@ the episodes reach them (with a line each).
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import math
 import os
@@ -37,6 +39,7 @@ from anyorder_ray.storage import Location, StorageError
 
 RUN_CONFIG_FILE = "experiment.yaml"  # the sweep's (anyorder_ray.sweep.RUN_CONFIG_FILE)
 OVERRIDABLE = ("env", "eval")
+EPISODE_COLUMNS = ("trial", "arm", "seed", "episode_seed", "success", "length", "reward", "actions")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -134,6 +137,11 @@ def evaluate_trial(
     step = int(metrics.get("train/step", -1))
     out = worker.evaluate(checkpoint, step, eval_cfg.final_episodes)
     row = make_row(trial_id, trial, {**base, **out, "checkpoint_path": checkpoint.path}, "ok")
+    row["_episodes"] = [
+        {"trial": trial_id, "arm": row["arm"], "seed": row["seed"], "episode_seed": e.seed, "success": int(e.success),
+         "length": e.length, "reward": e.reward, "actions": " | ".join(e.actions)}
+        for e in worker.last_episodes().results
+    ]  # fmt: skip
     print(
         f"[evaluate] {trial_id} {trial.masking.label()} s{trial.train.seed}: success {out['eval/success_rate']:.3f} "
         f"[{out['eval/success_low']:.3f}, {out['eval/success_high']:.3f}] of {int(out['eval/episodes'])} "
@@ -181,12 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"run": str(run), "command": "python -m anyorder_ray.evaluate " + " ".join(sys.argv[1:] or [args.run]),
                 "env": dataclasses.asdict(world),
                 "eval": dataclasses.asdict(dataclasses.replace(played.eval, weights="checkpoint"))}  # fmt: skip
+    episodes = [e for r in rows for e in r.pop("_episodes", [])]
     with out.staged() as folder:
+        with (Path(folder) / "episodes.csv").open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=EPISODE_COLUMNS)
+            writer.writeheader()
+            writer.writerows(episodes)
         table = write_tables(rows, folder)
         summary = write_summary(rows, folder)
         (Path(folder) / "evaluation.yaml").write_text(yaml.safe_dump(settings, sort_keys=False), encoding="utf-8")
     print(table + "\n\nPer arm over seeds:\n" + summary, flush=True)
-    print(f"[evaluate] tables: {out.child('results.md')} (results.csv, summary.*, evaluation.yaml beside)", flush=True)
+    beside = "results.csv, summary.*, episodes.csv, evaluation.yaml beside"
+    print(f"[evaluate] tables: {out.child('results.md')} ({beside})", flush=True)
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 

@@ -2,7 +2,8 @@
 
 - Pure components (``data/``, ``training/``, ``evaluation/``, ``models/``, ``results/``, ``config``, ``fileio``) never
   import Ray: each is imported in a fresh interpreter and ``ray`` must not be in ``sys.modules`` afterwards.
-- Ray appears only in ``roles/`` and in the entry point ``sweep.py`` (which starts it).
+- Ray appears only in ``roles/`` and in the entry points ``sweep.py`` (which starts it) and ``evaluate.py`` (which
+  reads a finished run's Tune state and checkpoints).
 - The library reaches worlds only through ``envs``' registry: no module outside ``envs/`` imports a concrete world
   adapter (tests of that very world excepted), and ``envs`` never imports ``anyorder_ray`` (no cycle).
 """
@@ -22,6 +23,7 @@ LIBRARY = ROOT / "anyorder_ray"
 PURE_PACKAGES = ("data", "training", "evaluation", "models", "results")
 PURE_MODULES = ("anyorder_ray.config", "anyorder_ray.fileio")
 RAY_PACKAGE = "roles"
+ENTRY_POINTS = ("sweep.py", "evaluate.py")  # the python -m commands
 CONCRETE_WORLDS = {"envs.babyai", "envs.textworld"}  # every adapter module the registry names
 
 
@@ -81,8 +83,8 @@ def test_no_pure_module_names_ray_in_its_imports(module):
     assert not ray_imports and not roles, f"{module} imports {sorted(ray_imports | roles)}"
 
 
-def test_ray_is_imported_only_by_the_roles_and_the_entry_point():
-    allowed = {LIBRARY / "sweep.py"} | set((LIBRARY / RAY_PACKAGE).rglob("*.py"))
+def test_ray_is_imported_only_by_the_roles_and_the_entry_points():
+    allowed = {LIBRARY / name for name in ENTRY_POINTS} | set((LIBRARY / RAY_PACKAGE).rglob("*.py"))
     offenders = [
         str(p.relative_to(ROOT))
         for p in sorted(LIBRARY.rglob("*.py"))

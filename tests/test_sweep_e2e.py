@@ -170,6 +170,12 @@ def test_textworld_smoke_sweep_end_to_end(tmp_path, request):
         on_train = list(csv.DictReader(f))
     assert len(on_train) == len(ARMS) and all(r["status"] == "ok" and float(r["episodes"]) == 4 for r in on_train)
     assert "split: train" in (folder / "evaluation.yaml").read_text()
+    with (folder / "episodes.csv").open() as f:
+        episodes = list(csv.DictReader(f))
+    assert len(episodes) == 4 * len(ARMS) and {e["trial"] for e in episodes} == {r["trial"] for r in rows}
+    for r in on_train:  # each trial's episodes add up to its row
+        mine = [e for e in episodes if e["trial"] == r["trial"]]
+        assert sum(int(e["success"]) for e in mine) / 4 == float(r["success"]) and all(e["actions"] for e in mine)
     assert sorted(p.parent.name for p in games.rglob("game_*.z8")) == sorted(s for s, _ in played)  # no new game
 
 

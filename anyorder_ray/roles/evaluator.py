@@ -25,7 +25,7 @@ import torch
 from anyorder_ray.config import EvalConfig, ModelConfig
 from anyorder_ray.data.encoding import UnitEncoder
 from anyorder_ray.data.seeds import eval_episode_seeds, heldout_trajectory_seeds
-from anyorder_ray.evaluation.episodes import run_episodes
+from anyorder_ray.evaluation.episodes import EpisodeStats, run_episodes
 from anyorder_ray.evaluation.nll import heldout_nll
 from anyorder_ray.evaluation.scoring import ActionScorer
 from anyorder_ray.evaluation.stats import eval_metrics
@@ -96,10 +96,15 @@ class EvalWorker:
         if eval_cfg.weights == "object_store":
             self._model = build_model(model, tokenizer, load_weights=False).float().eval().to(self._device)
         self._last_step: int | None = None
+        self._last_episodes: EpisodeStats | None = None
 
     def heldout_size(self) -> int:
         """Number of held-out trajectories (expert successes among ``eval.heldout_trajectories`` seeds)."""
         return len(self._heldout)
+
+    def last_episodes(self) -> EpisodeStats | None:
+        """Every episode of the last ``evaluate`` (seed, success, length, actions), in seed order."""
+        return self._last_episodes
 
     def last_step(self) -> int | None:
         """The training step of the weights last evaluated (None before the first ``evaluate``)."""
@@ -130,6 +135,7 @@ class EvalWorker:
         nll = heldout_nll(self._model, self._encoder, self._heldout, self._history_steps, self._max_length,
                           self._nll_batch_size, self._layout)  # fmt: skip
         self._last_step = int(step)
+        self._last_episodes = episodes
         return eval_metrics(episodes, nll, step, time.perf_counter() - start)
 
 
