@@ -107,6 +107,14 @@ class DataConfig:
                 f"{self.regime} regime: num_demos ({self.num_demos}) must fit in buffer_capacity "
                 f"({self.buffer_capacity})",
             )
+        if self.regime == "dagger" and self.eviction == "onpolicy_first":
+            # With no room past the demos, every on-policy batch would be evicted the moment it arrives: imitation.
+            _check(
+                p,
+                self.num_demos < self.buffer_capacity,
+                f"dagger regime with eviction onpolicy_first: buffer_capacity ({self.buffer_capacity}) must exceed "
+                f"num_demos ({self.num_demos}), or no on-policy trajectory is ever kept",
+            )
         _raise("data", p)
 
     def start_size(self) -> int:

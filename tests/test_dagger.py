@@ -63,32 +63,49 @@ def test_beta_one_reproduces_the_expert_trajectories_exactly(policy):
         assert (t.mission, t.level, t.units, t.success) == (demo.mission, demo.level, demo.units, True)
         assert t.meta["executed"] == list(demo.actions)
         assert t.provenance == Provenance("on_policy", policy_version=7, beta=1.0, policy_actions=0)
+        assert (t.meta["segment"], t.meta["episode_steps"]) == (0, demo.num_actions)  # one segment: never departed
 
 
 def test_beta_zero_follows_the_policy_while_the_expert_labels_every_state(policy):
     """Replayed from scratch: every executed action is the policy's argmax for the query it had (history of executed
     actions), every stored action is the bot's answer in the state actually visited, every observation is that
-    state."""
+    state, and every stored (obs, act, next obs) is a transition of the world: an episode is cut into segments after
+    each step whose executed action was not the label."""
     cfg, model, scorer = policy
-    trajs, stats = dagger_episodes(_worlds(2), range(3), _act(policy), beta=0.0, version=5, history_steps=1)
-    assert len(trajs) == 3 and stats.policy_actions == stats.steps == sum(t.num_actions for t in trajs)
+    trajs, stats = dagger_episodes(_worlds(1), range(3), _act(policy), beta=0.0, version=5, history_steps=1)
+    assert stats.kept == 3 and stats.segments == len(trajs) > 3  # the untrained policy departs from the bot
+    assert stats.policy_actions == stats.steps == sum(t.num_actions for t in trajs)
     disagreements = 0
-    for t in trajs:
+    for seed in range(3):
+        segments = [t for t in trajs if t.seed == seed]
+        assert [t.meta["segment"] for t in segments] == list(range(len(segments)))
         world = make_world(ENV, expert=True)
-        obs, mission = world.reset(t.seed)
+        obs, mission = world.reset(seed)
         executed: list[str] = []
-        for step, (stored_obs, label) in enumerate(zip(t.observations, t.actions, strict=False)):
-            assert stored_obs == obs, (t.seed, step)
-            assert label == world.expert_action(), (t.seed, step)  # the label: the bot in the state visited
-            history = tuple(zip(t.observations[:step], executed, strict=True))[-1:]
-            (action,) = scorer.act(model, [PolicyQuery(mission, history, obs)], [world.valid_actions()])
-            assert t.meta["executed"][step] == action  # what was executed: the policy's choice
-            disagreements += action != label
-            executed.append(action)
-            obs, *_ = world.step(action)
-        assert t.observations[-1] == obs and world.done and t.success == world.success
-        assert t.provenance == Provenance("on_policy", 5, 0.0, t.num_actions)
+        past: list[str] = []
+        for t in segments:
+            assert t.provenance == Provenance("on_policy", 5, 0.0, t.num_actions)
+            assert len(t.meta["executed"]) == t.num_actions and t.meta["episode_steps"] == _episode_steps(segments)
+            for step, label in enumerate(t.actions):
+                assert t.observations[step] == obs, (seed, step)
+                assert label == world.expert_action(), (seed, step)  # the label: the bot in the state visited
+                history = tuple(zip(past, executed, strict=True))[-1:]
+                (action,) = scorer.act(model, [PolicyQuery(mission, history, obs)], [world.valid_actions()])
+                assert t.meta["executed"][step] == action  # what was executed: the policy's choice
+                disagreements += action != label
+                past.append(obs)
+                executed.append(action)
+                obs, *_ = world.step(action)
+                if step + 1 < len(t.observations):  # a stored next observation: the label was what ran
+                    assert action == label and t.observations[step + 1] == obs, (seed, step)
+                else:  # the segment ends here, without the observation its last step's departure led to
+                    assert step == t.num_actions - 1 and action != label, (seed, step)
+        assert world.done and segments[-1].success == world.success and not any(t.success for t in segments[:-1])
     assert disagreements > 0  # the policy's actions really are not the labels (else this test proves nothing)
+
+
+def _episode_steps(segments: list) -> int:
+    return sum(t.num_actions for t in segments)
 
 
 def test_mixed_episodes_are_reproducible_and_do_not_depend_on_the_lockstep_batch(policy):

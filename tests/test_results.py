@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import signal
 import stat
@@ -16,13 +17,44 @@ from helpers import HANG_GUARD_S
 from anyorder_ray.config import ExperimentConfig, config_from_dict
 from anyorder_ray.fileio import atomic_directory, atomic_write
 from anyorder_ray.results.plots import write_plots
-from anyorder_ray.results.tables import COLUMNS, arm_summary, make_row, markdown_table, write_summary, write_tables
+from anyorder_ray.results.tables import (
+    COLUMNS,
+    arm_summary,
+    make_row,
+    markdown_table,
+    results_rows,
+    write_summary,
+    write_tables,
+)
 
 
 def _trial(arm: dict, seed: int = 0, **params) -> ExperimentConfig:
     """The resolved config of the trial of ``arm`` (a partial masking section) with ``seed`` and sampled ``params``."""
     cfg = config_from_dict({"sweep": {"arms": [arm]}})
     return cfg.trial({"arm": cfg.arms()[0].label(), "seed": seed, **params})
+
+
+@dataclasses.dataclass
+class _TrialResult:
+    """The four fields of a Tune ``Result`` that ``results_rows`` reads (this module stays free of Ray)."""
+
+    metrics: dict
+    config: dict
+    error: Exception | None = None
+    path: str = "/runs/x/tune/trial"
+
+
+def test_a_trial_whose_final_evaluation_failed_is_an_error_row():
+    cfg = config_from_dict({"sweep": {"arms": [{"mode": "causal"}], "seeds": [0, 1, 2, 3]}})
+    base = {"train/step": 10, "eval/success_rate": 0.5, "eval/episodes": 8}
+    results = [
+        _TrialResult({**base, "trial_id": "a", "eval/final": 1}, {"arm": "causal", "seed": 0}),
+        _TrialResult({**base, "trial_id": "b", "eval/final": 1, "eval/failed": 1.0}, {"arm": "causal", "seed": 1}),
+        _TrialResult({**base, "trial_id": "c"}, {"arm": "causal", "seed": 2}),  # stopped before its final report
+        _TrialResult({**base, "trial_id": "d"}, {"arm": "causal", "seed": 3}, error=RuntimeError("worker died")),
+    ]
+    status = {r["trial"]: r["status"] for r in results_rows(results, cfg)}
+    assert status == {"a": "ok", "b": "error", "c": "partial", "d": "error"}
 
 
 def test_rows_name_the_arm_and_carry_the_final_metrics(tmp_path):

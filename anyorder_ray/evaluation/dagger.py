@@ -2,11 +2,17 @@
 
 At each step of an episode the expert's action for the current state is asked first (the label); then, with
 probability ``beta``, the expert's action is executed, otherwise the policy's (its argmax, from the same
-``ActionScorer`` the eval actor uses). The trajectory stores the states actually visited with the expert's labels as
-its actions, so imitation on it teaches the expert's answer in the states the policy leads to (Ross et al. 2011). Its
-``Provenance`` says which weights acted, with which beta, and how many steps executed the policy's choice; the
-executed actions are kept in ``meta["executed"]`` (where they differ from the labels, ``obs_t, act_t, obs_t+1`` is not
-a transition of the world: the next observation followed the executed action).
+``ActionScorer`` the eval actor uses). The stored data are the states actually visited with the expert's labels as
+their actions, so imitation on them teaches the expert's answer in the states the policy leads to (Ross et al. 2011).
+
+Every stored ``obs_t, act_t, obs_t+1`` is a transition of the world, because world-model targets (prefix, any-order,
+``cut_focus``) train on them: where the executed action differs from the label, the next observation followed the
+executed action, not the label, so an episode is stored as segments cut there. A segment ends with the label of the
+state where the policy's choice departed from the expert's (no observation after it); the next segment starts in the
+state that choice led to. With ``beta = 1`` (or a policy that agrees with the expert) an episode is one segment, the
+expert's own trajectory. A segment's ``Provenance`` says which weights acted, with which beta, and how many of its
+steps executed the policy's choice; ``meta`` holds the executed actions (``executed``), the segment's index in its
+episode (``segment``) and the episode's length (``episode_steps``); ``success`` is the episode's, on its last segment.
 
 Each episode draws its coin flips from its own generator, seeded by ``(rng_seed, episode seed)``, one draw per step
 whatever the outcome, so an episode does not depend on the other episodes of its lockstep batch: with ``beta = 1`` it is
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,6 +47,8 @@ class DaggerStats:
     attempted: int
     kept: int
     """Episodes stored (every episode with at least one labelled step)."""
+    segments: int
+    """Trajectories stored: the kept episodes cut where an executed action departed from its label."""
     succeeded: int
     """Stored episodes that ended in success."""
     expert_gave_up: int
@@ -58,6 +66,7 @@ class _Slot:
     observations: list[str]
     labels: list[str]
     executed: list[str]
+    by_policy: list[bool] = field(default_factory=list)
     reward: float = 0.0
     policy_actions: int = 0
     gave_up: bool = False
@@ -123,6 +132,7 @@ def dagger_episodes(
         live = [k for k in live if k in labels]
         by_policy = [k for k in live if slots[k].rng.random() >= beta]  # one draw per step and episode
         chosen = {k: labels[k] for k in live}
+        policy_set = set(by_policy)
         if by_policy:
             queries = []
             for k in by_policy:
@@ -139,22 +149,44 @@ def dagger_episodes(
             obs, reward, _, _ = world.step(chosen[k])
             s.labels.append(labels[k])
             s.executed.append(chosen[k])
+            s.by_policy.append(k in policy_set)
             s.observations.append(obs)
             s.reward = reward
             if world.done:
                 finish(k)
-    out, succeeded, gave_up, steps, by_policy_total = [], 0, 0, 0, 0
+    out, kept, succeeded, gave_up, steps, by_policy_total = [], 0, 0, 0, 0, 0
     for seed in seeds:
         s = done[seed]
         gave_up += s.gave_up
         steps += len(s.labels)
         if not s.labels:
             continue
+        kept += 1
         by_policy_total += s.policy_actions
         succeeded += s.success
-        provenance = Provenance("on_policy", int(version), float(beta), s.policy_actions)
-        meta = {"num_steps": len(s.labels), "reward": round(s.reward, 4), "executed": list(s.executed)}
-        out.append(Trajectory.from_steps(s.mission, worlds[0].level, s.seed, s.observations, s.labels, s.success,
-                                         meta=meta, provenance=provenance))  # fmt: skip
-    stats = DaggerStats(len(seeds), len(out), succeeded, gave_up, steps, by_policy_total, time.perf_counter() - start)
+        out += _segments(s, worlds[0].level, int(version), float(beta))
+    stats = DaggerStats(len(seeds), kept, len(out), succeeded, gave_up, steps, by_policy_total,
+                        time.perf_counter() - start)  # fmt: skip
     return out, stats
+
+
+def _segments(s: _Slot, level: str, version: int, beta: float) -> list[Trajectory]:
+    """The episode in ``s`` as trajectories whose every ``obs_t, act_t, obs_t+1`` is a transition of the world: cut
+    after each step whose executed action is not its label (that step keeps its label and no next observation)."""
+    n = len(s.labels)
+    cuts = [t + 1 for t in range(n) if s.executed[t] != s.labels[t]]
+    bounds = [0] + [c for c in cuts if c < n] + [n]
+    out = []
+    for index, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        last = hi == n
+        # A segment ends in the observation after its last step when that step's label was executed (or at the
+        # episode's end, where the final observation follows the executed action: kept only if it was the label).
+        end = hi + 1 if s.executed[hi - 1] == s.labels[hi - 1] else hi
+        executed = s.executed[lo:hi]
+        policy_actions = sum(s.by_policy[lo:hi])  # steps of this segment that executed the policy's choice
+        meta = {"num_steps": hi - lo, "reward": round(s.reward, 4) if last else 0.0, "executed": list(executed),
+                "segment": index, "episode_steps": n}  # fmt: skip
+        provenance = Provenance("on_policy", version, beta, policy_actions)
+        out.append(Trajectory.from_steps(s.mission, level, s.seed, s.observations[lo:end], s.labels[lo:hi],
+                                         s.success and last, meta=meta, provenance=provenance))  # fmt: skip
+    return out

@@ -90,7 +90,8 @@ def results_rows(grid: Any, cfg: ExperimentConfig) -> list[dict[str, Any]]:
     for result in grid:
         metrics = dict(result.metrics or {})
         trial = str(metrics.get("trial_id") or Path(result.path).name)
-        status = "ok" if result.error is None and metrics.get("eval/final") else "error" if result.error else "partial"
+        failed = result.error is not None or metrics.get("eval/failed")  # the trial, or its final evaluation
+        status = "error" if failed else "ok" if metrics.get("eval/final") else "partial"
         rows.append(make_row(trial, cfg.trial(dict(result.config or {})), metrics, status))
     return sorted(rows, key=lambda r: (r["mode"], _nan_last(r["mask_prob"]), r["seed"]))
 

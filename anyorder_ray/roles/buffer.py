@@ -71,7 +71,8 @@ class BufferStats:
     beta: float = 1.0
     """Beta of the latest acknowledged batch (1: an expert batch, or none yet)."""
     expert_dropped: int = 0
-    """Expert trajectories refused past the dagger regime's demo budget."""
+    """Expert trajectories refused past the dagger regime's demo budget, since this buffer actor started (a dropped
+    batch is journaled without its trajectories, so a replay cannot count them again)."""
 
     def as_metrics(self) -> dict[str, float]:
         return {
@@ -247,8 +248,9 @@ class JournalRecord:
     """One ``add`` as the journal stores it (``trajectories`` empty when the buffer dropped the batch).
 
     The trajectories carry their ``Provenance`` (records written before it existed unpickle as expert demos); the
-    batch's provenance is stored as well, so a replayed dropped batch (no trajectories) moves the counters as it did
-    (older records lack it: the class default, an expert batch, which is what they were)."""
+    batch's provenance is stored as well, so a replayed dropped batch (no trajectories) moves the resume seeds and the
+    batch counters as it did (not ``expert_dropped``: its trajectories are not stored); older records lack the
+    provenance: the class default, an expert batch, which is what they were."""
 
     worker: int
     next_seed: int | None

@@ -44,11 +44,13 @@ class RolloutReport:
     worker: int
     episodes: int
     trajectories: int
+    """Trajectories handed to the buffer (a dagger episode can be several: ``dagger_episodes``' segments)."""
     failed: int
+    """Episodes that did not succeed (the expert's are dropped; dagger's are stored all the same)."""
     seconds: float
     next_seed: int
     onpolicy: int = 0
-    """Trajectories played under policy weights (dagger)."""
+    """Trajectories (segments) played under policy weights (dagger)."""
     policy_version: int = 0
     """The version of the weights this actor held at the end (0: none)."""
 

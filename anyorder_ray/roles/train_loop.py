@@ -276,11 +276,15 @@ class EvalClient:
             return {}
         self.poll(timeout=timeout)
         self.pending = None
+        self.latest = {}  # an earlier evaluation's metrics must never stand in for the final one
         if checkpoint is not None:
             self.submit_checkpoint(checkpoint, step, episodes)
         else:
             self.submit(model, step, episodes)
-        return self.poll(timeout=timeout)
+        final = self.poll(timeout=timeout)
+        # A failed final evaluation (the actor died for good, or it rejected the weights: non-finite values after a
+        # divergence) is reported as such: the tables mark the trial's row as an error.
+        return final if final else {"eval/failed": 1.0}
 
 
 class WeightPublisher:

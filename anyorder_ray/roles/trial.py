@@ -136,12 +136,13 @@ class TrialActors(NamedTuple):
                 "board": self.board, "metrics_log": metrics_log}  # fmt: skip
 
     def stop(self) -> None:
-        """Stop the producers and end every actor (no restarts)."""
-        ray.get(self.buffer.stop.remote())
-        for actor in [*self.workers, self.evaluator, self.board]:
-            if actor is not None:
-                ray.kill(actor, no_restart=True)
-        ray.kill(self.buffer, no_restart=True)
+        """Stop the producers and end every actor (no restarts), the others too when the buffer is already gone."""
+        try:
+            ray.get(self.buffer.stop.remote())
+        finally:
+            for actor in [*self.workers, self.evaluator, self.board, self.buffer]:
+                if actor is not None:
+                    ray.kill(actor, no_restart=True)
 
 
 def start_actors(cfg: ExperimentConfig, journal: Location | None = None) -> TrialActors:
