@@ -36,8 +36,8 @@ from typing import Any
 from anyorder_ray.config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, validate_env
 from anyorder_ray.results.tables import make_row, write_summary, write_tables
 from anyorder_ray.storage import Location, StorageError
+from anyorder_ray.sweep import find_run
 
-RUN_CONFIG_FILE = "experiment.yaml"  # the sweep's (anyorder_ray.sweep.RUN_CONFIG_FILE)
 OVERRIDABLE = ("env", "eval")
 EPISODE_COLUMNS = ("trial", "arm", "seed", "episode_seed", "success", "length", "reward", "actions")
 
@@ -70,13 +70,7 @@ def resolve(args: argparse.Namespace) -> tuple[ExperimentConfig, ExperimentConfi
             "model and arm are the run's own)"
         )
     try:
-        run = Location.parse(args.run)
-        saved = run.child(RUN_CONFIG_FILE)
-        if not saved.is_file():
-            raise ConfigError(
-                f"{args.run}: no {RUN_CONFIG_FILE} there, so it is not a sweep run directory (pass the folder printed "
-                "as '[sweep] run directory: ...')"
-            )
+        run, saved = find_run(args.run, args.run)
         import yaml
 
         raw = yaml.safe_load(saved.read_text())

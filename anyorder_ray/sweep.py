@@ -240,13 +240,7 @@ def resolve_run(args: argparse.Namespace) -> tuple[ExperimentConfig, Location]:
                 f"Start a new run with --config <its {RUN_CONFIG_FILE}> and the overrides instead."
             )
         try:
-            run = Location.parse(args.resume)
-            saved = run.child(RUN_CONFIG_FILE)
-            if not saved.is_file():
-                raise ConfigError(
-                    f"--resume {args.resume}: no {RUN_CONFIG_FILE} there, so it is not a sweep run directory; "
-                    f"pass the directory printed as '[sweep] run directory: ...' by the run to continue"
-                )
+            run, saved = find_run(args.resume, f"--resume {args.resume}")
             cfg = _load_saved_config(saved)
         except (StorageError, OSError) as e:
             raise ConfigError(f"--resume {args.resume}: cannot read the run's storage: {e}") from e
@@ -281,6 +275,19 @@ def resolve_run(args: argparse.Namespace) -> tuple[ExperimentConfig, Location]:
     if run.exists():
         raise ConfigError(f"run directory {run} already exists: pick another --name, or --resume it")
     return cfg, run
+
+
+def find_run(where: str, context: str) -> tuple[Location, Location]:
+    """The run folder ``where`` (a path or URI) and its saved ``experiment.yaml``. Raises ``ConfigError`` (its message
+    starts with ``context``) when the folder holds none; storage errors propagate."""
+    run = Location.parse(where)
+    saved = run.child(RUN_CONFIG_FILE)
+    if not saved.is_file():
+        raise ConfigError(
+            f"{context}: no {RUN_CONFIG_FILE} there, so it is not a sweep run directory; pass the directory printed "
+            "as '[sweep] run directory: ...' by the run"
+        )
+    return run, saved
 
 
 def _load_saved_config(saved: Location) -> ExperimentConfig:
