@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from anyorder_ray.config import ConfigError, ExperimentConfig, apply_overrides, config_from_dict, validate_env
-from anyorder_ray.results.tables import make_row, write_summary, write_tables
+from anyorder_ray.results.tables import make_row, sort_rows, write_summary, write_tables
 from anyorder_ray.storage import Location, StorageError
 from anyorder_ray.sweep import find_run
 
@@ -122,14 +122,13 @@ def evaluate_trial(
     if checkpoint is None:
         print(f"[evaluate] {trial_id} ({trial.masking.label()}): no checkpoint, skipped", flush=True)
         return make_row(trial_id, trial, base, "error")
-    eval_cfg = dataclasses.replace(played.eval, weights="checkpoint")
     worker = EvalWorker(
-        trial.env, eval_cfg, trial.model, trial.history_steps(), trial.data.max_seq_len, torch_threads=threads,
+        trial.env, played.eval, trial.model, trial.history_steps(), trial.data.max_seq_len, torch_threads=threads,
         layout=trial.masking.layout, play=None if own_world else played.env,
     )  # fmt: skip
     start = time.perf_counter()
     step = int(metrics.get("train/step", -1))
-    out = worker.evaluate(checkpoint, step, eval_cfg.final_episodes)
+    out = worker.evaluate(checkpoint, step, played.eval.final_episodes)
     row = make_row(trial_id, trial, {**base, **out, "checkpoint_path": checkpoint.path}, "ok")
     row["_episodes"] = [
         {"trial": trial_id, "arm": row["arm"], "seed": row["seed"], "episode_seed": e.seed, "success": int(e.success),
@@ -155,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, played, run = resolve(args)
         trials = finished_trials(run)
+        # The final checkpoints are what is played: the eval actor loads them itself.
+        played = dataclasses.replace(played, eval=dataclasses.replace(played.eval, weights="checkpoint"))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -176,13 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.manual_seed(0)
-    rows = [evaluate_trial(r, cfg, played, own_world, threads, run) for r in trials]
-    rows.sort(key=lambda r: (r["mode"], math.inf if math.isnan(r["mask_prob"]) else r["mask_prob"], r["seed"]))
+    rows = sort_rows([evaluate_trial(r, cfg, played, own_world, threads, run) for r in trials])
     import yaml
 
     settings = {"run": str(run), "command": "python -m anyorder_ray.evaluate " + " ".join(sys.argv[1:] or [args.run]),
                 "env": dataclasses.asdict(world),
-                "eval": dataclasses.asdict(dataclasses.replace(played.eval, weights="checkpoint"))}  # fmt: skip
+                "eval": dataclasses.asdict(played.eval)}  # fmt: skip
     episodes = [e for r in rows for e in r.pop("_episodes", [])]
     with out.staged() as folder:
         with (Path(folder) / "episodes.csv").open("w", newline="", encoding="utf-8") as f:

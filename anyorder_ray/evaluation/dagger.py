@@ -67,8 +67,8 @@ class _Slot:
     labels: list[str]
     executed: list[str]
     by_policy: list[bool] = field(default_factory=list)
+    """Per step: whether the policy's choice was executed (the coin said so), whatever it chose."""
     reward: float = 0.0
-    policy_actions: int = 0
     gave_up: bool = False
     success: bool = False
 
@@ -142,8 +142,6 @@ def dagger_episodes(
                 queries.append(PolicyQuery(s.mission, history, s.observations[-1]))
             actions = policy(queries, [worlds[k].valid_actions() for k in by_policy])
             chosen.update(zip(by_policy, actions, strict=True))
-            for k in by_policy:
-                slots[k].policy_actions += 1
         for k in live:
             s, world = slots[k], worlds[k]
             obs, reward, _, _ = world.step(chosen[k])
@@ -162,7 +160,7 @@ def dagger_episodes(
         if not s.labels:
             continue
         kept += 1
-        by_policy_total += s.policy_actions
+        by_policy_total += sum(s.by_policy)
         succeeded += s.success
         out += _segments(s, worlds[0].level, int(version), float(beta))
     stats = DaggerStats(len(seeds), kept, len(out), succeeded, gave_up, steps, by_policy_total,

@@ -93,6 +93,11 @@ def results_rows(grid: Any, cfg: ExperimentConfig) -> list[dict[str, Any]]:
         failed = result.error is not None or metrics.get("eval/failed")  # the trial, or its final evaluation
         status = "error" if failed else "ok" if metrics.get("eval/final") else "partial"
         rows.append(make_row(trial, cfg.trial(dict(result.config or {})), metrics, status))
+    return sort_rows(rows)
+
+
+def sort_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table rows in their order: by mode, mask probability (none last) and seed."""
     return sorted(rows, key=lambda r: (r["mode"], _nan_last(r["mask_prob"]), r["seed"]))
 
 
