@@ -5,7 +5,9 @@ A trajectory is the serialized episode ``obs_0, act_0, obs_1, act_1, ...`` plus 
 
 Each trajectory carries its ``Provenance``: who chose the actions that were executed (the expert alone, or a policy
 of some training step mixed with the expert, DAgger-style) and with what probability the expert's action was executed.
-The stored actions are always the expert's labels; the observations are the states actually visited.
+The stored actions are the expert's labels and the observations the states actually visited, with one exception: an
+early-experience *branch* (``envs.branches``) ends with an alternative action that is not the expert's and the
+observation it led to (``Trajectory.labelled_actions`` says which actions are labels).
 
 The record lives in ``envs`` (the lower layer: worlds produce it) and the library imports it from here, so the
 two packages share it without an import cycle (``envs`` never imports ``anyorder_ray``). Files of trajectories
@@ -20,7 +22,7 @@ from typing import Literal
 
 UnitKind = Literal["obs", "act"]
 UNIT_KINDS: tuple[str, ...] = ("obs", "act")
-SOURCES: tuple[str, ...] = ("expert", "on_policy")
+SOURCES: tuple[str, ...] = ("expert", "on_policy", "branch")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +47,9 @@ class Provenance:
     ``expert``: the expert chose every executed action (a demonstration). ``on_policy``: a rollout under policy
     weights of training step ``policy_version``, executing the expert's action with probability ``beta`` at each step
     and the policy's otherwise (DAgger); ``policy_actions`` of its steps executed the policy's choice (which may equal
-    the label).
+    the label). ``branch``: an expert prefix, then one alternative action (not the expert's) and the observation it
+    led to (early experience); ``policy_version`` is the weights that proposed the alternative (0: drawn uniformly),
+    and ``policy_actions`` is 1 when a policy proposed it.
     """
 
     source: str = "expert"
@@ -68,6 +72,11 @@ class Provenance:
             problems.append("an expert trajectory has no policy: policy_version 0, policy_actions 0, beta 1")
         if self.source == "on_policy" and self.policy_version < 1:
             problems.append("an on_policy trajectory needs the policy_version (training step >= 1) that acted")
+        if self.source == "branch" and (self.beta != 1.0 or self.policy_actions != int(self.policy_version > 0)):
+            problems.append(
+                "a branch follows the expert up to its last action (beta 1) and has policy_actions 1 "
+                "exactly when a policy (policy_version >= 1) proposed that action"
+            )
         if problems:
             raise ValueError("invalid provenance: " + "; ".join(problems))
 
@@ -124,6 +133,12 @@ class Trajectory:
 
     def with_provenance(self, provenance: Provenance) -> Trajectory:
         return replace(self, provenance=provenance)
+
+    @property
+    def labelled_actions(self) -> tuple[bool, ...]:
+        """Per action: whether it is the expert's label for its state (every action but a branch's last one)."""
+        n = self.num_actions
+        return tuple(not (self.provenance.source == "branch" and i == n - 1) for i in range(n))
 
     @property
     def kinds(self) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from envs import EnvConfig, World, collect_expert_trajectories, env_problems, expert_episode, make_world, prepare_env
@@ -167,6 +168,25 @@ def test_expert_replans_after_off_policy_commands(game_dir) -> None:
         while not world.done:
             world.step(world.expert_action())
         assert world.success
+
+
+@needs_textworld
+def test_branches_replay_generated_games_and_take_admissible_commands(expert_runs, game_dir) -> None:
+    from envs.branches import branch_trajectories
+
+    _, trajectories, valid = expert_runs["tw-cooking"]
+    world = make_world(tw("tw-cooking", game_dir, num_games=2), expert=False)
+    check = make_world(tw("tw-cooking", game_dir, num_games=2), expert=False)
+    for demo, per_step in zip(trajectories, valid, strict=True):
+        branches = branch_trajectories(world, demo, k=2, rng=np.random.default_rng(0), history_steps=1)
+        assert branches and {b.meta["branch_step"] for b in branches} == set(range(demo.num_actions))
+        for b in branches:
+            t = b.meta["branch_step"]
+            assert b.actions[-1] in per_step[t] and b.actions[-1] != demo.actions[t]
+            check.reset(demo.seed)
+            for a in demo.actions[:t]:
+                check.step(a)
+            assert check.step(b.actions[-1]).obs == b.observations[-1]
 
 
 @needs_textworld
