@@ -287,6 +287,12 @@ def _trial_dir(tune_dir: Path, trial_id: str) -> Path:
     return path
 
 
+# Two arms, one trial at a time: the driver is killed once the first finished and the second trained a little, so
+# the resume has one finished trial to leave alone and one to finish.
+RESUME_ARMS = {"causal", "prefix"}
+RESUME_ARMS_OVERRIDE = "sweep.arms=[{mode: causal}, {mode: prefix}]"
+
+
 def _reported_final(result_json: bytes) -> bool:
     """Whether a trial's ``result.json`` (one JSON object per report) ends with the final evaluation."""
     lines = result_json.decode().strip().splitlines()
@@ -299,8 +305,8 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
     run_dir, tune_dir = out / "run", out / "run" / "tune"
     log = (tmp_path / "first.log").open("w")
     driver = subprocess.Popen(
-        _cli(*_smoke_args(out, "sweep.max_concurrent_trials=1")), cwd=ROOT, env=ray_scope.env, stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True,
+        _cli(*_smoke_args(out, "sweep.max_concurrent_trials=1", RESUME_ARMS_OVERRIDE)), cwd=ROOT, env=ray_scope.env,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
         # Wait for one trial finished (as Tune's state on disk records it) and the next one training: it reported,
@@ -327,7 +333,7 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
         log.close()
     # The killed driver's local Ray is gone (or is stopped here): the resumed run starts a fresh one.
     ray_scope.kill_leftovers()
-    assert sorted(_trial_states(tune_dir).values()) != ["TERMINATED"] * len(ARMS)  # really interrupted
+    assert sorted(_trial_states(tune_dir).values()) != ["TERMINATED"] * len(RESUME_ARMS)  # really interrupted
     acknowledged = _journals(run_dir)  # what every trial's buffer had acknowledged when it died
 
     damaged = sweep.damaged_tune_state(tune_dir)
@@ -340,10 +346,10 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
 
     with (run_dir / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert sorted(r["arm"] for r in rows) == sorted(ARMS)  # one row per arm, none duplicated
+    assert sorted(r["arm"] for r in rows) == sorted(RESUME_ARMS)  # one row per arm, none duplicated
     assert all(r["status"] == "ok" and float(r["train_steps"]) == 12 for r in rows), rows
     states = _trial_states(tune_dir)
-    assert len(states) == len(ARMS) and set(states.values()) == {"TERMINATED"}
+    assert len(states) == len(RESUME_ARMS) and set(states.values()) == {"TERMINATED"}
     # Every trajectory acknowledged before the kill is kept: a rerun trial's buffer replayed its journal (the same
     # records first) and its producer went on from the resume seed, so each trial holds exactly its 48 demos.
     after = _journals(run_dir)
@@ -361,7 +367,7 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
             repeated = steps[restart - 1] - resumed_from if restart is not None else 0
             kept = _trajectories(after[trial][: len(records)])
             record_fault("driver killed, sweep --resumed", _trajectories(records), kept, repeated)
-    assert [_trajectories(records) for records in after.values()] == [48] * len(ARMS)
+    assert [_trajectories(records) for records in after.values()] == [48] * len(RESUME_ARMS)
     # The trials that had finished were not run again: their reported results are byte for byte the same.
     for trial, result in finished.items():
         assert (_trial_dir(tune_dir, trial) / "result.json").read_bytes() == result
