@@ -17,7 +17,7 @@ half-loaded, never silently used.
 is new. It holds the latest version only; the object belongs to rank 0 (a version published by a training worker that
 died is lost with it: actors that fail to fetch it count a rejection and keep their weights). Actors tell it what they
 loaded and what they rejected, so it knows how many versions in a row no actor could load (``rejected_in_a_row``, the
-trainer's check against ``rollout.max_rejected_versions``).
+trainer's check against ``rollout.max_rejected_versions``; a restarted board counts afresh).
 """
 
 from __future__ import annotations
