@@ -131,8 +131,11 @@ class BufferSource:
       act with the expert alone, and a dagger arm would be imitation under the dagger name. The error quotes the last
       rejection's reason.
 
-    A checked refresh runs on every rank at the same steps (the recipe's refresh schedule), so all ranks stop together.
-    The fixed regime checks nothing after its wait: its whole demo set is in the buffer before training starts.
+    Every rank checks at the same steps (the recipe's refresh schedule); a rank may see the failure a check earlier
+    than another, and Ray Train stops the worker group when any worker raises. A group restarted by
+    ``train.max_failures`` fails again at its first refresh (the dead actor's reference stays failed; a rejection
+    count stays until a version loads). The fixed regime checks nothing after its wait: its whole demo set is in the
+    buffer before training starts.
     """
 
     def __init__(
