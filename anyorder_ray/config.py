@@ -155,6 +155,9 @@ class RolloutConfig:
     idle_poll_s: float = 0.5
     """Dagger: seconds an actor sleeps between looks at the weight board while it has nothing to do (demo budget
     full, no weights yet)."""
+    max_rejected_versions: int = 3
+    """Dagger: weight versions in a row the rollout actors may reject (a ``WeightsRejected`` config mismatch, a failed
+    fetch) before the trial fails with the last rejection's reason; any version an actor loads resets the count."""
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -166,6 +169,8 @@ class RolloutConfig:
         _check(p, self.weights_every_steps >= 1, f"weights_every_steps must be >= 1, got {self.weights_every_steps}")
         _check(p, self.batch_envs >= 1, f"batch_envs must be >= 1, got {self.batch_envs}")
         _check(p, self.idle_poll_s > 0, f"idle_poll_s must be > 0, got {self.idle_poll_s}")
+        n = self.max_rejected_versions
+        _check(p, n >= 1, f"max_rejected_versions must be >= 1, got {n}")
         _check(p, self.num_cpus_per_actor > 0, "num_cpus_per_actor must be > 0")
         _check(p, self.episodes_per_batch >= 1, "episodes_per_batch must be >= 1")
         _check(p, 0 <= self.seed_start < 10**9 - 10**8, "seed_start must be in [0, 9e8) (eval seeds start at 1e9)")

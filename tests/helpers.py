@@ -113,6 +113,46 @@ class WaitForOnPolicyData:
             time.sleep(0.2)
 
 
+@dataclass(frozen=True)
+class KillActorOnce:
+    """Fault injection from inside training: after step ``step`` rank 0 kills ``actor`` for good
+    (``ray.kill(no_restart=True)``: as if its restarts were used up) and waits until its running task ``runs[0]`` has
+    failed, so the trainer's next refresh is sure to find it dead."""
+
+    actor: object
+    runs: list  # the actor's ``run`` reference, nested in a list so it stays a reference
+    step: int
+
+    def __call__(self, step: int, rank: int) -> None:
+        if step != self.step or rank != 0:
+            return
+        ray.kill(self.actor, no_restart=True)
+        ready, _ = ray.wait(list(self.runs), timeout=HANG_GUARD_S)
+        if not ready:
+            raise TimeoutError("the killed actor's run never failed")
+
+
+@dataclass(frozen=True)
+class WaitForRejections:
+    """Test hook: after step ``step`` rank 0 waits until the ``PolicyBoard`` counts ``count`` publications rejected
+    in a row (a synchronisation, not a measurement)."""
+
+    board: object
+    step: int
+    count: int
+
+    def __call__(self, step: int, rank: int) -> None:
+        import time
+
+        if step != self.step or rank != 0:
+            return
+        deadline = time.monotonic() + HANG_GUARD_S
+        while ray.get(self.board.rejected_in_a_row.remote())[0] < self.count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the board never counted {self.count} rejections in a row")
+            time.sleep(0.2)
+
+
 class S3Server:
     """A real S3 API on loopback: moto's standalone server in a subprocess (``moto[server]`` from PyPI).
 

@@ -29,6 +29,7 @@ SCRIPTS = [
     "behaviour_parity",
     "peer_loops",
     "textworld_expert",
+    "dagger_throughput",
 ]
 NEEDS_EXTRA = {"textworld_expert": "textworld"}  # scripts that need an optional extra (skipped without it)
 

@@ -267,7 +267,8 @@ def test_every_publication_is_new_to_the_actors_even_a_repeated_version_or_a_res
     restarted = PolicyBoard()
     assert restarted.publish(["w12"], 12)[1] == first[1] and restarted.stamp() != first  # same count, other board
     board.reject(0, 8, "shape mismatch")
-    assert board.stats() == {"rollout/weights_published": 2, "rollout/weights_rejected": 1}
+    assert board.stats() == {"rollout/weights_published": 2, "rollout/weights_rejected": 1,
+                             "rollout/weights_rejected_in_a_row": 1}  # fmt: skip
     with pytest.raises(ValueError, match="training step >= 1"):
         board.publish(["w0"], 0)
 
@@ -406,6 +407,11 @@ def test_a_tiny_dagger_trial_trains_on_relabelled_on_policy_data(ray_local, tmp_
     assert 0 < last["rollout/onpolicy_fraction"] < 1 and last["rollout/policy_version"] in (4, 8, 12, 16, 20)
     assert last["rollout/beta"] == pytest.approx(cfg.rollout.beta(last["rollout/policy_version"], 24))
     assert last["rollout/weights_published"] >= 2 and last["rollout/weights_rejected"] == 0
+    # The actor's policy forwards are counted and added to the training FLOPs (the trial's total compute).
+    assert last["rollout/inference_flops"] > 0
+    assert last["compute/total_flops"] == pytest.approx(last["train/total_flops"] + last["rollout/inference_flops"])
+    flops = [r["rollout/inference_flops"] for r in log]
+    assert flops == sorted(flops)
     records = list(BufferJournal(journal).records())
     played = [t for r in records for t in r.trajectories if t.provenance.on_policy]
     assert played and all(t.provenance.policy_version > 0 for t in played)

@@ -226,3 +226,24 @@ def test_rows_say_which_budget_each_arm_had_and_what_it_used():
     row = make_row("t", cfg.trial({"arm": "causal"}), {"train/total_flops": 2.013e14, "train/step": 1234}, "ok")
     assert (row["budget"], row["train_flops"], row["train_steps"]) == ("2e+14 FLOPs", 2.013e14, 1234)
     assert "| 1234 | 2e+14 FLOPs | 2.01e+14 |" in markdown_table([row])
+
+
+def test_total_compute_is_a_column_where_a_trial_reported_it(tmp_path):
+    """``compute/total_flops`` (training + the rollout actors' policy forwards) goes into ``total_flops``; the Markdown
+    tables show the column only when some row has it (older runs did not report it), the CSV always has it."""
+    arm = {"mode": "causal"}
+    with_total = make_row("a", _trial(arm, 0), _final(0.9, **{"train/total_flops": 2.0e14,
+                          "compute/total_flops": 2.6e14}), "ok")  # fmt: skip
+    without = make_row("b", _trial(arm, 1), _final(0.8, **{"train/total_flops": 2.0e14}), "ok")
+    assert with_total["total_flops"] == 2.6e14 and math.isnan(without["total_flops"])
+    md = markdown_table([with_total, without])
+    assert "| FLOPs used | total FLOPs | train tokens |" in md
+    assert "| 2e+14 | 2.6e+14 |" in md and "| 2e+14 | – |" in md
+    assert "total FLOPs" not in markdown_table([without])
+    summary = write_summary([with_total, without], tmp_path)
+    assert "| FLOPs used | total FLOPs | wall s |" in summary
+    assert "| 2e+14 | 2.6e+14 |" in summary  # the mean of the seeds that have it
+    write_tables([with_total, without], tmp_path)
+    with (tmp_path / "results.csv").open() as f:
+        read = list(csv.DictReader(f))
+    assert [r["total_flops"] for r in read] == ["260000000000000.0", "nan"]

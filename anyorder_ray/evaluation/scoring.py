@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from anyorder_ray.data.encoding import (
     target_logits,
 )
 from anyorder_ray.data.masking import UnitRole
+from anyorder_ray.training.budget import forward_flops
 from envs.trajectory import Unit
 
 __all__ = ["ActionScorer", "PolicyQuery", "encode_query", "query_units"]
@@ -141,6 +143,8 @@ class ActionScorer:
         history_steps: past (obs, act) steps kept in a query (>= 0).
         max_length: token budget per query; older steps are cropped by ``encode_units`` beyond it.
         layout: the layout the model trained with (``sequence`` or ``block``).
+        count_flops: the model's config (``LLaDA2MoeConfig``): add the matmul FLOPs of every forward to ``flops``
+            (``training.budget.forward_flops``: real tokens, the LM head at the masked positions, as it runs).
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class ActionScorer:
         history_steps: int,
         max_length: int,
         layout: str = "sequence",
+        count_flops: Any = None,
     ) -> None:
         if len(set(action_names)) != len(action_names):
             raise ValueError(f"action_names has duplicates: {list(action_names)}")
@@ -161,6 +166,9 @@ class ActionScorer:
         self.max_length = int(max_length)
         self.layout = layout
         self.pad_id = pad_id_of(encoder)
+        self.count_flops = count_flops
+        self.flops = 0.0
+        """Model FLOPs of the forwards run so far (with ``count_flops``)."""
         for name in self.action_names:
             encoder.encode_text(name)  # raises on unknown words now rather than at the first query
 
@@ -215,6 +223,9 @@ class ActionScorer:
                         rows[q] = len(examples)
                         examples.append(self.encode(queries[q], candidates[q][c]))
                 lp = torch.stack(target_log_probs(model, examples, self.pad_id)).cpu()  # [B_n, n, V]
+                if self.count_flops is not None:
+                    lengths = [len(e) for e in examples]
+                    self.flops += forward_flops(self.count_flops, lengths, sum(e.num_targets for e in examples))
                 row = torch.tensor([rows[q] for q, _ in pairs])
                 cand = torch.tensor([token_ids[q][c] for q, c in pairs], dtype=torch.long)  # [P, n]
                 # score[p] = sum_j lp[row[p], j, cand[p, j]]

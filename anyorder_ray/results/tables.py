@@ -3,6 +3,10 @@
 Pure formatting over plain rows, so it is tested without Ray: ``results_rows`` is the only function that reads
 the grid, and it labels every trial with the arm the trial really trained (``ExperimentConfig.trial``). Every file
 is written atomically (``fileio.atomic_write``). Counts (seeds, episodes, steps, tokens) are integers everywhere.
+
+``total_flops`` is the trial's ``compute/total_flops``: its training FLOPs plus its rollout actors' policy forwards
+(DAgger's inference; the eval actor is not counted), for comparing arms by success per unit of total compute. The
+Markdown tables show it where a row has it (runs from before it was reported have none).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ COLUMNS = (
     "budget",
     "train_tokens",
     "train_flops",
+    "total_flops",
     "wall_s",
     "checkpoint",
     "status",
@@ -72,6 +77,7 @@ def make_row(trial: str, cfg: ExperimentConfig, metrics: dict, status: str) -> d
         "budget": cfg.train.budget_label(),
         "train_tokens": _count(metrics, "train/total_tokens"),
         "train_flops": _num(metrics, "train/total_flops"),
+        "total_flops": _num(metrics, "compute/total_flops"),
         "wall_s": _num(metrics, "time_total_s"),
         "checkpoint": metrics.get("checkpoint_path", ""),
         "status": status,
@@ -117,14 +123,21 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _has_total(rows: list[dict[str, Any]]) -> bool:
+    """Whether any row reports its total compute (training + rollout inference)."""
+    return any(not math.isnan(r.get("total_flops", math.nan)) for r in rows)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    total = _has_total(rows)
     cols = ["arm", "seed", "success [95% CI]", "episodes", "world-model NLL", "action NLL", "steps", "budget",
-            "FLOPs used", "train tokens", "wall s", "status"]  # fmt: skip
+            "FLOPs used", *(["total FLOPs"] if total else []), "train tokens", "wall s", "status"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         ci = f"{_fmt(r['success'])} [{_fmt(r['success_low'])}, {_fmt(r['success_high'])}]"
         vals = [r["arm"], r["seed"], ci, r["episodes"], r["world_model_nll"], r["action_nll"], r["train_steps"],
-                r["budget"], r["train_flops"], r["train_tokens"], r["wall_s"], r["status"]]  # fmt: skip
+                r["budget"], r["train_flops"], *([r["total_flops"]] if total else []), r["train_tokens"], r["wall_s"],
+                r["status"]]  # fmt: skip
         lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
     return "\n".join(lines)
 
@@ -160,6 +173,7 @@ SUMMARY_COLUMNS = (
     "train_steps",
     "budget",
     "train_flops",
+    "total_flops",
     "wall_s",
 )
 
@@ -201,21 +215,25 @@ def arm_summary(rows: list[dict[str, Any]], reference: str = "causal") -> list[d
             "train_steps": _round(mean_of([r["train_steps"] for r in rs])),
             "budget": " / ".join(sorted({r["budget"] for r in rs})),
             "train_flops": mean_of([r["train_flops"] for r in rs]),
+            "total_flops": mean_of([r.get("total_flops", math.nan) for r in rs]),
             "wall_s": mean_of([r["wall_s"] for r in rs]),
         })  # fmt: skip
     return sorted(out, key=lambda r: -r["success"])
 
 
 def summary_markdown(summary: list[dict[str, Any]], reference: str = "causal") -> str:
+    total = _has_total(summary)
     cols = ["arm", "seeds", "success [95% CI] (pooled episodes)", "seed range", f"vs {reference} (p)",
-            "world-model NLL / obs", "action NLL", "steps", "budget", "FLOPs used", "wall s"]  # fmt: skip
+            "world-model NLL / obs", "action NLL", "steps", "budget", "FLOPs used", *(["total FLOPs"] if total else []),
+            "wall s"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in summary:
         ci = f"{_fmt(r['success'])} [{_fmt(r['success_low'])}, {_fmt(r['success_high'])}] of {r['episodes']}"
         spread = f"{_fmt(r['seed_success_min'])}–{_fmt(r['seed_success_max'])}"
         vs = "–" if math.isnan(r["vs_reference"]) else f"{r['vs_reference']:+.3f} ({r['p_value']:.2g})"
         vals = [r["arm"], r["seeds"], ci, spread, vs, r["world_model_nll_per_obs"], r["action_nll"],
-                r["train_steps"], r["budget"], r["train_flops"], r["wall_s"]]  # fmt: skip
+                r["train_steps"], r["budget"], r["train_flops"], *([r["total_flops"]] if total else []),
+                r["wall_s"]]  # fmt: skip
         lines.append("| " + " | ".join(v if isinstance(v, str) else _fmt(v) for v in vals) + " |")
     return "\n".join(lines)
 

@@ -19,6 +19,10 @@ Provenance: a batch is one producer's, under one policy version and one beta (``
 what it holds by source, evicts following ``data.eviction`` (``fifo``, or ``onpolicy_first``: the demo set stays) and,
 in the dagger regime, accepts exactly ``expert_quota`` expert demos (the demo budget) and any number of on-policy ones.
 
+Compute: producers send with each batch the model FLOPs its policy forwards cost (dagger's rollout actors; 0 for the
+expert), summed over every batch received, dropped ones included (the compute was spent), into
+``rollout/inference_flops``; the journal keeps each batch's count.
+
 ``BufferState`` is the pure bookkeeping (unit-tested without Ray), ``BufferJournal`` the files; ``TrajectoryBuffer``
 wraps both as an actor class (resources are set by the caller with ``.options()``).
 """
@@ -73,6 +77,8 @@ class BufferStats:
     expert_dropped: int = 0
     """Expert trajectories refused past the dagger regime's demo budget, since this buffer actor started (a dropped
     batch is journaled without its trajectories, so a replay cannot count them again)."""
+    inference_flops: float = 0.0
+    """Model FLOPs the producers' policy forwards cost for the batches received (``training.budget.forward_flops``)."""
 
     def as_metrics(self) -> dict[str, float]:
         return {
@@ -83,6 +89,7 @@ class BufferStats:
             "rollout/onpolicy_fraction": self.onpolicy / self.size if self.size else 0.0,
             "rollout/policy_version": self.policy_version,
             "rollout/beta": self.beta,
+            "rollout/inference_flops": self.inference_flops,
         }
 
 
@@ -120,6 +127,7 @@ class BufferState:
         self.expert_quota = expert_quota
         self._experts = 0  # expert trajectories accepted
         self._expert_dropped = 0
+        self._inference_flops = 0.0
         self._onpolicy = 0  # on-policy trajectories held
         self._policy_version = 0
         self._beta = 1.0
@@ -141,8 +149,10 @@ class BufferState:
         worker: int = 0,
         next_seed: int | None = None,
         provenance: Provenance = EXPERT,
+        inference_flops: float = 0.0,
     ) -> bool:
-        """Register a batch of ``count`` trajectories of ``provenance``; returns True while producers should go on.
+        """Register a batch of ``count`` trajectories of ``provenance`` whose policy forwards cost ``inference_flops``;
+        returns True while producers should go on.
 
         In the fixed-budget regime a batch that would overshoot the target is trimmed, so the buffer
         holds exactly ``target`` trajectories (the surplus at the end of that batch is never sampled). The dagger
@@ -154,6 +164,7 @@ class BufferState:
         """
         if count < 0:
             raise ValueError("count must be >= 0")
+        self._inference_flops += inference_flops  # spent whether or not the batch is kept
         if self.is_repeat(worker, next_seed):
             self._repeated += 1
             return self.wants_more()
@@ -240,6 +251,7 @@ class BufferState:
             policy_version=self._policy_version,
             beta=self._beta,
             expert_dropped=self._expert_dropped,
+            inference_flops=self._inference_flops,
         )
 
 
@@ -256,6 +268,8 @@ class JournalRecord:
     next_seed: int | None
     trajectories: list
     provenance: Provenance = EXPERT
+    inference_flops: float = 0.0
+    """The batch's policy forwards (older records: the class default, 0)."""
 
 
 class BufferJournal:
@@ -307,13 +321,14 @@ class TrajectoryBuffer:
         if self._journal is not None:
             for record in self._journal.records():
                 self._state.add(ray.put(record.trajectories), len(record.trajectories), record.worker,
-                                record.next_seed, record.provenance)  # fmt: skip
+                                record.next_seed, record.provenance, record.inference_flops)  # fmt: skip
                 self._restored += len(record.trajectories)
             if self._restored:
                 print(f"[buffer] restored {self._restored} acknowledged trajectories from {journal}", flush=True)
 
-    def add(self, batch: list, worker: int = 0, next_seed: int | None = None) -> bool:
-        """Take ownership of ``batch`` (a list of trajectories); True while producers should go on."""
+    def add(self, batch: list, worker: int = 0, next_seed: int | None = None, inference_flops: float = 0.0) -> bool:
+        """Take ownership of ``batch`` (a list of trajectories, whose policy forwards cost ``inference_flops``); True
+        while producers should go on."""
         import ray
 
         provenance = batch_provenance(batch)
@@ -322,9 +337,11 @@ class TrajectoryBuffer:
             # its trajectories: replaying it moves the counters and resume seeds exactly as it did here.
             open_to = self._state.wants_more() if provenance.on_policy else self._state.wants_expert()
             accepting = open_to and not self._state.is_repeat(worker, next_seed)
-            self._journal.append(JournalRecord(worker, next_seed, batch if accepting else [], provenance))
+            record = JournalRecord(worker, next_seed, batch if accepting else [], provenance, float(inference_flops))
+            self._journal.append(record)
         ref = ray.put(batch)  # owned by this actor: survives the producer's death
-        return self._state.add(ref, len(batch), worker=worker, next_seed=next_seed, provenance=provenance)
+        return self._state.add(ref, len(batch), worker=worker, next_seed=next_seed, provenance=provenance,
+                               inference_flops=float(inference_flops))  # fmt: skip
 
     def wants_more(self) -> bool:
         return self._state.wants_more()

@@ -12,8 +12,13 @@ never a wait) and loads a newer version if there is one, through the eval actor'
 weights it plays ``evaluation.dagger.dagger_episodes`` with the same ``ActionScorer`` as the eval actor and beta from
 ``rollout.beta(version, planned_steps)``; without weights it runs the expert alone, and once the demo budget is full it
 idles (``rollout.idle_poll_s``) until weights arrive. A version that cannot be loaded is logged, counted on the board
-(``rollout/weights_rejected``) and skipped: the actor keeps the weights it had. A restarted actor starts from the
-board's latest version.
+(``rollout/weights_rejected``) and skipped: the actor keeps the weights it had; a version loaded is reported to the
+board too, which tells the trainer when the actors rejected ``rollout.max_rejected_versions`` versions in a row (the
+trial then fails: ``roles.train_loop.BufferSource``). A restarted actor starts from the board's latest version.
+
+Compute: the policy's forwards are counted (``training.budget.forward_flops``, the trainer's accounting) and sent with
+each batch to the buffer, which sums them into ``rollout/inference_flops`` (journaled with the batch, so a restarted
+buffer keeps the count; the forwards of a batch that never reached the buffer, its actor died first, are not counted).
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class RolloutReport:
     """Trajectories (segments) played under policy weights (dagger)."""
     policy_version: int = 0
     """The version of the weights this actor held at the end (0: none)."""
+    inference_flops: float = 0.0
+    """Model FLOPs of the policy's forwards in this call (0 for the expert alone)."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,8 @@ class _ActingPolicy:
         self._model = build_model(source.model, tokenizer, load_weights=False).float().eval()
         self._model_config = build_model_config(source.model, tokenizer)
         self.scorer = ActionScorer(UnitEncoder(tokenizer), action_names, source.history_steps, source.max_length,
-                                   source.layout)  # fmt: skip
+                                   source.layout, count_flops=self._model_config)  # fmt: skip
+        self._flops_sent = 0.0
         self._board = ray.get_actor(source.board_name)
         self._worker = worker
         self._seen: tuple[str, int] | None = None  # the board stamp last looked at (loaded or rejected)
@@ -97,10 +105,16 @@ class _ActingPolicy:
             reason = f"{type(e).__name__}: {e}"[:2000]
             logger.warning("rollout actor %d: policy version %d rejected, keeping version %d: %s",
                            self._worker, version, self.version, reason)  # fmt: skip
-            self._board.reject.remote(self._worker, version, reason)
+            self._board.reject.remote(self._worker, version, reason, stamp)
             return False
         self.version, self.planned_steps = int(version), planned
+        self._board.loaded.remote(self._worker, stamp)
         return True
+
+    def take_flops(self) -> float:
+        """Model FLOPs of the forwards since the last call."""
+        new, self._flops_sent = self.scorer.flops - self._flops_sent, self.scorer.flops
+        return new
 
     def act(self, queries: list[PolicyQuery], candidates: list[tuple[str, ...]]) -> list[str]:
         return self.scorer.act(self._model, queries, candidates)
@@ -144,7 +158,7 @@ class RolloutWorker:
 
     def run(self, max_batches: int | None = None) -> RolloutReport:
         """Produce batches until the buffer has enough (or ``max_batches``); returns a report."""
-        start, episodes, kept, failed, batches, onpolicy = time.perf_counter(), 0, 0, 0, 0, 0
+        start, episodes, kept, failed, batches, onpolicy, flops = time.perf_counter(), 0, 0, 0, 0, 0, 0.0
         keep_going = True
         while keep_going and (max_batches is None or batches < max_batches):
             lo = self._next_seed
@@ -169,11 +183,13 @@ class RolloutWorker:
                     continue
                 trajs, collected = collect_expert_trajectories(self._world, range(lo, hi))
                 attempted, succeeded = collected.attempted, collected.succeeded
-            keep_going = ray.get(self._buffer.add.remote(trajs, self._worker, hi))
+            batch_flops = policy.take_flops() if policy is not None else 0.0
+            keep_going = ray.get(self._buffer.add.remote(trajs, self._worker, hi, batch_flops))
             self._next_seed = hi
+            flops += batch_flops
             episodes += attempted
             kept += len(trajs)
             failed += attempted - succeeded
             batches += 1
         return RolloutReport(self._worker, episodes, kept, failed, time.perf_counter() - start, self._next_seed,
-                             onpolicy, self.policy_version())  # fmt: skip
+                             onpolicy, self.policy_version(), flops)  # fmt: skip

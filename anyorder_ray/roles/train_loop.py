@@ -53,7 +53,8 @@ class LoopSettings:
     evaluator: Any | None = None
     """The eval actor (None: no evaluation)."""
     producers: Sequence[Any] = ()
-    """The rollout actors' ``run`` references: a failed one stops the wait for data with its error."""
+    """The rollout actors' ``run`` references, in actor order: a failed one fails the wait for data and, in the
+    streaming and dagger regimes, the next refresh (``RolloutFailed``, see ``BufferSource``)."""
     board: Any | None = None
     """The trial's ``PolicyBoard`` (dagger regime): rank 0 publishes weights there for the rollout actors."""
     metrics_log: Location | str | None = None
@@ -105,17 +106,52 @@ class RaySession:
         return reported[-1].checkpoint
 
 
+class RolloutFailed(RuntimeError):
+    """What feeds the buffer stopped being what the config says: a rollout actor died for good, or the rollout actors
+    rejected every recent weight version (dagger acting as the expert alone)."""
+
+
 class BufferSource:
     """A worker-local view of the ``TrajectoryBuffer``: batches are fetched once, then sampled locally.
 
     ``refresh`` picks up new batches and forgets evicted ones; between refreshes sampling never waits on
-    the expert or on the buffer actor. ``producers`` are the rollout actors' ``run`` references: one that
-    failed is raised while waiting for data instead of leaving training waiting for data that never comes.
+    the expert or on the buffer actor. ``producers`` are the rollout actors' ``run`` references (in actor order): one
+    that failed is raised while waiting for data instead of leaving training waiting for data that never comes.
+
+    ``streaming`` (the streaming and dagger regimes: training samples while the actors keep adding): every ``refresh``
+    also looks, without waiting, at the producers and at the dagger regime's ``board``, and raises ``RolloutFailed``
+
+    - when a producer's ``run`` failed: the actor died for good (its ``rollout.max_restarts`` used up, or killed), so
+      training would go on sampling a buffer that no longer grows, or grows from the other actors' seeds only, with
+      nothing in the metrics to say so. Failing the trial is what Ray itself does with a task whose retries are
+      exhausted, and what the trial's other dependencies do (the buffer without a journal); the restarts are the
+      tolerance the config asked for. (Continuing with a warning and a ``rollout/dead_actors`` metric would keep the
+      trial's result, but a sweep's arms would then have trained on different data streams, silently in their tables.)
+    - when the rollout actors rejected the last ``max_rejected_versions`` weight versions of ``board`` in a row: they
+      act with the expert alone, and a dagger arm would be imitation under the dagger name. The error quotes the last
+      rejection's reason.
+
+    Every rank checks at the same steps (the recipe's refresh schedule); a rank may see the failure a check earlier
+    than another, and Ray Train stops the worker group when any worker raises. A group restarted by
+    ``train.max_failures`` fails again at its first refresh (the dead actor's reference stays failed; a rejection
+    count stays until a version loads). The fixed regime checks nothing after its wait: its whole demo set is in the
+    buffer before training starts.
     """
 
-    def __init__(self, buffer: Any, producers: Sequence[Any] = (), rng: np.random.Generator | None = None) -> None:
+    def __init__(
+        self,
+        buffer: Any,
+        producers: Sequence[Any] = (),
+        rng: np.random.Generator | None = None,
+        streaming: bool = False,
+        board: Any | None = None,
+        max_rejected_versions: int = 3,
+    ) -> None:
         self._buffer = buffer
         self._producers = list(producers)
+        self._streaming = streaming
+        self._board = board
+        self._max_rejected = max_rejected_versions
         self._cache: dict[Any, list[Trajectory]] = {}
         self.view = TrajectoryView(rng if rng is not None else np.random.default_rng(0))
 
@@ -139,7 +175,12 @@ class BufferSource:
 
         A buffer that restarted (it replays its journal) holds the same trajectories under new references: they are
         fetched again, and references that died with the old buffer are dropped.
+
+        ``streaming``: raises ``RolloutFailed`` first if a rollout actor died for good or the actors rejected too many
+        weight versions in a row (see the class).
         """
+        if self._streaming:
+            self.check_producers()
         for _ in range(_REFRESH_ATTEMPTS - 1):
             try:
                 return self._refresh(limit)
@@ -161,15 +202,41 @@ class BufferSource:
             del self._cache[ref]
         return self.view.update([(self._cache[ref], start, count) for ref, start, count in snapshot])
 
+    def check_producers(self) -> int:
+        """Raise ``RolloutFailed`` if a producer's ``run`` failed (naming the actor and the cause) or the board's
+        actors rejected ``max_rejected_versions`` versions in a row; returns how many producers finished. Never
+        waits (a ``ray.wait`` with timeout 0, one small call to the board)."""
+        producers = self._producers
+        done, _ = ray.wait(producers, num_returns=len(producers), timeout=0) if producers else ([], [])
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as e:
+                worker = next(i for i, p in enumerate(producers) if p == ref)
+                cause = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise RolloutFailed(
+                    f"rollout actor {worker} died for good ({type(e).__name__}: {cause}): the buffer no longer "
+                    "gets its data (its rollout.max_restarts restarts used up, or the actor was killed), so training "
+                    "stops rather than go on sampling stale data"
+                ) from e
+        if self._board is not None:
+            count, reason = ray.get(self._board.rejected_in_a_row.remote())
+            if count >= self._max_rejected:
+                raise RolloutFailed(
+                    f"the rollout actors rejected the last {count} weight versions the trainer published "
+                    f"(rollout.max_rejected_versions: {self._max_rejected}), so they act with the expert alone and "
+                    f"this dagger trial would be imitation. Last rejection: {reason}"
+                )
+        return len(done)
+
     def wait_until(self, min_size: int, timeout_s: float = 600.0, poll_s: float = 0.5) -> int:
-        """Block until the buffer holds ``min_size`` trajectories (progress logged every ~10 s)."""
+        """Block until the buffer holds ``min_size`` trajectories (progress logged every ~10 s); a producer that
+        failed raises ``RolloutFailed``."""
         producers = self._producers
         start = last_log = time.monotonic()
         while self.refresh() < min_size:
-            done, _ = ray.wait(producers, num_returns=len(producers), timeout=0) if producers else ([], [])
-            for ref in done:
-                ray.get(ref)  # raises the rollout actor's error
-            if producers and len(done) == len(producers) and self.refresh() < min_size:
+            finished = self.check_producers()
+            if producers and finished == len(producers) and self.refresh() < min_size:
                 raise RuntimeError(
                     f"all rollout actors finished but the buffer holds only {self.size} of the {min_size} "
                     "trajectories training needs (seed range exhausted, or the expert fails on this level?)"
@@ -334,10 +401,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             stats.update(ray.get(board.stats.remote()))
         return stats
 
+    streaming = cfg.data.regime != "fixed"  # training samples while the actors add: watch them at every refresh
+    source = BufferSource(buffer, settings.producers, streaming=streaming, board=board,
+                          max_rejected_versions=cfg.rollout.max_rejected_versions)  # fmt: skip
     recipe = TrainingRecipe(
         cfg,
         session,
-        BufferSource(buffer, settings.producers),
+        source,
         evaluator=evaluator,
         buffer_stats=rollout_stats,
         metrics_log=settings.metrics_log,
@@ -351,5 +421,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
         recipe.cleanup()
 
 
-__all__ = ["METRICS_LOG", "BufferSource", "EvalClient", "LoopSettings", "RaySession", "WeightPublisher", "is_sharded",
-           "train_loop_per_worker"]  # fmt: skip
+__all__ = ["METRICS_LOG", "BufferSource", "EvalClient", "LoopSettings", "RaySession", "RolloutFailed",
+           "WeightPublisher", "is_sharded", "train_loop_per_worker"]  # fmt: skip

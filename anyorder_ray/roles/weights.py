@@ -15,7 +15,9 @@ half-loaded, never silently used.
 ``PolicyBoard`` is the trial's notice board for DAgger: rank 0 publishes a version (the training step) every
 ``rollout.weights_every_steps`` steps without waiting, rollout actors look at it before each batch and fetch only what
 is new. It holds the latest version only; the object belongs to rank 0 (a version published by a training worker that
-died is lost with it: actors that fail to fetch it count a rejection and keep their weights).
+died is lost with it: actors that fail to fetch it count a rejection and keep their weights). Actors tell it what they
+loaded and what they rejected, so it knows how many versions in a row no actor could load (``rejected_in_a_row``, the
+trainer's check against ``rollout.max_rejected_versions``; a restarted board counts afresh).
 """
 
 from __future__ import annotations
@@ -108,6 +110,9 @@ class PolicyBoard:
         self._planned_steps: int | None = None
         self._weights: Any = None
         self._rejected = 0
+        self._loaded_serial = 0  # the newest publication of this board an actor loaded
+        self._rejected_serials: set[int] = set()  # publications of this board an actor rejected
+        self._last_reason = ""
 
     def publish(self, weights: Any, version: int, planned_steps: int | None = None) -> tuple[str, int]:
         """Make ``weights`` (``[ref]``: the reference is kept, not resolved) of training step ``version`` the latest;
@@ -127,10 +132,27 @@ class PolicyBoard:
         reach the caller unresolved)."""
         return self.stamp(), self._version, self._planned_steps, self._weights
 
-    def reject(self, worker: int, version: int, reason: str) -> None:
-        """An actor could not load ``version``: counted (``rollout/weights_rejected``) and logged."""
+    def reject(self, worker: int, version: int, reason: str, stamp: tuple[str, int] | None = None) -> None:
+        """An actor could not load ``version`` (publication ``stamp``; None: the latest): counted
+        (``rollout/weights_rejected``) and logged."""
         self._rejected += 1
+        self._last_reason = f"actor {worker}, version {version}: {reason}"
+        instance, serial = stamp if stamp is not None else self.stamp()
+        if instance == self._instance:  # a call retried onto a restarted board names a publication it never made
+            self._rejected_serials.add(serial)
         logger.warning("rollout actor %d rejected policy version %d: %s", worker, version, reason)
 
+    def loaded(self, worker: int, stamp: tuple[str, int]) -> None:
+        """An actor acts with publication ``stamp`` now: the versions rejected before it no longer count in a row."""
+        if stamp[0] == self._instance:
+            self._loaded_serial = max(self._loaded_serial, stamp[1])
+
+    def rejected_in_a_row(self) -> tuple[int, str]:
+        """``(publications rejected since the newest one an actor loaded, the last rejection's reason)``: each
+        publication counts once however many actors rejected it; one loaded by any actor resets the count."""
+        count = sum(1 for serial in self._rejected_serials if serial > self._loaded_serial)
+        return count, self._last_reason
+
     def stats(self) -> dict[str, float]:
-        return {"rollout/weights_published": self._serial, "rollout/weights_rejected": self._rejected}
+        return {"rollout/weights_published": self._serial, "rollout/weights_rejected": self._rejected,
+                "rollout/weights_rejected_in_a_row": self.rejected_in_a_row()[0]}  # fmt: skip

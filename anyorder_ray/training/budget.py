@@ -10,8 +10,9 @@
 
 Model FLOPs count the matmuls of a training step (forward + backward = 3 forwards) over the real tokens, with the
 LM head at the target positions only (a masked diffusion LM needs logits there alone, and the trainer computes no
-others): ``model_flops_per_token`` and ``step_cost`` are the one definition, used by the budget, the reported
-``train/total_flops`` and the benches' MFU.
+others): ``model_flops_per_token``, ``forward_flops`` and ``step_cost`` are the one definition, used by the budget, the
+reported ``train/total_flops``, the benches' MFU and the inference FLOPs of DAgger's rollout actors
+(``rollout/inference_flops``: one forward, the LM head at the scored positions only, as ``evaluation.scoring`` runs it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from anyorder_ray.training.optim import LRSchedule
 if TYPE_CHECKING:
     from anyorder_ray.models.llada2_moe import LLaDA2MoeConfig
 
-__all__ = ["PROBE_STEPS", "StepBudget", "broadcast_int", "model_flops_per_token", "plan_compute_steps", "step_cost"]
+__all__ = ["PROBE_STEPS", "StepBudget", "broadcast_int", "forward_flops", "model_flops_per_token", "plan_compute_steps",
+           "step_cost"]  # fmt: skip
 
 PROBE_STEPS = 16
 """Steps' worth of micro-batches the compute-budget probe draws to measure the mean cost of a step."""
@@ -57,18 +59,22 @@ def model_flops_per_token(config: LLaDA2MoeConfig, length: int, lm_head: bool = 
     return total + (2 * h * config.vocab_size if lm_head else 0)
 
 
+def forward_flops(config: LLaDA2MoeConfig, lengths: Sequence[int], targets: int) -> float:
+    """Matmul FLOPs of one forward over sequences of ``lengths`` real tokens (padding excluded) with the LM head at
+    ``targets`` positions: the body at every real token (``model_flops_per_token`` at that sequence's length, without
+    the head), the head at the targets. A training step costs 3 of these (forward + backward)."""
+    body = sum(length * model_flops_per_token(config, length, lm_head=False) for length in lengths)
+    return body + targets * 2.0 * config.hidden_size * config.vocab_size
+
+
 def step_cost(config: LLaDA2MoeConfig, micro_batches: Sequence[dict[str, torch.Tensor]]) -> tuple[int, float]:
-    """Real tokens and training FLOPs (forward + backward) of one rank's micro-batches of a step: the body at every
-    real token, the LM head at the targets."""
+    """Real tokens and training FLOPs (forward + backward: 3 ``forward_flops``) of one rank's micro-batches of a step:
+    the body at every real token, the LM head at the targets."""
     tokens, flops = 0, 0.0
-    head = 2.0 * config.hidden_size * config.vocab_size
     for mb in micro_batches:
         lengths = mb["attention_mask"].sum(-1).tolist()
-        targets = int((mb["labels"] != -100).sum())
-        for length in lengths:
-            tokens += length
-            flops += 3.0 * length * model_flops_per_token(config, length, lm_head=False)
-        flops += 3.0 * targets * head
+        tokens += sum(lengths)
+        flops += 3.0 * forward_flops(config, lengths, int((mb["labels"] != -100).sum()))
     return tokens, flops
 
 

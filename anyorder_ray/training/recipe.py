@@ -266,7 +266,8 @@ class TrainingRecipe:
         source: the training trajectories.
         evaluator: rank 0's eval client (other ranks get one too when a sharded model must join a gather of the
             weights, None otherwise); evaluation happens when ``cfg.eval.enabled``.
-        buffer_stats: rank 0 adds these ``rollout/...`` metrics to every report.
+        buffer_stats: rank 0 adds these ``rollout/...`` metrics to every report (with ``rollout/inference_flops``,
+            also ``compute/total_flops``: training plus the rollout actors' policy forwards).
         metrics_log: JSONL file (a path or storage URI) rank 0 appends every report to (with a
             ``resumed_from_step`` line after a restart).
         after_step: called with ``(step, rank)`` after every step (tests inject faults with it).
@@ -476,6 +477,11 @@ class TrainingRecipe:
         }
         if self.session.rank == 0 and self.buffer_stats is not None:
             metrics.update(self.buffer_stats())
+            if "rollout/inference_flops" in metrics:
+                # Training plus the rollout actors' policy forwards (dagger): what an arm cost in all, for comparing
+                # arms by success per unit of total compute. The eval actor's forwards are not counted (every arm
+                # evaluates the same episodes). Reporting only: the step budget never depends on actor timing.
+                metrics["compute/total_flops"] = total_flops + metrics["rollout/inference_flops"]
         return metrics
 
     def _global_sums(self, *values: float) -> list[float]:
