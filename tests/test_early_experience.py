@@ -144,3 +144,112 @@ def test_a_flop_budget_plans_both_stages_and_spends_about_that_much(data):
     switch = MaskingConfig("iwm", branches=0.5).iwm_switch_step(steps)
     assert sum(r["train/iwm_world_model"] for r in planned) == switch
     assert 0.85 * budget < planned[-1]["train/total_flops"] < 1.2 * budget
+
+
+# -- on a real local Ray -------------------------------------------------------------------------------------------
+
+
+def _ray_cfg(*overrides: str):
+    from pathlib import Path
+
+    from anyorder_ray.config import load_config
+
+    smoke = Path(__file__).resolve().parent.parent / "tune_configs" / "smoke.yaml"
+    return load_config(smoke, ["sweep.arms=[]", f"env.level={LEVEL}", "env.obs_encoding=compact",
+                               "data.branches_per_state=1", "masking.mode=iwm", "masking.branches=0.5",
+                               "rollout.episodes_per_batch=4", "rollout.max_restarts=2", "eval.enabled=false",
+                               *overrides])  # fmt: skip
+
+
+def _held(ray, buffer) -> list:
+    out = []
+    for ref, start, count in ray.get(buffer.snapshot.remote()):
+        out += ray.get(ref)[start : start + count]
+    return out
+
+
+@pytest.mark.slow
+def test_a_restarted_rollout_actor_and_buffer_keep_every_demos_branches_exactly_once(ray_local, tmp_path):
+    """Fixed regime, 12 demos in batches of 4 with their branches: the rollout actor is SIGKILLed after two batches
+    and the buffer after the actor restarted; the restarted buffer replays its journal, the restarted actor resumes
+    at its acknowledged seed, and the data set is exactly the 12 demos and each one's branches, once."""
+    import os
+    import signal
+
+    from helpers import HANG_GUARD_S
+
+    from anyorder_ray.roles.buffer import BufferJournal
+    from anyorder_ray.roles.trial import make_buffer, make_rollout_actor
+    from anyorder_ray.storage import Location
+
+    ray = ray_local
+    cfg = _ray_cfg("data.num_demos=12")
+    journal = Location.parse(tmp_path / "trajectories")
+    buffer, name = make_buffer(cfg, journal)
+    actor = make_rollout_actor(cfg, 0, name)
+    pid = lambda handle: ray.get(handle.__ray_call__.remote(lambda _self: os.getpid()))  # noqa: E731
+    try:
+        first = ray.get(actor.run.remote(max_batches=2), timeout=HANG_GUARD_S)
+        assert first.trajectories == 8 and first.branches > 8
+        acknowledged = ray.get(buffer.stats.remote())
+        os.kill(pid(actor), signal.SIGKILL)
+        resumed_at = ray.get(actor.next_seed.remote(), timeout=HANG_GUARD_S)  # a new process, asked the buffer
+        os.kill(pid(buffer), signal.SIGKILL)
+        restored = ray.get(buffer.stats.remote(), timeout=HANG_GUARD_S)  # the journal replayed
+        rest = ray.get(actor.run.remote(), timeout=HANG_GUARD_S)
+        stats = ray.get(buffer.stats.remote())
+        held = _held(ray, buffer)
+    finally:
+        ray.kill(actor, no_restart=True)
+        ray.kill(buffer, no_restart=True)
+    assert resumed_at == first.next_seed and rest.next_seed > resumed_at
+    assert (restored.size, restored.branches, restored.restored) == (acknowledged.size, acknowledged.branches,
+                                                                     acknowledged.size)  # fmt: skip
+    demos = [t for t in held if t.provenance.source == "expert"]
+    branches = [t for t in held if t.provenance.source == "branch"]
+    assert len(demos) == 12 == len({t.seed for t in demos})  # the demo budget, no seed twice
+    assert branches == _branches(demos, k=1, history_steps=cfg.data.branch_history_steps())  # each demo's, once
+    assert stats.branches == len(branches) and stats.size == 12 + len(branches) and stats.evicted == 0
+    records = list(BufferJournal(journal).records())
+    assert sum(len(r.branches) for r in records) == len(branches)
+
+
+@pytest.mark.slow
+def test_a_tiny_iwm_trial_trains_on_demos_and_their_branches(ray_local, tmp_path):
+    """The trial's actors (``start_actors``: the journaled buffer, a rollout actor that branches every demo batch) and a
+    real TorchTrainer running ``train_loop_per_worker`` for a two-stage iwm arm: training starts on the 8 demos and all
+    their branches, reports count the branches, switches from the world-model stage to imitation at step 4 of 8 and
+    ends with finite losses."""
+    import json
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from anyorder_ray.roles.buffer import BufferJournal
+    from anyorder_ray.roles.train_loop import METRICS_LOG, train_loop_per_worker
+    from anyorder_ray.roles.trial import start_actors
+    from anyorder_ray.storage import Location
+
+    cfg = _ray_cfg("data.num_demos=8", "train.max_steps=8", "train.report_every=2", "train.checkpoint_every=0",
+                   "train.cpus_per_worker=1")  # fmt: skip
+    journal = Location.parse(tmp_path / "trajectories")
+    actors = start_actors(cfg, journal=journal)
+    try:
+        result = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=actors.loop_config(cfg, Location.parse(tmp_path / "run" / METRICS_LOG)),
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name="run", storage_path=str(tmp_path)),
+        ).fit()
+    finally:
+        actors.stop()
+    assert result.error is None
+    records = list(BufferJournal(journal).records())
+    demos = [t for r in records for t in r.trajectories]
+    branches = [b for r in records for b in r.branches]
+    assert len(demos) >= 8 and branches and {b.seed for b in branches} <= {t.seed for t in demos}
+    log = [json.loads(line) for line in (tmp_path / "run" / METRICS_LOG).read_text().splitlines()]
+    assert [r["train/step"] for r in log] == [2, 4, 6, 8]
+    assert all(r["rollout/branches"] == len(branches) for r in log)  # all there before step 1: the fixed data set
+    assert [r["train/iwm_world_model"] for r in log] == [1.0, 1.0, 0.0, 0.0]
+    assert all(math.isfinite(r["train/loss"]) and r["train/loss"] > 0 for r in log)
