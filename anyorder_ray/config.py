@@ -263,7 +263,8 @@ class MaskingConfig:
     the next-observation target and a demo the causal one (``branches`` sets the mix)."""
     iwm_world_model_fraction: float = 0.5
     """Mode ``iwm``, ``two_stage``: share of the planned steps spent on the world-model stage (the switch is the step
-    ``round(fraction x planned steps)``, fixed before step 0 and kept by checkpoints)."""
+    ``round(fraction x planned steps)``, fixed before step 0 and kept by checkpoints; under a time budget, of the plan
+    as it stands, which is fixed early in the run)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mixture_range", tuple(self.mixture_range))
