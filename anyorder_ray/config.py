@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
-from anyorder_ray.data.masking import BLOCK_MODES, MaskMode
+from anyorder_ray.data.masking import BLOCK_MODES, BRANCH_MODES, IWM_SCHEDULES, MaskMode
 from envs.registry import EnvConfig, env_problems
 
 LOSS_NORMS = ("token", "unit")
@@ -85,10 +85,17 @@ class DataConfig:
     """Which trajectories go first past ``buffer_capacity``: ``fifo`` (default) the oldest; ``onpolicy_first`` the
     oldest on-policy ones, expert demos only once no on-policy trajectory is left (the demo set is kept)."""
     min_buffer_size: int = 64
-    """Streaming regime: training starts once the buffer holds this many trajectories. The fixed regime always waits
-    for its whole demo set, so what a run trains on never depends on how fast the rollout actors were."""
+    """Streaming regime: training starts once the buffer holds this many expert demos (their branches come on top).
+    The fixed regime always waits for its whole demo set and its branches, so what a run trains on never depends on
+    how fast the rollout actors were."""
     bucket_pool_batches: int = 32
     """Micro-batches encoded at once and grouped by length (more: less padding; 8 measured 5.6%, 32 1-2%)."""
+    branches_per_state: int = 0
+    """Early-experience branches (``envs.branches``): alternative actions (uniform, not the expert's) tried from each
+    branched state of every expert demo, each stored as a branch trajectory ending with the observation it led to;
+    0: none. Collected only for arms that train on them (``masking.branches`` > 0); never counted in ``num_demos``."""
+    branch_every: int = 1
+    """Branch from every ``branch_every``-th state of a demo (1: every state with an expert action)."""
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -100,6 +107,9 @@ class DataConfig:
         _check(p, self.buffer_capacity >= 1, "buffer_capacity must be >= 1")
         _check(p, 1 <= self.min_buffer_size <= self.buffer_capacity, "need 1 <= min_buffer_size <= buffer_capacity")
         _check(p, self.bucket_pool_batches >= 1, f"bucket_pool_batches must be >= 1, got {self.bucket_pool_batches}")
+        _check(p, self.branches_per_state >= 0, f"branches_per_state must be >= 0 (0: no branches), got "
+               f"{self.branches_per_state}")  # fmt: skip
+        _check(p, self.branch_every >= 1, f"branch_every must be >= 1 (1: every state), got {self.branch_every}")
         if self.regime in ("fixed", "dagger"):
             _check(
                 p,
@@ -118,9 +128,14 @@ class DataConfig:
         _raise("data", p)
 
     def start_size(self) -> int:
-        """Trajectories needed before training starts: the whole demo set (fixed, dagger), ``min_buffer_size``
-        (streaming)."""
+        """Expert demos needed before training starts: the whole demo set (fixed, dagger), ``min_buffer_size``
+        (streaming). A demo batch's branches reach the buffer in the same acknowledged ``add``: they are there too."""
         return self.min_buffer_size if self.regime == "streaming" else self.num_demos
+
+    def branch_history_steps(self) -> int:
+        """Expert steps a branch keeps before its branch state: a training window minus one, so a whole branch fits a
+        window (``crop_window`` never cuts it) and its alternative action sees the policy's own history."""
+        return self.window_steps - 1
 
 
 @dataclass(frozen=True)
@@ -223,7 +238,7 @@ class MaskingConfig:
     """The mask distribution and how its targets are weighted in the loss: the training arm of a trial."""
 
     mode: str = "any_order"
-    """One of causal, prefix, any_order, obs_only, act_only, mixture, action_focus, cut_focus (see ``masking``)."""
+    """One of causal, prefix, any_order, obs_only, act_only, mixture, action_focus, cut_focus, iwm (see ``masking``)."""
     mask_prob: float = 0.5
     """Target probability per unit (any_order, obs_only, act_only, action_focus, cut_focus)."""
     mixture_range: tuple[float, float] = (0.05, 1.0)
@@ -240,8 +255,21 @@ class MaskingConfig:
     layout: str = "sequence"
     """``sequence``: one sampled mask per example, bidirectional attention (every mode). ``block``: every query of the
     mode in a window in one sequence, block-causal over a clean copy and one masked block per query
-    (``data.encoding.encode_blocks``; modes causal, prefix, cut_focus; ``mask_prob`` unused); evaluation then
+    (``data.encoding.encode_blocks``; modes causal, prefix, cut_focus, iwm; ``mask_prob`` unused); evaluation then
     encodes its queries in the same layout."""
+    branches: float = 0.0
+    """Share of training draws taken from the early-experience branches (``data.branches_per_state``), the rest from
+    the demos (and on-policy data); 0: the arm never sees a branch and none are collected for it. A branch's
+    alternative action is never a target (it is no label), only context; see ``data.masking``."""
+    iwm_schedule: str = "two_stage"
+    """Mode ``iwm`` (implicit world modelling, Zhang et al. 2025): ``two_stage``: next-observation prediction for the
+    first ``iwm_world_model_fraction`` of the planned steps (a branch: its last observation; a demo: the observation
+    after a random step), then imitation (the causal objective on demos only); ``mixture``: every draw, a branch gets
+    the next-observation target and a demo the causal one (``branches`` sets the mix)."""
+    iwm_world_model_fraction: float = 0.5
+    """Mode ``iwm``, ``two_stage``: share of the planned steps spent on the world-model stage (the switch is the step
+    ``round(fraction x planned steps)``, fixed before step 0 and kept by checkpoints; under a time budget, of the plan
+    as it stands, which is fixed early in the run)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mixture_range", tuple(self.mixture_range))
@@ -262,6 +290,17 @@ class MaskingConfig:
                    f"not {self.mode!r}")  # fmt: skip
             _check(p, self.causal_prob == 0, "causal_prob mixes in sequence-layout examples: use it with layout "
                    "sequence")  # fmt: skip
+        _check(p, 0.0 <= self.branches <= 1.0, f"branches (a share of draws) must be in [0, 1], got {self.branches}")
+        if self.branches > 0:
+            _check(p, self.mode in BRANCH_MODES, f"mode {self.mode!r} trains only actions, and a branch's only "
+                   f"labelled actions are its demo's: branches > 0 needs one of {', '.join(BRANCH_MODES)}")  # fmt: skip
+        _check(p, self.iwm_schedule in IWM_SCHEDULES, f"iwm_schedule {self.iwm_schedule!r} is unknown; allowed: "
+               f"{', '.join(IWM_SCHEDULES)}")  # fmt: skip
+        _check(p, 0.0 < self.iwm_world_model_fraction < 1.0, "iwm_world_model_fraction must be in (0, 1), got "
+               f"{self.iwm_world_model_fraction}")  # fmt: skip
+        if self.mode == MaskMode.IWM and self.iwm_schedule == "mixture":
+            _check(p, self.branches > 0, "iwm_schedule mixture mixes branches with demos: set branches > 0 (without "
+                   "branches it is the causal arm)")  # fmt: skip
         _raise("masking", p)
 
     def uses_mask_prob(self) -> bool:
@@ -270,10 +309,15 @@ class MaskingConfig:
 
     def label(self) -> str:
         """Short arm name for tables, from every field that differs from its default (so two different arms never
-        share one): ``causal``, ``any_order@0.3``, ``action_focus@0.3+unit+act4``, ``mixture[0.1-0.5]``."""
+        share one): ``causal``, ``any_order@0.3``, ``action_focus@0.3+unit+act4``, ``mixture[0.1-0.5]``,
+        ``iwm+br0.5``."""
         name = f"{self.mode}@{self.mask_prob:g}" if self.uses_mask_prob() else self.mode
         if self.mode == MaskMode.MIXTURE and self.mixture_range != MaskingConfig.mixture_range:
             name += f"[{self.mixture_range[0]:g}-{self.mixture_range[1]:g}]"
+        if self.mode == MaskMode.IWM and self.iwm_schedule != MaskingConfig.iwm_schedule:
+            name += f"[{self.iwm_schedule}]"
+        elif self.mode == MaskMode.IWM and self.iwm_world_model_fraction != MaskingConfig.iwm_world_model_fraction:
+            name += f"[wm{self.iwm_world_model_fraction:g}]"
         if self.layout != "sequence":
             name += f"+{self.layout}"
         if self.causal_prob:
@@ -284,7 +328,22 @@ class MaskingConfig:
             name += f"+obs{self.obs_weight:g}"
         if self.act_weight != 1.0:
             name += f"+act{self.act_weight:g}"
+        if self.branches:
+            name += f"+br{self.branches:g}"
         return name
+
+    def iwm_stage(self, step: int, planned_steps: int) -> str | None:
+        """What mode ``iwm`` trains at training step ``step`` of ``planned_steps``: ``world_model`` (two_stage, before
+        the switch), ``imitation`` (after it) or ``mixture``; None for every other mode."""
+        if self.mode != MaskMode.IWM:
+            return None
+        if self.iwm_schedule == "mixture":
+            return "mixture"
+        return "world_model" if step < self.iwm_switch_step(planned_steps) else "imitation"
+
+    def iwm_switch_step(self, planned_steps: int) -> int:
+        """Two-stage ``iwm``: the first imitation step (the world-model stage is steps ``[0, switch)``)."""
+        return round(self.iwm_world_model_fraction * planned_steps)
 
     def weights_are_uniform(self) -> bool:
         """True when the loss is the plain target-token mean (no per-token weights needed)."""
@@ -502,6 +561,19 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        if not self.data.branches_per_state:
+            with_branches = [arm.label() for arm in self.arms() if arm.branches > 0]
+            _check(p, not with_branches, f"arms {with_branches} train on branches (masking.branches > 0) but "
+                   "data.branches_per_state is 0: set it >= 1 (alternatives per state)")  # fmt: skip
+        _raise("experiment", p)
+
+    def collects_branches(self) -> bool:
+        """Whether the rollout actors make early-experience branches: the data asks for them and the arm trains on them
+        (a trial's config; a sweep's ``masking`` section otherwise)."""
+        return self.data.branches_per_state > 0 and self.masking.branches > 0
+
     def history_steps(self) -> int:
         """Past steps in the policy's query: as many as a training window holds before its last step."""
         return self.eval.history_steps if self.eval.history_steps is not None else self.data.window_steps - 1
@@ -677,7 +749,10 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "<dict>") -> Experime
             sections[name] = section
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in config:\n  - " + "\n  - ".join(problems))
-    return ExperimentConfig(**sections)
+    try:
+        return ExperimentConfig(**sections)
+    except ConfigError as e:  # a problem across sections
+        raise ConfigError(f"1 problem(s) in config:\n  - {source}: {e}") from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -11,6 +11,7 @@ from anyorder_ray.config import EvalConfig, RolloutConfig
 from anyorder_ray.data.batching import LocalSource, TrajectoryView
 from anyorder_ray.data.seeds import eval_episode_seeds, heldout_trajectory_seeds, rollout_seed_range
 from anyorder_ray.roles.buffer import BufferState
+from envs.trajectory import EXPERT, Provenance
 
 
 def test_eviction_keeps_the_newest_trajectories():
@@ -124,3 +125,41 @@ def test_rollout_actors_fill_a_fixed_budget_with_unique_demos(ray_local):
     for w in workers:
         ray.kill(w)
     ray.kill(buffer)
+
+
+# -- early-experience branches ---------------------------------------------------------------------------------------
+
+BRANCH = Provenance("branch")
+
+
+def test_branches_ride_outside_the_demo_budget_and_the_fixed_data_set_is_never_evicted():
+    state = BufferState(capacity=30, target=10)
+    assert state.add("d0", 6, next_seed=6) and state.add("b0", 12, provenance=BRANCH)
+    assert state.wants_more()  # 6 of the 10 demos: branches count toward nothing
+    assert state.accepted(6, 0, 12, EXPERT) == 4  # the next batch of 6 demos is trimmed to the budget's 4 ...
+    assert not state.add("d1", 6, next_seed=12) and not state.wants_more()  # ... and fills it
+    with pytest.raises(ValueError, match="data.buffer_capacity"):
+        state.check_room(9)  # 6 + 12 + 4 held, 9 more would evict the data set
+    state.add("b1", 8, provenance=BRANCH)
+    stats = state.stats()
+    assert (stats.size, stats.produced, stats.branches, stats.evicted) == (30, 30, 20, 0)
+    assert stats.as_metrics()["rollout/branches"] == 20
+    assert state.snapshot() == [("d0", 0, 6), ("b0", 0, 12), ("d1", 0, 4), ("b1", 0, 8)]
+    assert state.accepted(6, 0, 18, EXPERT) == 0 and state.accepted(3, 0, 6, EXPERT) == 0  # past the budget; a repeat
+    with pytest.raises(ValueError, match="no seeds of its own"):
+        state.add("b2", 1, next_seed=20, provenance=BRANCH)
+
+
+def test_branches_are_evicted_and_counted_like_demos_and_stay_out_of_the_dagger_quota():
+    stream = BufferState(capacity=10)  # streaming: fifo over demos and branches alike
+    stream.add("d0", 2, next_seed=2)
+    stream.add("b0", 6, provenance=BRANCH)
+    stream.add("d1", 2, next_seed=4)
+    stream.add("b1", 6, provenance=BRANCH)
+    assert stream.snapshot() == [("b0", 4, 2), ("d1", 0, 2), ("b1", 0, 6)] and stream.stats().branches == 8
+    dagger = BufferState(capacity=100, expert_quota=4, eviction="onpolicy_first")
+    dagger.add("d0", 4, next_seed=4)
+    dagger.add("b0", 20, provenance=BRANCH)
+    assert not dagger.wants_expert() and dagger.stats().expert_dropped == 0  # the quota is the demos' alone
+    dagger.add("p1", 90, next_seed=94, provenance=Provenance("on_policy", 1, 0.5, 1))  # 14 on-policy ones go first
+    assert dagger.snapshot()[:2] == [("d0", 0, 4), ("b0", 0, 20)] and dagger.stats().branches == 20

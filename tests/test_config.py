@@ -213,3 +213,47 @@ def test_evaluation_is_switched_by_a_boolean_and_weights_come_from_a_known_place
         load_config(None, ["eval.num_actors=1"])
     with pytest.raises(ConfigError, match="weights"):
         load_config(None, ["eval.weights=disk"])
+
+
+def test_branch_and_iwm_keys_are_validated_all_at_once_and_labelled(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: {branches_per_state: -1, branch_every: 0}\n"
+                    "masking: {branches: 1.5, iwm_schedule: interleaved, iwm_world_model_fraction: 1.0}\n")  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "bad.yaml" in msg and "branches_per_state must be >= 0" in msg and "branch_every must be >= 1" in msg
+    assert (
+        "branches (a share of draws) must be in [0, 1]" in msg and "iwm_world_model_fraction must be in (0, 1)" in msg
+    )
+    assert "'interleaved'" in msg and "two_stage, mixture" in msg  # the allowed schedules are named
+    with pytest.raises(ConfigError, match="branches > 0 needs one of prefix, any_order, .*iwm"):
+        MaskingConfig("causal", branches=0.5)  # a branch's only labelled actions are its demo's
+    with pytest.raises(ConfigError, match="mixture mixes branches with demos"):
+        MaskingConfig("iwm", iwm_schedule="mixture")
+    with pytest.raises(ConfigError, match=r"arms \['iwm\+br0.5'\] train on branches .* data.branches_per_state is 0"):
+        load_config(None, ["masking.mode=iwm", "masking.branches=0.5"])
+    cfg = load_config(None, ["masking.mode=iwm", "masking.branches=0.5", "data.branches_per_state=2"])
+    assert cfg.collects_branches() and cfg.data.branch_history_steps() == cfg.data.window_steps - 1
+    assert not load_config(None, ["data.branches_per_state=2"]).collects_branches()  # the arm does not train on them
+    assert MaskingConfig("iwm", iwm_world_model_fraction=0.3).label() == "iwm[wm0.3]"
+    assert MaskingConfig("iwm", iwm_schedule="mixture", branches=0.25).label() == "iwm[mixture]+br0.25"
+    assert MaskingConfig("cut_focus", 0.3, loss_norm="unit", branches=0.5).label() == "cut_focus@0.3+unit+br0.5"
+
+
+def test_the_iwm_stage_is_a_function_of_the_step_and_the_planned_steps():
+    two = MaskingConfig("iwm", iwm_world_model_fraction=0.3)
+    assert two.iwm_switch_step(100) == 30
+    assert [two.iwm_stage(s, 100) for s in (0, 29, 30, 99)] == ["world_model"] * 2 + ["imitation"] * 2
+    assert MaskingConfig("iwm", iwm_schedule="mixture", branches=0.5).iwm_stage(0, 100) == "mixture"
+    assert MaskingConfig("prefix").iwm_stage(0, 100) is None
+
+
+def test_the_iwm_study_compares_the_baselines_at_equal_compute_on_one_demo_set():
+    cfg = load_config(ROOT / "tune_configs" / "iwm_gotolocal.yaml")
+    assert [arm.label() for arm in cfg.arms()] == ["causal", "prefix", "iwm+br0.5", "cut_focus@0.3+unit",
+                                                   "cut_focus@0.3+unit+br0.5"]  # fmt: skip
+    assert cfg.data.regime == "fixed" and cfg.data.num_demos == 500 and cfg.data.branches_per_state >= 1
+    assert cfg.train.compute_budget()[0] == "flops" and cfg.env.level == "BabyAI-GoToLocal-v0"
+    dagger = load_config(ROOT / "tune_configs" / "dagger_gotolocal.yaml")
+    assert cfg.train.flop_budget == dagger.train.flop_budget and cfg.data.num_demos == dagger.data.num_demos

@@ -201,7 +201,7 @@ def test_a_batch_has_one_provenance():
     with pytest.raises(ValueError, match="needs the policy_version"):
         Provenance("on_policy", 0, 0.5)
     with pytest.raises(ValueError, match="source must be one of"):
-        Provenance("branch")
+        Provenance("replay")  # not a source
 
 
 def test_journal_round_trip_with_provenance_and_old_journals_load_as_expert_demos(tmp_path, policy):

@@ -8,7 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anyorder_ray.data.masking import AnyOrderMaskSampler, MaskMode, UnitRole
+from anyorder_ray.data.masking import (
+    BLOCK_MODES,
+    IWM_STAGES,
+    AnyOrderMaskSampler,
+    MaskMode,
+    UnitRole,
+    block_targets,
+    unlabelled_units,
+)
 
 V, T, D = UnitRole.VISIBLE, UnitRole.TARGET, UnitRole.DROPPED
 
@@ -61,6 +69,7 @@ def test_strings_and_enums_accepted_and_exposed() -> None:
         ("act_only", ("obs",), "at least one action"),
         ("action_focus", ("obs",), "at least one action"),
         ("cut_focus", ("obs",), "at least two units"),
+        ("iwm", ("obs", "act"), "observation after an action"),
         ("any_order", (), "empty"),
         ("any_order", ("obs", "reward"), "must be one of"),
     ],
@@ -90,7 +99,7 @@ def test_seeded_reproducible_and_fresh_each_call(mode: MaskMode) -> None:
 @PROP
 @given(mode=st.sampled_from(list(MaskMode)), kinds=traj_kinds, seed=seeds, p=probs)
 def test_every_mode_yields_a_target(mode: MaskMode, kinds: tuple[str, ...], seed: int, p: float) -> None:
-    if mode is MaskMode.PREFIX and len(kinds) < 3:
+    if mode in (MaskMode.PREFIX, MaskMode.IWM) and len(kinds) < 3:
         return  # obs, act: nothing after the only cut (covered by test_impossible_inputs_raise)
     roles = AnyOrderMaskSampler(mode, mask_prob=p, seed=seed).sample(kinds)
     assert len(roles) == len(kinds)
@@ -270,3 +279,93 @@ def test_cut_focus_cuts_uniformly_at_actions_and_observations() -> None:
     cuts = [max(i for i, r in enumerate(sampler.sample(kinds)) if r is not D) for _ in range(draws)]
     for pos in (1, 2, 3, 4):
         assert abs(cuts.count(pos) / draws - 0.25) < 5 * math.sqrt(0.25 * 0.75 / draws)
+
+
+# --- unlabelled actions (early-experience branches) ----------------------------------------------------------------
+
+MODE_STAGES = [(m, "world_model") for m in MaskMode if m is not MaskMode.IWM] + [(MaskMode.IWM, s) for s in IWM_STAGES]
+
+
+@PROP
+@given(
+    mode_stage=st.sampled_from(MODE_STAGES),
+    n=st.integers(min_value=2, max_value=30),
+    data=st.data(),
+    seed=seeds,
+    p=probs,
+    q=st.sampled_from([0.0, 0.5]),
+)
+def test_an_unlabelled_action_is_never_a_target_in_any_mode_or_layout(mode_stage, n, data, seed, p, q) -> None:
+    """Every mode (iwm in each stage) in the sequence layout over 20 draws, and every block mode: an action that is not
+    a label is never a target. A mode left with no target it may train raises (the config keeps such modes away from
+    branches); otherwise there is a target."""
+    mode, stage = mode_stage
+    kinds = alternating(n)
+    acts = [i for i, k in enumerate(kinds) if k == "act"]
+    unlabelled = data.draw(st.sets(st.sampled_from(acts), min_size=1))
+    sampler = AnyOrderMaskSampler(mode, mask_prob=p, seed=seed, causal_prob=q, iwm_stage=stage)
+    for _ in range(20):
+        try:
+            roles = sampler.sample(kinds, unlabelled)
+        except ValueError as e:
+            assert "masking needs" in str(e)
+            continue
+        assert T in roles and not any(roles[i] is T for i in unlabelled), (roles, unlabelled)
+    if mode.value in BLOCK_MODES:
+        try:
+            targets = block_targets(mode, kinds, unlabelled, stage)
+        except ValueError as e:
+            assert "masking needs" in str(e)
+        else:
+            assert targets and not set(targets) & unlabelled
+
+
+BRANCH = alternating(5)  # obs_0 act_0 obs_1 act' obs': one expert step of history, the alternative, what it led to
+ALT = unlabelled_units([True, False])
+
+
+def test_unlabelled_units_are_the_actions_that_are_not_labels() -> None:
+    assert set(ALT) == {3} and unlabelled_units([True, True]) == frozenset()
+    assert unlabelled_units([False, True, False]) == {1, 5}
+    with pytest.raises(ValueError, match="must be action units"):
+        AnyOrderMaskSampler("any_order", seed=0).sample(BRANCH, {2})
+
+
+def test_what_each_mode_trains_on_a_branch() -> None:
+    draws = 300
+
+    def roles_of(mode: str, **kwargs) -> set[tuple[UnitRole, ...]]:
+        sampler = AnyOrderMaskSampler(mode, mask_prob=0.5, seed=1, **kwargs)
+        return {sampler.sample(BRANCH, ALT) for _ in range(draws)}
+
+    for stage in IWM_STAGES:  # iwm: the alternative's next observation, everything before it visible, in every stage
+        assert roles_of("iwm", iwm_stage=stage) == {(V, V, V, V, T)}
+    assert roles_of("causal") == {(V, T, D, D, D)}  # only the expert prefix's action
+    assert all(r[3] is D for r in roles_of("action_focus"))  # cut at the prefix action: the alternative is dropped
+    prefix = roles_of("prefix")
+    assert prefix == {(V, V, T, V, T), (V, V, V, V, T)}  # cut after act_0 or after the alternative: obs' always
+    cut_focus = roles_of("cut_focus")
+    assert {max(i for i, r in enumerate(roles) if r is not D) for roles in cut_focus} == {1, 2, 4}  # never at 3
+    assert any(roles[4] is T and roles[3] is V for roles in cut_focus)  # the world-model query, alternative visible
+    any_order = roles_of("any_order")
+    assert all(r[3] is V for r in any_order) and any(r[4] is T for r in any_order)
+    assert block_targets("causal", BRANCH, ALT) == [1] and block_targets("prefix", BRANCH, ALT) == [2, 4]
+    assert block_targets("cut_focus", BRANCH, ALT) == [1, 2, 4] and block_targets("iwm", BRANCH, ALT) == [4]
+
+
+def test_iwm_on_a_demo_predicts_a_next_observation_then_imitates() -> None:
+    kinds = alternating(9)  # obs act obs act obs act obs act obs: next observations at 2, 4, 6, 8
+    world = AnyOrderMaskSampler("iwm", seed=3, iwm_stage="world_model")
+    targets = []
+    for _ in range(2000):
+        roles = world.sample(kinds)
+        (t,) = [i for i, r in enumerate(roles) if r is T]
+        assert kinds[t] == "obs" and roles[:t] == (V,) * t and roles[t + 1 :] == (D,) * (len(kinds) - t - 1)
+        targets.append(t)
+    for pos in (2, 4, 6, 8):  # a uniformly random step's next observation
+        assert abs(targets.count(pos) / 2000 - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 2000)
+    for stage in ("imitation", "mixture"):  # a demo gets the causal mask, drawn as causal draws it
+        iwm, causal = AnyOrderMaskSampler("iwm", seed=4, iwm_stage=stage), AnyOrderMaskSampler("causal", seed=4)
+        assert [iwm.sample(kinds) for _ in range(50)] == [causal.sample(kinds) for _ in range(50)]
+    assert block_targets("iwm", kinds, iwm_stage="world_model") == block_targets("prefix", kinds)
+    assert block_targets("iwm", kinds, iwm_stage="imitation") == block_targets("causal", kinds)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from anyorder_ray.data.masking import AnyOrderMaskSampler, UnitRole
+from anyorder_ray.data.masking import AnyOrderMaskSampler, UnitRole, unlabelled_units
 from anyorder_ray.data.tokenization import UnitMarkers, require_mask_token_id, unknown_words
 from envs.trajectory import UNIT_KINDS, Trajectory, Unit
 
@@ -388,8 +388,9 @@ def process_any_order_sft_example(
     tokenizer: PreTrainedTokenizerBase | UnitEncoder,
     max_length: int,
 ) -> EncodedExample:
-    """Sample fresh roles for ``trajectory`` and encode it (crop long episodes first with ``crop_window``)."""
-    roles = sampler.sample(trajectory.kinds)
+    """Sample fresh roles for ``trajectory`` and encode it (crop long episodes first with ``crop_window``); an action
+    that is not a label (a branch's alternative) is never a target."""
+    roles = sampler.sample(trajectory.kinds, unlabelled_units(trajectory.labelled_actions))
     return encode_units(trajectory.mission, trajectory.units, roles, tokenizer, max_length)
 
 

@@ -9,19 +9,29 @@ Every mode returns at least one target. Bernoulli modes condition on "at least o
 distribution as resampling until a target appears but needs no retry loop, so a tiny ``mask_prob`` on a
 short trajectory cannot stall a data loader.
 
+Unlabelled actions: an early-experience branch (``envs.branches``) ends with an alternative action that is not the
+expert's label, then the observation it led to. ``sample`` and ``block_targets`` take the unit indices of such actions
+(``unlabelled_units``) and never make one a target, in every mode: it stays visible as context (the world-model query
+"state, alternative action -> next observation" needs it) unless the mode drops everything after an earlier cut. On a
+branch, ``causal`` / ``act_only`` / ``action_focus`` can target only the expert prefix's actions (the config refuses
+them with branches: the demos hold those already), ``prefix`` / ``obs_only`` / ``any_order`` / ``mixture`` /
+``cut_focus`` train world-model targets including the branch's last observation, and ``iwm`` targets exactly that
+last observation.
+
 New modes are one method plus one ``_DISPATCH`` entry (see ``AnyOrderMaskSampler``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from enum import StrEnum
 
 import numpy as np
 
 from envs.trajectory import UNIT_KINDS
 
-__all__ = ["BLOCK_MODES", "AnyOrderMaskSampler", "MaskMode", "UnitRole", "block_targets"]
+__all__ = ["BLOCK_MODES", "BRANCH_MODES", "IWM_SCHEDULES", "IWM_STAGES", "AnyOrderMaskSampler", "MaskMode", "UnitRole",
+           "block_targets", "unlabelled_units"]  # fmt: skip
 
 
 class UnitRole(StrEnum):
@@ -43,6 +53,7 @@ class MaskMode(StrEnum):
     MIXTURE = "mixture"
     ACTION_FOCUS = "action_focus"
     CUT_FOCUS = "cut_focus"
+    IWM = "iwm"
 
     @property
     def uses_mask_prob(self) -> bool:
@@ -59,8 +70,15 @@ class MaskMode(StrEnum):
             raise ValueError(f"unknown masking mode {value!r}; allowed: {allowed}") from None
 
 
-BLOCK_MODES = ("causal", "prefix", "cut_focus")
+BLOCK_MODES = ("causal", "prefix", "cut_focus", "iwm")
 """Modes the block layout serves, each as the set of every query of its kind in a window (``block_targets``)."""
+BRANCH_MODES = ("prefix", "any_order", "obs_only", "mixture", "cut_focus", "iwm")
+"""Modes that train a world-model target on a branch (the others would train only its demo's actions again)."""
+IWM_SCHEDULES = ("two_stage", "mixture")
+"""How mode ``iwm`` orders its two objectives (``config.MaskingConfig.iwm_schedule``)."""
+IWM_STAGES = ("world_model", "imitation", "mixture")
+"""What mode ``iwm`` trains at a step: next observations (a demo's and a branch's), the causal objective, or a branch's
+next observation and a demo's causal target (``config.MaskingConfig.iwm_stage``)."""
 
 _P_MODES = frozenset({MaskMode.ANY_ORDER, MaskMode.OBS_ONLY, MaskMode.ACT_ONLY, MaskMode.ACTION_FOCUS,
                       MaskMode.CUT_FOCUS})  # fmt: skip
@@ -86,7 +104,10 @@ class AnyOrderMaskSampler:
     and everything after it dropped, as in ``causal``, but each earlier unit is a target with ``mask_prob``:
     the policy query is trained on every call, with any-order world-model queries around it), ``cut_focus``
     (the same with the cut at any unit after the first: the last kept unit, an action or an observation, is
-    always a target, so both evaluation queries, policy and world model, are trained in their exact shape).
+    always a target, so both evaluation queries, policy and world model, are trained in their exact shape), ``iwm``
+    (one next-observation or policy query, following ``iwm_stage``: a branch's last observation, everything before it
+    visible; on a demo, in the ``world_model`` stage the observation after a random action, everything before visible
+    and everything after dropped, otherwise the ``causal`` mask).
     """
 
     def __init__(
@@ -96,8 +117,11 @@ class AnyOrderMaskSampler:
         seed: int | None = None,
         mixture_range: tuple[float, float] = (0.05, 1.0),
         causal_prob: float = 0.0,
+        iwm_stage: str = "world_model",
     ) -> None:
         self.mode = MaskMode.parse(mode)
+        self.iwm_stage = iwm_stage
+        """Mode ``iwm``: what a demo trains (``IWM_STAGES``); the training recipe sets it at every step."""
         causal_prob = float(causal_prob)
         if not 0.0 <= causal_prob <= 1.0:
             raise ValueError(f"causal_prob must be in [0, 1], got {causal_prob}")
@@ -112,6 +136,7 @@ class AnyOrderMaskSampler:
         self.mixture_range = (low, high)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self._unlabelled: frozenset[int] = frozenset()  # of the trajectory being sampled
 
     def __repr__(self) -> str:
         return (
@@ -119,24 +144,31 @@ class AnyOrderMaskSampler:
             f"mixture_range={self.mixture_range}, causal_prob={self.causal_prob})"
         )
 
-    def sample(self, kinds: Sequence[str]) -> tuple[UnitRole, ...]:
-        """One role per unit of ``kinds`` (``"obs"`` / ``"act"`` in trajectory order); ≥1 ``TARGET``."""
+    def sample(self, kinds: Sequence[str], unlabelled: Collection[int] = ()) -> tuple[UnitRole, ...]:
+        """One role per unit of ``kinds`` (``"obs"`` / ``"act"`` in trajectory order); ≥1 ``TARGET``, never one of the
+        ``unlabelled`` action units (``unlabelled_units``: a branch's alternative action)."""
         kinds = tuple(kinds)
         if not kinds:
             raise ValueError("cannot sample a mask for an empty trajectory (no units)")
         bad = sorted({k for k in kinds if k not in UNIT_KINDS})
         if bad:
             raise ValueError(f"unit kinds must be one of {UNIT_KINDS}, got {bad}")
-        if self.causal_prob > 0.0 and "act" in kinds and self.rng.random() < self.causal_prob:
+        self._unlabelled = frozenset(unlabelled)
+        if any(not 0 <= i < len(kinds) or kinds[i] != "act" for i in self._unlabelled):
+            raise ValueError(f"unlabelled units must be action units, got {sorted(self._unlabelled)} for {kinds}")
+        if self.causal_prob > 0.0 and self._labelled_acts(kinds) and self.rng.random() < self.causal_prob:
             return self._sample_causal(kinds)
         return self._DISPATCH[self.mode](self, kinds)
+
+    def _labelled_acts(self, kinds: tuple[str, ...]) -> list[int]:
+        return [i for i, k in enumerate(kinds) if k == "act" and i not in self._unlabelled]
 
     # --- one method per mode -------------------------------------------------------------------
 
     def _sample_causal(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
-        acts = [i for i, k in enumerate(kinds) if k == "act"]
+        acts = self._labelled_acts(kinds)
         if not acts:
-            raise ValueError("causal masking needs at least one action unit, got none")
+            raise ValueError("causal masking needs at least one action unit (a labelled one), got none")
         target = acts[self.rng.integers(len(acts))]
         return tuple(
             UnitRole.VISIBLE if i < target else UnitRole.TARGET if i == target else UnitRole.DROPPED
@@ -153,7 +185,7 @@ class AnyOrderMaskSampler:
         return tuple(UnitRole.TARGET if i > cut and k == "obs" else UnitRole.VISIBLE for i, k in enumerate(kinds))
 
     def _sample_any_order(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
-        return self._bernoulli(kinds, range(len(kinds)), self.mask_prob)
+        return self._bernoulli(kinds, self._targetable(kinds), self.mask_prob)
 
     def _sample_obs_only(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
         eligible = [i for i, k in enumerate(kinds) if k == "obs"]
@@ -162,31 +194,55 @@ class AnyOrderMaskSampler:
         return self._bernoulli(kinds, eligible, self.mask_prob)
 
     def _sample_act_only(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
-        eligible = [i for i, k in enumerate(kinds) if k == "act"]
+        eligible = self._labelled_acts(kinds)
         if not eligible:
-            raise ValueError("act_only masking needs at least one action unit, got none")
+            raise ValueError("act_only masking needs at least one action unit (a labelled one), got none")
         return self._bernoulli(kinds, eligible, self.mask_prob)
 
     def _sample_mixture(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
         low, high = self.mixture_range
         p = float(self.rng.uniform(low, high)) if high > low else low
         # uniform() can return exactly `low` only when low > 0 (validated), so p stays in (0, 1].
-        return self._bernoulli(kinds, range(len(kinds)), p)
+        return self._bernoulli(kinds, self._targetable(kinds), p)
 
     def _sample_action_focus(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
-        acts = [i for i, k in enumerate(kinds) if k == "act"]
+        acts = self._labelled_acts(kinds)
         if not acts:
-            raise ValueError("action_focus masking needs at least one action unit, got none")
+            raise ValueError("action_focus masking needs at least one action unit (a labelled one), got none")
         return self._focus(kinds, acts[self.rng.integers(len(acts))])
 
     def _sample_cut_focus(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
-        if len(kinds) < 2:
+        cuts = [i for i in range(1, len(kinds)) if i not in self._unlabelled]
+        if not cuts:
             raise ValueError("cut_focus masking needs at least two units (context before the cut), got one")
-        return self._focus(kinds, 1 + int(self.rng.integers(len(kinds) - 1)))
+        return self._focus(kinds, cuts[int(self.rng.integers(len(cuts)))])
+
+    def _sample_iwm(self, kinds: tuple[str, ...]) -> tuple[UnitRole, ...]:
+        if self._unlabelled:  # a branch: the observation its alternative action led to
+            return self._next_observation(kinds, max(self._unlabelled) + 1)
+        if self.iwm_stage == "world_model":  # a demo's next observation, after a random action
+            cuts = [i for i in range(2, len(kinds)) if kinds[i] == "obs" and kinds[i - 1] == "act"]
+            if not cuts:
+                raise ValueError("iwm world-model masking needs an observation after an action, got none")
+            return self._next_observation(kinds, cuts[int(self.rng.integers(len(cuts)))])
+        return self._sample_causal(kinds)
+
+    def _next_observation(self, kinds: tuple[str, ...], target: int) -> tuple[UnitRole, ...]:
+        """``target`` (an observation) is the one target, everything before it visible, everything after dropped."""
+        if target >= len(kinds) or kinds[target] != "obs":
+            raise ValueError("iwm masking needs the observation a branch's alternative action led to, got none")
+        return tuple(
+            UnitRole.VISIBLE if i < target else UnitRole.TARGET if i == target else UnitRole.DROPPED
+            for i in range(len(kinds))
+        )
 
     def _focus(self, kinds: tuple[str, ...], cut: int) -> tuple[UnitRole, ...]:
-        """``cut`` is a target, each earlier unit a target with ``mask_prob``, every later unit dropped."""
+        """``cut`` is a target, each earlier unit (but an unlabelled action) a target with ``mask_prob``, every later
+        unit dropped."""
         earlier = self.rng.random(cut) < self.mask_prob
+        for i in self._unlabelled:
+            if i < cut:
+                earlier[i] = False
         return tuple(
             (UnitRole.TARGET if earlier[i] else UnitRole.VISIBLE) if i < cut
             else UnitRole.TARGET if i == cut else UnitRole.DROPPED
@@ -202,9 +258,13 @@ class AnyOrderMaskSampler:
         MaskMode.MIXTURE: _sample_mixture,
         MaskMode.ACTION_FOCUS: _sample_action_focus,
         MaskMode.CUT_FOCUS: _sample_cut_focus,
+        MaskMode.IWM: _sample_iwm,
     }
 
-    # --- shared primitive ------------------------------------------------------------------------
+    # --- shared primitives -----------------------------------------------------------------------
+
+    def _targetable(self, kinds: tuple[str, ...]) -> list[int]:
+        return [i for i in range(len(kinds)) if i not in self._unlabelled]
 
     def _bernoulli(self, kinds: tuple[str, ...], eligible: Sequence[int], p: float) -> tuple[UnitRole, ...]:
         """Independent Bernoulli(p) targets over ``eligible`` units, conditioned on at least one target."""
@@ -218,20 +278,40 @@ class AnyOrderMaskSampler:
         return tuple(UnitRole.TARGET if i in targets else UnitRole.VISIBLE for i in range(len(kinds)))
 
 
-def block_targets(mode: str | MaskMode, kinds: Sequence[str]) -> list[int]:
-    """The units that get a query block in the block layout: every action (``causal``: each policy query), every
-    observation after the first action (``prefix``: each world-model query), or every unit after the first
-    (``cut_focus``: both kinds, each in its exact evaluation shape). Raises ``ValueError`` when there is none."""
+def block_targets(
+    mode: str | MaskMode, kinds: Sequence[str], unlabelled: Collection[int] = (), iwm_stage: str = "world_model"
+) -> list[int]:
+    """The units that get a query block in the block layout: every labelled action (``causal``: each policy query),
+    every observation after the first action (``prefix``: each world-model query), every unit after the first but an
+    unlabelled action (``cut_focus``: both kinds, each in its exact evaluation shape); ``iwm``: a branch's last
+    observation alone, else ``prefix``'s set in the ``world_model`` stage and ``causal``'s otherwise. An ``unlabelled``
+    action (``unlabelled_units``) is never a target. Raises ``ValueError`` when there is none."""
     mode = MaskMode.parse(mode)
+    unlabelled = frozenset(unlabelled)
+    if mode is MaskMode.IWM:
+        if unlabelled:
+            targets = [max(unlabelled) + 1] if max(unlabelled) + 1 < len(kinds) else []
+            return _checked(mode, kinds, targets)
+        mode = MaskMode.PREFIX if iwm_stage == "world_model" else MaskMode.CAUSAL
     if mode is MaskMode.CAUSAL:
-        targets = [i for i, k in enumerate(kinds) if k == "act"]
+        targets = [i for i, k in enumerate(kinds) if k == "act" and i not in unlabelled]
     elif mode is MaskMode.PREFIX:
         first_act = next((i for i, k in enumerate(kinds) if k == "act"), len(kinds))
         targets = [i for i, k in enumerate(kinds) if k == "obs" and i > first_act]
     elif mode is MaskMode.CUT_FOCUS:
-        targets = list(range(1, len(kinds)))
+        targets = [i for i in range(1, len(kinds)) if i not in unlabelled]
     else:
         raise ValueError(f"the block layout serves the modes {BLOCK_MODES}, not {mode.value!r}")
+    return _checked(mode, kinds, targets)
+
+
+def _checked(mode: MaskMode, kinds: Sequence[str], targets: list[int]) -> list[int]:
     if not targets:
         raise ValueError(f"{mode.value} block masking needs a target unit in {list(kinds)}, got none")
     return targets
+
+
+def unlabelled_units(labelled_actions: Sequence[bool]) -> frozenset[int]:
+    """Unit indices (obs_0 act_0 obs_1 ... order) of the actions that are not labels, from a trajectory's
+    ``labelled_actions``: context only, never a target."""
+    return frozenset(2 * j + 1 for j, labelled in enumerate(labelled_actions) if not labelled)

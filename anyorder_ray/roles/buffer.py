@@ -22,6 +22,12 @@ in the dagger regime, accepts exactly ``expert_quota`` expert demos (the demo bu
 Compute: producers send with each batch the model FLOPs its policy forwards cost (dagger's rollout actors; 0 for the
 expert), summed over every batch received, dropped ones included (the compute was spent), into
 ``rollout/inference_flops``; the journal keeps each batch's count.
+Early-experience branches ride with their demos: ``add(demos, worker, next_seed, branches)`` is one acknowledged step
+(one journal record) that holds the demos and, as a batch of their own, the branches of the demos it accepted (a demo
+trimmed past the budget takes its branches with it). Branches never count toward ``target`` or ``expert_quota``, so
+the fixed regime's data set is its ``num_demos`` demos and all their branches, complete the moment the last demo is
+acknowledged; that data set is never evicted (an ``add`` it would not fit in is refused, naming
+``data.buffer_capacity``). A restarted producer resumes after the last acknowledged ``add``, branches included.
 
 ``BufferState`` is the pure bookkeeping (unit-tested without Ray), ``BufferJournal`` the files; ``TrajectoryBuffer``
 wraps both as an actor class (resources are set by the caller with ``.options()``).
@@ -79,6 +85,8 @@ class BufferStats:
     batch is journaled without its trajectories, so a replay cannot count them again)."""
     inference_flops: float = 0.0
     """Model FLOPs the producers' policy forwards cost for the batches received (``training.budget.forward_flops``)."""
+    branches: int = 0
+    """Early-experience branch trajectories held (the rest: demos and on-policy data)."""
 
     def as_metrics(self) -> dict[str, float]:
         return {
@@ -90,6 +98,7 @@ class BufferStats:
             "rollout/policy_version": self.policy_version,
             "rollout/beta": self.beta,
             "rollout/inference_flops": self.inference_flops,
+            "rollout/branches": self.branches,
         }
 
 
@@ -98,16 +107,18 @@ class _Entry:
     ref: Any  # an ObjectRef to a list[Trajectory] (any object in tests)
     count: int  # trajectories of the batch still held (eviction trims from the front)
     start: int  # index of the first held trajectory in the batch
-    on_policy: bool = False
+    source: str = "expert"  # the batch's provenance source
 
 
 class BufferState:
     """Bookkeeping over batches of trajectories: capacity, eviction (``fifo`` or ``onpolicy_first``), the demo budget,
     producers' progress.
 
-    ``target`` (fixed regime): accept exactly this many trajectories, then ask producers to stop. ``expert_quota``
-    (dagger regime): accept exactly this many expert trajectories (later expert ones are dropped and counted), and
-    on-policy ones without limit.
+    ``target`` (fixed regime): accept exactly this many expert demos, then ask producers to stop; the data set (the
+    demos and their branches) is never evicted. ``expert_quota`` (dagger regime): accept exactly this many expert
+    trajectories (later expert ones are dropped and counted), and on-policy ones without limit. Branch batches
+    (``provenance.source == "branch"``) count toward neither and are registered without seeds of their own (they come
+    in the same ``add`` as their demos).
     """
 
     def __init__(
@@ -129,6 +140,7 @@ class BufferState:
         self._expert_dropped = 0
         self._inference_flops = 0.0
         self._onpolicy = 0  # on-policy trajectories held
+        self._branches = 0  # branch trajectories held
         self._policy_version = 0
         self._beta = 1.0
         self._entries: deque[_Entry] = deque()
@@ -154,8 +166,8 @@ class BufferState:
         """Register a batch of ``count`` trajectories of ``provenance`` whose policy forwards cost ``inference_flops``;
         returns True while producers should go on.
 
-        In the fixed-budget regime a batch that would overshoot the target is trimmed, so the buffer
-        holds exactly ``target`` trajectories (the surplus at the end of that batch is never sampled). The dagger
+        In the fixed-budget regime a batch of demos that would overshoot the target is trimmed, so the buffer
+        holds exactly ``target`` demos (the surplus at the end of that batch is never sampled). The dagger
         regime trims expert batches to ``expert_quota`` the same way.
 
         A batch whose ``next_seed`` does not go past the worker's acknowledged progress repeats seeds the
@@ -165,24 +177,27 @@ class BufferState:
         if count < 0:
             raise ValueError("count must be >= 0")
         self._inference_flops += inference_flops  # spent whether or not the batch is kept
+        branch = provenance.source == "branch"
+        if branch and next_seed is not None:
+            raise ValueError("a branch batch has no seeds of its own: it comes in its demos' add (next_seed None)")
         if self.is_repeat(worker, next_seed):
             self._repeated += 1
             return self.wants_more()
-        if self.target is not None:
-            count = min(count, self.target - self._produced)
-        on_policy = provenance.on_policy
-        if self.expert_quota is not None and not on_policy:
-            kept = min(count, self.expert_quota - self._experts)
-            self._expert_dropped += count - kept
-            count = kept
+        kept = self._kept(count, provenance)
+        if provenance.source == "expert" and self.expert_quota is not None:
+            self._expert_dropped += min(count, self._room_for_demos(self.target)) - kept
+        self.check_room(kept)
+        count = kept
         if count > 0:
-            self._entries.append(_Entry(ref, count, 0, on_policy))
+            self._entries.append(_Entry(ref, count, 0, provenance.source))
             self._size += count
             self._produced += count
             self._batches += 1
             self._per_worker[worker] = self._per_worker.get(worker, 0) + count
-            if on_policy:
+            if provenance.on_policy:
                 self._onpolicy += count
+            elif branch:
+                self._branches += count
             else:
                 self._experts += count
             self._policy_version = max(self._policy_version, provenance.policy_version)
@@ -192,6 +207,27 @@ class BufferState:
         self._evict()
         return self.wants_more()
 
+    def accepted(self, count: int, worker: int, next_seed: int | None, provenance: Provenance) -> int:
+        """How many of a batch of ``count`` trajectories ``add`` would keep (the first ones: trimming cuts the end)."""
+        return 0 if self.is_repeat(worker, next_seed) else self._kept(count, provenance)
+
+    def _room_for_demos(self, limit: int | None) -> int:
+        return self.capacity if limit is None else max(0, limit - self._experts)
+
+    def _kept(self, count: int, provenance: Provenance) -> int:
+        if provenance.source != "expert":  # on-policy data and branches: no budget
+            return count
+        return min(count, self._room_for_demos(self.target), self._room_for_demos(self.expert_quota))
+
+    def check_room(self, count: int) -> None:
+        """The fixed regime's data set is never evicted: refuse ``count`` more trajectories that would not fit."""
+        if self.target is not None and self._size + count > self.capacity:
+            raise ValueError(
+                f"the fixed regime's data set does not fit in the buffer: {self._size} held + {count} new > "
+                f"data.buffer_capacity ({self.capacity}); raise data.buffer_capacity (the demos and their branches are "
+                "kept whole, never evicted)"
+            )
+
     def is_repeat(self, worker: int, next_seed: int | None) -> bool:
         """Whether a batch ending at ``next_seed`` repeats seeds already acknowledged for ``worker``."""
         return next_seed is not None and next_seed <= self._next_seed.get(worker, -1)
@@ -199,7 +235,7 @@ class BufferState:
     def wants_more(self) -> bool:
         if self._stopped:
             return False
-        return self.target is None or self._produced < self.target
+        return self.target is None or self._experts < self.target
 
     def wants_expert(self) -> bool:
         """Whether an expert batch would still be accepted (the dagger regime's demo budget is not full)."""
@@ -216,7 +252,7 @@ class BufferState:
     def _victim(self) -> int:
         """Index of the entry to trim next: the oldest (fifo), or the oldest on-policy one (``onpolicy_first``)."""
         if self.eviction == "onpolicy_first" and self._onpolicy:
-            return next(i for i, e in enumerate(self._entries) if e.on_policy)
+            return next(i for i, e in enumerate(self._entries) if e.source == "on_policy")
         return 0
 
     def _evict(self) -> None:
@@ -228,8 +264,10 @@ class BufferState:
             entry.start += drop
             self._size -= drop
             self._evicted += drop
-            if entry.on_policy:
+            if entry.source == "on_policy":
                 self._onpolicy -= drop
+            elif entry.source == "branch":
+                self._branches -= drop
             if entry.count == 0:
                 del self._entries[i]
 
@@ -252,6 +290,7 @@ class BufferState:
             beta=self._beta,
             expert_dropped=self._expert_dropped,
             inference_flops=self._inference_flops,
+            branches=self._branches,
         )
 
 
@@ -262,12 +301,14 @@ class JournalRecord:
     The trajectories carry their ``Provenance`` (records written before it existed unpickle as expert demos); the
     batch's provenance is stored as well, so a replayed dropped batch (no trajectories) moves the resume seeds and the
     batch counters as it did (not ``expert_dropped``: its trajectories are not stored); older records lack the
-    provenance: the class default, an expert batch, which is what they were."""
+    provenance: the class default, an expert batch, which is what they were. ``branches``: the early-experience
+    branches of the demos the buffer accepted, held as their own batch (older records: the class default, none)."""
 
     worker: int
     next_seed: int | None
     trajectories: list
     provenance: Provenance = EXPERT
+    branches: tuple = ()
     inference_flops: float = 0.0
     """The batch's policy forwards (older records: the class default, 0)."""
 
@@ -313,35 +354,54 @@ class TrajectoryBuffer:
         eviction: str = "fifo",
         expert_quota: int | None = None,
     ) -> None:
-        import ray
-
         self._state = BufferState(capacity, target=target, eviction=eviction, expert_quota=expert_quota)
         self._journal = BufferJournal(journal) if journal is not None else None
         self._restored = 0
         if self._journal is not None:
             for record in self._journal.records():
-                self._state.add(ray.put(record.trajectories), len(record.trajectories), record.worker,
-                                record.next_seed, record.provenance, record.inference_flops)  # fmt: skip
-                self._restored += len(record.trajectories)
+                self._apply(record)
+                self._restored += len(record.trajectories) + len(record.branches)
             if self._restored:
                 print(f"[buffer] restored {self._restored} acknowledged trajectories from {journal}", flush=True)
 
-    def add(self, batch: list, worker: int = 0, next_seed: int | None = None, inference_flops: float = 0.0) -> bool:
-        """Take ownership of ``batch`` (a list of trajectories, whose policy forwards cost ``inference_flops``); True
-        while producers should go on."""
+    def add(
+        self,
+        batch: list,
+        worker: int = 0,
+        next_seed: int | None = None,
+        branches: list = (),
+        inference_flops: float = 0.0,
+    ) -> bool:
+        """Take ownership of ``batch`` (a list of trajectories, whose policy forwards cost ``inference_flops``) and of
+        the ``branches`` of its demos (kept for the demos accepted); True while producers should go on."""
+        provenance = batch_provenance(batch)
+        branches = list(branches)
+        if branches and (provenance.source != "expert" or batch_provenance(branches).source != "branch"):
+            raise ValueError("branches come with their expert demos, as branch trajectories")
+        accepted = {t.seed for t in batch[: self._state.accepted(len(batch), worker, next_seed, provenance)]}
+        branches = [b for b in branches if b.seed in accepted]
+        self._state.check_room(len(accepted) + len(branches))  # before the journal: a refused add leaves no trace
+        # A batch the state will drop (a repeat, or past the fixed target or the demo budget) is journaled without
+        # its trajectories: replaying it moves the counters and resume seeds exactly as it did here.
+        open_to = self._state.wants_more() if provenance.on_policy else self._state.wants_expert()
+        accepting = open_to and not self._state.is_repeat(worker, next_seed)
+        record = JournalRecord(worker, next_seed, batch if accepting else [], provenance, tuple(branches),
+                               float(inference_flops))  # fmt: skip
+        if self._journal is not None:  # durable before it is acknowledged
+            self._journal.append(record)
+        return self._apply(dataclasses.replace(record, trajectories=batch))  # the state sees what was sent
+
+    def _apply(self, record: JournalRecord) -> bool:
+        """Hand an acknowledged ``add`` (or a replayed one) to the state: its batch, then its branches' batch."""
         import ray
 
-        provenance = batch_provenance(batch)
-        if self._journal is not None:  # durable before it is acknowledged
-            # A batch the state will drop (a repeat, or past the fixed target or the demo budget) is journaled without
-            # its trajectories: replaying it moves the counters and resume seeds exactly as it did here.
-            open_to = self._state.wants_more() if provenance.on_policy else self._state.wants_expert()
-            accepting = open_to and not self._state.is_repeat(worker, next_seed)
-            record = JournalRecord(worker, next_seed, batch if accepting else [], provenance, float(inference_flops))
-            self._journal.append(record)
-        ref = ray.put(batch)  # owned by this actor: survives the producer's death
-        return self._state.add(ref, len(batch), worker=worker, next_seed=next_seed, provenance=provenance,
-                               inference_flops=float(inference_flops))  # fmt: skip
+        # Owned by this actor: survives the producer's death.
+        more = self._state.add(ray.put(record.trajectories), len(record.trajectories), record.worker,
+                               record.next_seed, record.provenance, record.inference_flops)  # fmt: skip
+        if record.branches:
+            more = self._state.add(ray.put(list(record.branches)), len(record.branches), record.worker, None,
+                                   batch_provenance(list(record.branches)))  # fmt: skip
+        return more
 
     def wants_more(self) -> bool:
         return self._state.wants_more()

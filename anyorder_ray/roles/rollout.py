@@ -19,6 +19,14 @@ trial then fails: ``roles.train_loop.BufferSource``). A restarted actor starts f
 Compute: the policy's forwards are counted (``training.budget.forward_flops``, the trainer's accounting) and sent with
 each batch to the buffer, which sums them into ``rollout/inference_flops`` (journaled with the batch, so a restarted
 buffer keeps the count; the forwards of a batch that never reached the buffer, its actor died first, are not counted).
+
+Early-experience branches (``data.branches_per_state`` for an arm with ``masking.branches`` > 0): after each batch of
+expert demos the actor branches every demo (``envs.branches``, uniform alternatives, on a world without its expert)
+and hands the branches to the buffer in the same ``add`` as the demos, so they are acknowledged (and journaled) together
+and a restarted actor, resuming after the last acknowledged ``add``, never makes a demo's branches twice nor loses
+them. A demo's alternatives are drawn from a generator seeded by (actor, episode seed): they do not depend on batching.
+Only expert demos are branched (the fixed regime collects its demos before any weights exist, so a uniform proposer is
+the only one there; on-policy trajectories are not branched).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 import torch
 
@@ -37,7 +46,8 @@ from anyorder_ray.evaluation.dagger import dagger_episodes
 from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
 from anyorder_ray.models.factory import build_model, build_model_config, build_tokenizer
 from anyorder_ray.roles.weights import load_policy_weights
-from envs import EnvConfig, collect_expert_trajectories, make_world
+from envs import EnvConfig, Trajectory, collect_expert_trajectories, make_world
+from envs.branches import branch_trajectories
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +70,18 @@ class RolloutReport:
     """The version of the weights this actor held at the end (0: none)."""
     inference_flops: float = 0.0
     """Model FLOPs of the policy's forwards in this call (0 for the expert alone)."""
+    branches: int = 0
+    """Early-experience branches made and handed to the buffer with their demos."""
+
+
+@dataclass(frozen=True)
+class BranchPlan:
+    """What a rollout actor branches (plain values, so a restart rebuilds): ``data.branches_per_state`` alternatives
+    from every ``data.branch_every``-th state of each demo, with ``history_steps`` expert steps before each."""
+
+    per_state: int
+    every: int
+    history_steps: int
 
 
 @dataclass(frozen=True)
@@ -130,11 +152,15 @@ class RolloutWorker:
         worker: int,
         buffer_name: str,
         policy: PolicySource | None = None,
+        branches: BranchPlan | None = None,
     ) -> None:
         """``buffer_name``: the trial's named ``TrajectoryBuffer`` actor, looked up on every (re)start. A handle passed
         as a constructor argument would be a reference Ray has to keep alive for restarts (it logs an ERROR that
-        such a restart can fail); a name is plain data. ``policy``: act with the trial's weights (dagger)."""
+        such a restart can fail); a name is plain data. ``policy``: act with the trial's weights (dagger).
+        ``branches``: branch every expert demo (early experience)."""
         self._cfg = rollout
+        self._branches = branches
+        self._branch_world = make_world(env, expert=False) if branches is not None else None
         self._worker = worker
         self._buffer = ray.get_actor(buffer_name)
         self._world = make_world(env, expert=True)
@@ -158,7 +184,8 @@ class RolloutWorker:
 
     def run(self, max_batches: int | None = None) -> RolloutReport:
         """Produce batches until the buffer has enough (or ``max_batches``); returns a report."""
-        start, episodes, kept, failed, batches, onpolicy, flops = time.perf_counter(), 0, 0, 0, 0, 0, 0.0
+        start, episodes, kept, failed, batches, onpolicy = time.perf_counter(), 0, 0, 0, 0, 0
+        flops, branched = 0.0, 0
         keep_going = True
         while keep_going and (max_batches is None or batches < max_batches):
             lo = self._next_seed
@@ -174,6 +201,7 @@ class RolloutWorker:
                                                self._history_steps, rng_seed=self._worker)  # fmt: skip
                 onpolicy += len(trajs)
                 attempted, succeeded = stats.attempted, stats.succeeded
+                branches: list[Trajectory] = []  # only expert demos are branched
             else:
                 if policy is not None and not ray.get(self._buffer.wants_expert.remote()):
                     # Dagger with the demo budget full and no weights yet: nothing useful to do until they come.
@@ -183,8 +211,10 @@ class RolloutWorker:
                     continue
                 trajs, collected = collect_expert_trajectories(self._world, range(lo, hi))
                 attempted, succeeded = collected.attempted, collected.succeeded
+                branches = self._branch(trajs)
+            branched += len(branches)
             batch_flops = policy.take_flops() if policy is not None else 0.0
-            keep_going = ray.get(self._buffer.add.remote(trajs, self._worker, hi, batch_flops))
+            keep_going = ray.get(self._buffer.add.remote(trajs, self._worker, hi, branches, batch_flops))
             self._next_seed = hi
             flops += batch_flops
             episodes += attempted
@@ -192,4 +222,17 @@ class RolloutWorker:
             failed += attempted - succeeded
             batches += 1
         return RolloutReport(self._worker, episodes, kept, failed, time.perf_counter() - start, self._next_seed,
-                             onpolicy, self.policy_version(), flops)  # fmt: skip
+                             onpolicy, self.policy_version(), inference_flops=flops,
+                             branches=branched)  # fmt: skip
+
+    def _branch(self, demos: list[Trajectory]) -> list[Trajectory]:
+        """The early-experience branches of ``demos`` (none without a ``BranchPlan``)."""
+        plan = self._branches
+        if plan is None:
+            return []
+        out: list[Trajectory] = []
+        for demo in demos:
+            rng = np.random.default_rng([self._worker, demo.seed])  # per demo: independent of batch boundaries
+            steps = range(0, demo.num_actions, plan.every)
+            out += branch_trajectories(self._branch_world, demo, plan.per_state, rng, plan.history_steps, steps=steps)
+        return out

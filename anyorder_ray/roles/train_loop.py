@@ -229,32 +229,38 @@ class BufferSource:
                 )
         return len(done)
 
-    def wait_until(self, min_size: int, timeout_s: float = 600.0, poll_s: float = 0.5) -> int:
-        """Block until the buffer holds ``min_size`` trajectories (progress logged every ~10 s); a producer that
-        failed raises ``RolloutFailed``."""
+    def wait_until(self, min_demos: int, timeout_s: float = 600.0, poll_s: float = 0.5) -> int:
+        """Block until the buffer holds ``min_demos`` expert demos (their branches come in the same acknowledged
+        batches); progress logged every ~10 s; a producer that failed raises ``RolloutFailed``. Returns the
+        trajectories in view."""
         producers = self._producers
         start = last_log = time.monotonic()
-        while self.refresh() < min_size:
+        while self._demos() < min_demos:
             finished = self.check_producers()
-            if producers and finished == len(producers) and self.refresh() < min_size:
+            if producers and finished == len(producers) and self._demos() < min_demos:
                 raise RuntimeError(
-                    f"all rollout actors finished but the buffer holds only {self.size} of the {min_size} "
-                    "trajectories training needs (seed range exhausted, or the expert fails on this level?)"
+                    f"all rollout actors finished but the buffer holds only {self.view.demos} of the {min_demos} "
+                    "expert demos training needs (seed range exhausted, or the expert fails on this level?)"
                 )
             now = time.monotonic()
             if now - start > timeout_s:
                 raise TimeoutError(
-                    f"buffer holds {self.size} trajectories after {timeout_s:.0f} s, training needs {min_size}; "
-                    "are the rollout actors running (enough CPUs for them)?"
+                    f"buffer holds {self.view.demos} expert demos after {timeout_s:.0f} s, training needs "
+                    f"{min_demos}; are the rollout actors running (enough CPUs for them)?"
                 )
             if now - last_log > 10:
-                print(f"[train] waiting for data: {self.size}/{min_size} trajectories in the buffer", flush=True)
+                print(f"[train] waiting for data: {self.view.demos}/{min_demos} expert demos in the buffer",
+                      flush=True)  # fmt: skip
                 last_log = now
             time.sleep(poll_s)
         return self.size
 
-    def sample(self, n: int) -> list[Trajectory]:
-        return self.view.sample(n)
+    def _demos(self) -> int:
+        self.refresh()
+        return self.view.demos
+
+    def sample(self, n: int, branch_share: float = 0.0) -> list[Trajectory]:
+        return self.view.sample(n, branch_share)
 
 
 def _first_trajectories(snapshot: list[tuple[Any, int, int]], limit: int) -> list[tuple[Any, int, int]]:

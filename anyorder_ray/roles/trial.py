@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from anyorder_ray.config import ExperimentConfig
 from anyorder_ray.roles.buffer import TrajectoryBuffer
 from anyorder_ray.roles.evaluator import make_eval_actor
-from anyorder_ray.roles.rollout import PolicySource, RolloutWorker
+from anyorder_ray.roles.rollout import BranchPlan, PolicySource, RolloutWorker
 from anyorder_ray.roles.train_loop import METRICS_LOG, train_loop_per_worker
 from anyorder_ray.roles.weights import PolicyBoard
 from anyorder_ray.storage import Location
@@ -86,10 +86,14 @@ def make_rollout_actor(cfg: ExperimentConfig, worker: int, buffer_name: str, boa
     """Rollout actor ``worker`` feeding the buffer named ``buffer_name``: restarted up to ``rollout.max_restarts``
     times, its ``run`` retried on the new process (which resumes at the buffer's acknowledged seed, so a retry
     repeats no data, and with the board's latest weights). Its constructor arguments are plain values, so a restart
-    cannot fail for want of them. ``board_name``: act with the weights of that ``PolicyBoard`` (dagger)."""
+    cannot fail for want of them. ``board_name``: act with the weights of that ``PolicyBoard`` (dagger). Early-
+    experience branches are made when the trial's arm trains on them (``ExperimentConfig.collects_branches``)."""
     policy = None
     if board_name is not None:
         policy = PolicySource(board_name, cfg.model, cfg.history_steps(), cfg.data.max_seq_len, cfg.masking.layout)
+    branches = None
+    if cfg.collects_branches():
+        branches = BranchPlan(cfg.data.branches_per_state, cfg.data.branch_every, cfg.data.branch_history_steps())
     return (
         ray.remote(RolloutWorker)
         .options(
@@ -98,7 +102,7 @@ def make_rollout_actor(cfg: ExperimentConfig, worker: int, buffer_name: str, boa
             max_task_retries=-1,
             scheduling_strategy=_OUTSIDE_TRIAL_PG,
         )
-        .remote(cfg.env, cfg.rollout, worker, buffer_name, policy)
+        .remote(cfg.env, cfg.rollout, worker, buffer_name, policy, branches)
     )
 
 

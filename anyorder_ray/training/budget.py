@@ -3,8 +3,10 @@
 - Compute budgets (``train.flop_budget`` / ``train.token_budget``, the default for comparisons): before the first
   step, a probe draws ``PROBE_STEPS`` steps' worth of micro-batches from the trial's own data with its own seeded
   stream (the training streams are untouched), measures the mean cost of a step and plans ``ceil(budget / cost)``
-  steps. The plan depends only on the data, the masks and the seed, so the same config trains the same steps on a
-  quiet or a loaded machine; arms of one sweep get equal compute (each reports what it used).
+  steps (a two-stage ``iwm`` arm probes each stage and weighs it by its share of the steps, so the planned steps
+  spend the budget with the targets each stage really trains). The plan depends only on the data, the masks and the
+  seed, so the same config trains the same steps on a quiet or a loaded machine; arms of one sweep get equal compute
+  (each reports what it used).
 - Wall time (``train.time_budget_s``): the step rate is measured early in the run and the plan fixed from it, so
   the step count depends on the machine and its load.
 
@@ -79,15 +81,25 @@ def step_cost(config: LLaDA2MoeConfig, micro_batches: Sequence[dict[str, torch.T
 
 
 def plan_compute_steps(
-    kind: str, amount: float, max_steps: int, world_size: int, draw_step: Callable[[], Sequence[dict]], config
+    kind: str,
+    amount: float,
+    max_steps: int,
+    world_size: int,
+    stages: Sequence[tuple[float, Callable[[], Sequence[dict]]]],
+    config,
 ) -> int:
     """The step count of a compute budget: ``amount`` (``kind`` "flops" or "tokens", summed over ``world_size``
-    ranks) over the mean cost of ``PROBE_STEPS`` steps drawn by ``draw_step`` (one rank's micro-batches), rounded
-    up, capped by ``max_steps``."""
+    ranks) over the mean cost of a step, rounded up, capped by ``max_steps``. ``stages``: ``(share of the steps,
+    draw)`` per training stage (``[(1.0, draw)]`` for one; two-stage ``iwm`` has two), each stage's cost the mean of
+    ``PROBE_STEPS`` steps drawn by its ``draw`` (one rank's micro-batches)."""
     if kind not in ("flops", "tokens"):
         raise ValueError(f"a compute budget is 'flops' or 'tokens', got {kind!r}")
-    costs = [step_cost(config, draw_step()) for _ in range(PROBE_STEPS)]
-    per_step = world_size * sum(c[0] if kind == "tokens" else c[1] for c in costs) / PROBE_STEPS
+    if not stages or abs(sum(share for share, _ in stages) - 1.0) > 1e-9:
+        raise ValueError(f"the stages' shares of the steps must sum to 1, got {[share for share, _ in stages]}")
+    per_step = 0.0
+    for share, draw_step in stages:
+        costs = [step_cost(config, draw_step()) for _ in range(PROBE_STEPS)]
+        per_step += share * world_size * sum(c[0] if kind == "tokens" else c[1] for c in costs) / PROBE_STEPS
     return max(1, min(max_steps, math.ceil(amount / per_step)))
 
 

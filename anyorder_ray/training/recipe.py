@@ -115,9 +115,9 @@ class TrajectorySource(Protocol):
 
     def refresh(self, limit: int | None = None) -> int: ...
 
-    def wait_until(self, min_size: int) -> int: ...
+    def wait_until(self, min_demos: int) -> int: ...
 
-    def sample(self, n: int) -> list[Trajectory]: ...
+    def sample(self, n: int, branch_share: float = 0.0) -> list[Trajectory]: ...
 
 
 class Evaluator(Protocol):
@@ -331,9 +331,10 @@ class TrainingRecipe:
                 view_size = self._resume(directory)
         # The fixed regime's buffer only appends, so the checkpointed view is a prefix of it: restore exactly that
         # view (later refreshes then see what the uninterrupted run saw). A streaming view may be evicted by now.
+        # The fixed data set is complete once its demos are there (their branches arrive with them).
         if cfg.data.regime != "fixed":
             view_size = None
-        self.source.wait_until(max(cfg.data.start_size(), view_size or 0))
+        self.source.wait_until(cfg.data.start_size())
         if view_size:
             self.source.refresh(limit=view_size)
         schedule = lr_schedule(self.scheduler)
@@ -342,15 +343,32 @@ class TrainingRecipe:
             schedule.planned = True
         self.budget = StepBudget(cfg.train.max_steps, cfg.train.time_budget_s, schedule, start_step=self.step)
 
+    def _stage(self, step: int) -> str | None:
+        """Mode ``iwm``'s stage at ``step`` (None for other modes): a function of the step and the planned total, which
+        the LR schedule carries through checkpoints, so a resumed run switches at the same step."""
+        return self.cfg.masking.iwm_stage(step, lr_schedule(self.scheduler).total)
+
     def _plan_compute(self, seed: int) -> int:
-        """The step count of the compute budget (rank 0's plan, broadcast), from a probe with its own streams."""
+        """The step count of the compute budget (rank 0's plan, broadcast), from probes with their own streams: one,
+        or one per stage of a two-stage ``iwm`` arm (weighed by the stage's share of the steps)."""
         cfg = self.cfg
         kind, amount = cfg.train.compute_budget()
-        probe = BatchMaker(cfg.data, cfg.masking, self.encoder, self.tokenizer.pad_token_id, seed + 2**40)
-        view = self.source.view.fork(np.random.default_rng([seed, 2]))
         accum, mbs = cfg.train.grad_accum_steps(), cfg.train.micro_batch_size
-        draw = lambda: [probe.bucketed(view, mbs) for _ in range(accum)]  # noqa: E731
-        total = plan_compute_steps(kind, amount, cfg.train.max_steps, self.session.world_size, draw, self.model_config)
+
+        def drawer(stage: str | None, stream: int) -> Callable[[], list[dict[str, torch.Tensor]]]:
+            probe = BatchMaker(cfg.data, cfg.masking, self.encoder, self.tokenizer.pad_token_id, seed + 2**40 * stream)
+            probe.set_stage(stage)
+            view = self.source.view.fork(np.random.default_rng([seed, 1 + stream]))
+            return lambda: [probe.bucketed(view, mbs) for _ in range(accum)]
+
+        masking = cfg.masking
+        if masking.mode == "iwm" and masking.iwm_schedule == "two_stage":
+            f = masking.iwm_world_model_fraction
+            stages = [(f, drawer("world_model", 1)), (1.0 - f, drawer("imitation", 2))]
+        else:
+            stages = [(1.0, drawer(masking.iwm_stage(0, 1), 1))]
+        total = plan_compute_steps(kind, amount, cfg.train.max_steps, self.session.world_size, stages,
+                                   self.model_config)  # fmt: skip
         total = broadcast_int(total)
         print(f"[train] budget {cfg.train.budget_label()}: {total} steps", flush=True)
         return total
@@ -382,7 +400,8 @@ class TrainingRecipe:
         view_size = None
         if mine is not None:
             mine.rng.restore(self.generators)
-            self.batches.restore_pending(mine.pending)
+            # The pending examples were drawn for the stage of the last step trained (iwm; None otherwise).
+            self.batches.restore_pending(mine.pending, self._stage(self.step - 1) if self.step else None)
             self.total_tokens = mine.tokens
             self.total_flops = mine.flops
             view_size = mine.view_size
@@ -395,7 +414,7 @@ class TrainingRecipe:
 
     def train(self) -> None:
         cfg, session = self.cfg, self.session
-        full = cfg.data.regime == "fixed" and self.source.size >= cfg.data.num_demos
+        full = cfg.data.regime == "fixed" and self.source.view.demos >= cfg.data.num_demos
         accum, mbs = cfg.train.grad_accum_steps(), cfg.train.micro_batch_size
         # Decided from the config alone, so every rank takes the same branches (and reports as often).
         by_checkpoint = cfg.eval.enabled and cfg.eval.weights == "checkpoint"
@@ -405,7 +424,8 @@ class TrainingRecipe:
         while self.step < self.budget.total:
             if not full and self.step % 20 == 0:
                 self.source.refresh()
-                full = cfg.data.regime == "fixed" and self.source.size >= cfg.data.num_demos
+                full = cfg.data.regime == "fixed" and self.source.view.demos >= cfg.data.num_demos
+            self.batches.set_stage(self._stage(self.step))
             t0 = time.perf_counter()
             micro = [self.batches.bucketed(self.source, mbs) for _ in range(accum)]
             t1 = time.perf_counter()
@@ -475,6 +495,8 @@ class TrainingRecipe:
             "train/total_flops": total_flops,
             "train/planned_steps": self.budget.total,
         }
+        if self.batches.stage is not None:  # iwm: which objective the last step trained
+            metrics["train/iwm_world_model"] = float(self.batches.stage == "world_model")
         if self.session.rank == 0 and self.buffer_stats is not None:
             metrics.update(self.buffer_stats())
             if "rollout/inference_flops" in metrics:
