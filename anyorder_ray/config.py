@@ -476,6 +476,14 @@ class EvalConfig:
     """Episodes of the final evaluation of a trial."""
     heldout_trajectories: int = 64
     """Bot trajectories for world-model / action NLL."""
+    offexpert_branches_per_state: int = 1
+    """Off-expert world-model set: uniform alternative actions per state of the held-out trajectories
+    (``envs.branches``; the same set for every arm, seeded by ``seed_start``)."""
+    offexpert_transitions: int = 256
+    """At most this many off-expert branch transitions (a seeded draw of states when there are more); 0: no such set."""
+    onpolicy_transitions: int = 256
+    """At most this many transitions of each evaluation's own episodes for the on-policy world-model set (a seeded
+    draw over their steps); 0: no such set."""
     batch_envs: int = 64
     """Environments stepped in lockstep per batched forward."""
     seed_start: int = 1_000_000_000
@@ -497,6 +505,9 @@ class EvalConfig:
         _check(p, self.every_steps >= 1, "every_steps must be >= 1")
         _check(p, self.episodes >= 1 and self.final_episodes >= 1, "episodes and final_episodes must be >= 1")
         _check(p, self.heldout_trajectories >= 1, "heldout_trajectories must be >= 1")
+        _check(p, self.offexpert_branches_per_state >= 1, "offexpert_branches_per_state must be >= 1")
+        _check(p, self.offexpert_transitions >= 0 and self.onpolicy_transitions >= 0,
+               "offexpert_transitions and onpolicy_transitions must be >= 0")  # fmt: skip
         _check(p, self.batch_envs >= 1, "batch_envs must be >= 1")
         _check(p, self.seed_start >= 10**9, "seed_start must be >= 1e9 so eval seeds never meet rollout seeds")
         _raise("eval", p)

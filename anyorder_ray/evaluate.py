@@ -5,7 +5,8 @@
     python -m anyorder_ray.evaluate runs/gotolocal env.level=GoTo eval.final_episodes=500
 
 Every trial's last checkpoint is played by the evaluator the trials use (``EvalWorker``: the arm's scorer and layout,
-greedy episodes in lockstep, world-model and action NLL on the expert's held-out trajectories), on
+greedy episodes in lockstep, world-model and action NLL on the expert's held-out trajectories, world-model NLL and
+exact match there, on off-expert branches of them and on the episodes' own transitions), on
 ``eval.final_episodes`` episodes from ``eval.seed_start`` of the world the ``env.*`` overrides describe. Without
 ``env.*`` overrides that is the run's own evaluation world (``envs.evaluation_env``); with them it is exactly the
 ``env`` section they give (``env.split=train`` plays the training games). Only ``env.*`` and ``eval.*`` keys can be
@@ -139,7 +140,9 @@ def evaluate_trial(
         f"[evaluate] {trial_id} {trial.masking.label()} s{trial.train.seed}: success {out['eval/success_rate']:.3f} "
         f"[{out['eval/success_low']:.3f}, {out['eval/success_high']:.3f}] of {int(out['eval/episodes'])} "
         f"(the sweep's, in its own world: {_fmt_rate(metrics.get('eval/success_rate'))}), world-model NLL "
-        f"{out['eval/world_model_nll']:.3f}, {time.perf_counter() - start:.0f} s",
+        f"{out['eval/world_model_nll']:.3f} (exact {out['eval/world_model_exact']:.3f}; off-expert "
+        f"{out['eval/offexpert_world_model_nll']:.3f}, on-policy {out['eval/onpolicy_world_model_nll']:.3f}), "
+        f"{time.perf_counter() - start:.0f} s",
         flush=True,
     )
     return row

@@ -13,6 +13,9 @@ from envs import EnvConfig
 EXPECTED = {
     "eval/success_rate", "eval/success_low", "eval/success_high", "eval/episodes", "eval/mean_episode_length",
     "eval/world_model_nll", "eval/world_model_nll_per_obs", "eval/action_nll", "eval/seconds", "eval/step",
+    "eval/world_model_exact", "eval/offexpert_world_model_nll", "eval/offexpert_world_model_nll_per_obs",
+    "eval/offexpert_world_model_exact", "eval/offexpert_transitions", "eval/onpolicy_world_model_nll",
+    "eval/onpolicy_world_model_nll_per_obs", "eval/onpolicy_world_model_exact", "eval/onpolicy_transitions",
 }  # fmt: skip
 
 
@@ -43,8 +46,10 @@ def test_eval_actor_reports_the_same_metrics_from_the_object_store_and_from_a_ch
     assert 0.0 <= from_store["eval/success_low"] <= from_store["eval/success_rate"] <= from_store["eval/success_high"]
     assert from_store["eval/success_high"] <= 1.0
     assert 1 <= from_store["eval/mean_episode_length"] <= 6
-    for key in ("eval/world_model_nll", "eval/action_nll"):
+    nlls = ("world_model_nll", "action_nll", "offexpert_world_model_nll", "onpolicy_world_model_nll")
+    for key in (f"eval/{k}" for k in nlls):
         assert 0 < from_store[key] < 3 * math.log(len(tokenizer)), key
+    assert from_store["eval/offexpert_transitions"] >= 1 and from_store["eval/onpolicy_transitions"] >= 4
     assert ray.get(by_store.last_step.remote()) == 7
 
     # The same weights from a checkpoint, given as Ray Train hands it over and as a folder: the same numbers.

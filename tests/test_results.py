@@ -247,3 +247,37 @@ def test_total_compute_is_a_column_where_a_trial_reported_it(tmp_path):
     with (tmp_path / "results.csv").open() as f:
         read = list(csv.DictReader(f))
     assert [r["total_flops"] for r in read] == ["260000000000000.0", "nan"]
+
+
+def test_world_model_columns_of_issue_13_render_where_present_and_old_rows_read_as_before(tmp_path):
+    """Exact match and the off-expert / on-policy sets land in the CSVs and, where some row has them, in the Markdown
+    tables; rows of runs made before them (no such metrics) keep their tables unchanged."""
+    new = {"eval/world_model_exact": 0.25, "eval/offexpert_world_model_nll": 1.5,
+           "eval/offexpert_world_model_nll_per_obs": 30.0, "eval/offexpert_world_model_exact": 0.125,
+           "eval/onpolicy_world_model_nll": 0.75, "eval/onpolicy_world_model_nll_per_obs": 15.0,
+           "eval/onpolicy_world_model_exact": 0.5}  # fmt: skip
+    old_rows = [make_row("a", _trial({"mode": "causal"}, 0), _final(0.9), "ok")]
+    old_md = markdown_table(old_rows)
+    assert "exact" not in old_md and "off-expert" not in old_md and "on-policy" not in old_md
+    assert "exact" not in write_summary(old_rows, tmp_path)
+
+    other_seed = {**new, "eval/world_model_exact": 0.75}
+    rows = [*old_rows, make_row("b", _trial({"mode": "prefix"}, 0), _final(0.1, **new), "ok"),
+            make_row("c", _trial({"mode": "prefix"}, 1), _final(0.3, **other_seed), "ok")]  # fmt: skip
+    md = write_tables(rows, tmp_path)
+    header = md.splitlines()[0]
+    assert ("| world-model NLL | WM exact | off-expert WM NLL | off-expert WM exact | on-policy WM NLL | "
+            "on-policy WM exact | action NLL |") in header  # fmt: skip
+    assert "| 0.500 | – | – | – | – | – | 0.200 |" in md.splitlines()[2]  # the old row: its metrics are absent
+    assert "| 0.500 | 0.250 | 1.500 | 0.125 | 0.750 | 0.500 | 0.200 |" in md
+    with (tmp_path / "results.csv").open() as f:
+        read = {r["trial"]: r for r in csv.DictReader(f)}
+    assert float(read["b"]["offexpert_world_model_nll_per_obs"]) == 30.0 and read["a"]["world_model_exact"] == "nan"
+
+    summary = write_summary(rows, tmp_path)
+    assert ("| world-model NLL / obs | WM exact | off-expert WM NLL / obs | off-expert WM exact | "
+            "on-policy WM NLL / obs | on-policy WM exact | action NLL |") in summary  # fmt: skip
+    assert "| 10.000 | 0.500 | 30.000 | 0.125 | 15.000 | 0.500 | 0.200 |" in summary  # prefix: mean of 2 seeds
+    with (tmp_path / "summary.csv").open() as f:
+        prefix = next(r for r in csv.DictReader(f) if r["arm"] == "prefix")
+    assert float(prefix["world_model_exact"]) == 0.5 and float(prefix["onpolicy_world_model_exact"]) == 0.5

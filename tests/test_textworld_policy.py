@@ -222,8 +222,11 @@ def test_evaluation_plays_heldout_games(game_dir, tmp_path):
     metrics = worker.evaluate(build_model(TINY, tokenizer, seed=0).state_dict(), step=3)
     assert metrics["eval/episodes"] == 2 and metrics["eval/step"] == 3
     assert 1 <= metrics["eval/mean_episode_length"] <= 4
-    for key in ("eval/success_rate", "eval/world_model_nll", "eval/action_nll", "eval/world_model_nll_per_obs"):
+    for key in ("eval/success_rate", "eval/world_model_nll", "eval/action_nll", "eval/world_model_nll_per_obs",
+                "eval/world_model_exact", "eval/offexpert_world_model_nll", "eval/offexpert_world_model_exact",
+                "eval/onpolicy_world_model_nll", "eval/onpolicy_world_model_exact"):  # fmt: skip
         assert math.isfinite(metrics[key]), key
+    assert metrics["eval/offexpert_transitions"] >= 1 and metrics["eval/onpolicy_transitions"] >= 2
     assert 0 < metrics["eval/action_nll"] < 3 * math.log(len(tokenizer))
     splits = {p.parent.name for p in fresh.rglob("game_*.z8")}
     assert splits == {"heldout"}

@@ -17,13 +17,17 @@ __all__ = ["EpisodeResult", "EpisodeStats", "run_episodes"]
 
 @dataclass(frozen=True, slots=True)
 class EpisodeResult:
-    """One policy episode: ``success`` is the world's own success check; ``actions`` as taken."""
+    """One policy episode: ``success`` is the world's own success check; ``actions`` as taken, ``observations`` as
+    met (``obs_0`` .. the one after the last action: one more than ``actions``), so every ``obs_t, actions[t],
+    obs_{t+1}`` is an on-policy transition of the weights that played."""
 
     seed: int
     success: bool
     length: int
     reward: float
     actions: tuple[str, ...]
+    mission: str = ""
+    observations: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +59,7 @@ class _Slot:
     obs: str
     history: deque
     actions: list[str]
+    observations: list[str]
 
 
 def run_episodes(
@@ -92,7 +97,7 @@ def run_episodes(
             slots[k] = None
             return
         obs, mission = worlds[k].reset(seeds[next_seed])
-        slots[k] = _Slot(next_seed, seeds[next_seed], mission, obs, deque(maxlen=keep), [])
+        slots[k] = _Slot(next_seed, seeds[next_seed], mission, obs, deque(maxlen=keep), [], [obs])
         next_seed += 1
 
     for k in range(len(worlds)):
@@ -110,10 +115,12 @@ def run_episodes(
                 slot.history.append((slot.obs, action))
             slot.obs = res.obs
             slot.actions.append(action)
+            slot.observations.append(res.obs)
             if world.done:
                 results[slot.index] = EpisodeResult(
-                    slot.seed, world.success, world.num_steps, float(res.reward), tuple(slot.actions)
-                )
+                    slot.seed, world.success, world.num_steps, float(res.reward), tuple(slot.actions), slot.mission,
+                    tuple(slot.observations),
+                )  # fmt: skip
                 refill(k)
     done = tuple(r for r in results if r is not None)
     n = len(done)

@@ -36,19 +36,39 @@ def two_proportion_test(k1: int, n1: int, k2: int, n2: int) -> tuple[float, floa
     return p1 - p2, math.erfc(abs(p1 - p2) / se / math.sqrt(2))
 
 
-def eval_metrics(episodes: EpisodeStats, nll: NLLStats | None, step: int, seconds: float) -> dict[str, float]:
-    """The ``eval/...`` metrics of one evaluation (NLL entries are NaN when ``nll`` is None)."""
+def eval_metrics(
+    episodes: EpisodeStats,
+    nll: NLLStats | None,
+    step: int,
+    seconds: float,
+    offexpert: NLLStats | None = None,
+    onpolicy: NLLStats | None = None,
+) -> dict[str, float]:
+    """The ``eval/...`` metrics of one evaluation; an NLL set that is None reports NaN.
+
+    ``nll``: the held-out expert trajectories (``world_model_*``, ``action_nll``); ``offexpert``: the branches' last
+    transitions (``offexpert_*``, the same set for every arm); ``onpolicy``: transitions of this evaluation's own
+    episodes (``onpolicy_*``, each arm's own states). ``*_transitions`` count the queries of the last two.
+    """
     low, high = wilson_interval(episodes.successes, episodes.episodes)
-    return {
+    out = {
         "eval/success_rate": episodes.success_rate,
         "eval/success_low": low,
         "eval/success_high": high,
         "eval/episodes": episodes.episodes,
         "eval/mean_episode_length": episodes.mean_length,
         "eval/episodes_per_s": episodes.episodes_per_s,
-        "eval/world_model_nll": nll.world_model_nll if nll is not None else float("nan"),
-        "eval/world_model_nll_per_obs": nll.world_model_nll_per_obs if nll is not None else float("nan"),
-        "eval/action_nll": nll.action_nll if nll is not None else float("nan"),
-        "eval/seconds": float(seconds),
-        "eval/step": int(step),
+        "eval/world_model_nll": _get(nll, "world_model_nll"),
+        "eval/world_model_nll_per_obs": _get(nll, "world_model_nll_per_obs"),
+        "eval/world_model_exact": _get(nll, "world_model_exact"),
+        "eval/action_nll": _get(nll, "action_nll"),
     }
+    for name, stats in (("offexpert", offexpert), ("onpolicy", onpolicy)):
+        for key in ("world_model_nll", "world_model_nll_per_obs", "world_model_exact"):
+            out[f"eval/{name}_{key}"] = _get(stats, key)
+        out[f"eval/{name}_transitions"] = stats.queries if stats is not None else 0
+    return {**out, "eval/seconds": float(seconds), "eval/step": int(step)}
+
+
+def _get(stats: NLLStats | None, key: str) -> float:
+    return getattr(stats, key) if stats is not None else float("nan")

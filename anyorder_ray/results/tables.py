@@ -7,6 +7,10 @@ is written atomically (``fileio.atomic_write``). Counts (seeds, episodes, steps,
 ``total_flops`` is the trial's ``compute/total_flops``: its training FLOPs plus its rollout actors' policy forwards
 (DAgger's inference; the eval actor is not counted), for comparing arms by success per unit of total compute. The
 Markdown tables show it where a row has it (runs from before it was reported have none).
+
+The world-model metrics of issue 13 (exact match, the off-expert and on-policy sets) are NaN in the rows of runs
+made before them; the Markdown tables show their columns only when some row has them, so such runs' tables read
+as they did.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ COLUMNS = (
     "episodes",
     "world_model_nll",
     "world_model_nll_per_obs",
+    "world_model_exact",
+    "offexpert_world_model_nll",
+    "offexpert_world_model_nll_per_obs",
+    "offexpert_world_model_exact",
+    "onpolicy_world_model_nll",
+    "onpolicy_world_model_nll_per_obs",
+    "onpolicy_world_model_exact",
     "action_nll",
     "train_steps",
     "budget",
@@ -44,6 +55,24 @@ COLUMNS = (
     "checkpoint",
     "status",
 )
+
+
+WORLD_MODEL_EXTRA = COLUMNS[COLUMNS.index("world_model_exact") : COLUMNS.index("action_nll")]
+"""Exact match on the expert set, and NLL / NLL per observation / exact match on the off-expert and on-policy sets."""
+_EXTRA_HEADERS = {
+    "world_model_exact": "WM exact",
+    "offexpert_world_model_nll": "off-expert WM NLL",
+    "offexpert_world_model_nll_per_obs": "off-expert WM NLL / obs",
+    "offexpert_world_model_exact": "off-expert WM exact",
+    "onpolicy_world_model_nll": "on-policy WM NLL",
+    "onpolicy_world_model_nll_per_obs": "on-policy WM NLL / obs",
+    "onpolicy_world_model_exact": "on-policy WM exact",
+}
+
+
+def _present(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> list[str]:
+    """The keys of ``keys`` that some row has a number for (older runs have none of the newer metrics)."""
+    return [k for k in keys if any(isinstance(r.get(k), int | float) and not math.isnan(r[k]) for r in rows)]
 
 
 def _num(metrics: dict, key: str) -> float:
@@ -72,6 +101,7 @@ def make_row(trial: str, cfg: ExperimentConfig, metrics: dict, status: str) -> d
         "episodes": _count(metrics, "eval/episodes"),
         "world_model_nll": _num(metrics, "eval/world_model_nll"),
         "world_model_nll_per_obs": _num(metrics, "eval/world_model_nll_per_obs"),
+        **{key: _num(metrics, f"eval/{key}") for key in WORLD_MODEL_EXTRA},
         "action_nll": _num(metrics, "eval/action_nll"),
         "train_steps": _count(metrics, "train/step"),
         "budget": cfg.train.budget_label(),
@@ -128,16 +158,23 @@ def _has_total(rows: list[dict[str, Any]]) -> bool:
     return any(not math.isnan(r.get("total_flops", math.nan)) for r in rows)
 
 
+_TABLE_EXTRA = tuple(k for k in WORLD_MODEL_EXTRA if not k.endswith("_per_obs"))  # token means, as world-model NLL
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The results table; the newer world-model columns (``WORLD_MODEL_EXTRA``, per token) and the total compute only
+    where present."""
+    extra = _present(rows, _TABLE_EXTRA)
     total = _has_total(rows)
-    cols = ["arm", "seed", "success [95% CI]", "episodes", "world-model NLL", "action NLL", "steps", "budget",
-            "FLOPs used", *(["total FLOPs"] if total else []), "train tokens", "wall s", "status"]  # fmt: skip
+    cols = ["arm", "seed", "success [95% CI]", "episodes", "world-model NLL", *(_EXTRA_HEADERS[k] for k in extra),
+            "action NLL", "steps", "budget", "FLOPs used", *(["total FLOPs"] if total else []), "train tokens",
+            "wall s", "status"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         ci = f"{_fmt(r['success'])} [{_fmt(r['success_low'])}, {_fmt(r['success_high'])}]"
-        vals = [r["arm"], r["seed"], ci, r["episodes"], r["world_model_nll"], r["action_nll"], r["train_steps"],
-                r["budget"], r["train_flops"], *([r["total_flops"]] if total else []), r["train_tokens"], r["wall_s"],
-                r["status"]]  # fmt: skip
+        vals = [r["arm"], r["seed"], ci, r["episodes"], r["world_model_nll"], *(r.get(k) for k in extra),
+                r["action_nll"], r["train_steps"], r["budget"], r["train_flops"],
+                *([r["total_flops"]] if total else []), r["train_tokens"], r["wall_s"], r["status"]]  # fmt: skip
         lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
     return "\n".join(lines)
 
@@ -169,6 +206,7 @@ SUMMARY_COLUMNS = (
     "p_value",
     "world_model_nll_per_obs",
     "world_model_nll",
+    *WORLD_MODEL_EXTRA,
     "action_nll",
     "train_steps",
     "budget",
@@ -176,6 +214,8 @@ SUMMARY_COLUMNS = (
     "total_flops",
     "wall_s",
 )
+_SUMMARY_EXTRA = tuple(k for k in WORLD_MODEL_EXTRA if k == "world_model_exact" or not k.endswith("_nll"))
+"""Per observation, as the summary's world-model NLL."""
 
 
 def arm_summary(rows: list[dict[str, Any]], reference: str = "causal") -> list[dict[str, Any]]:
@@ -211,6 +251,7 @@ def arm_summary(rows: list[dict[str, Any]], reference: str = "causal") -> list[d
             "p_value": p_value,
             "world_model_nll_per_obs": mean_of([r["world_model_nll_per_obs"] for r in rs]),
             "world_model_nll": mean_of([r["world_model_nll"] for r in rs]),
+            **{key: mean_of([r.get(key) for r in rs]) for key in WORLD_MODEL_EXTRA},
             "action_nll": mean_of([r["action_nll"] for r in rs]),
             "train_steps": _round(mean_of([r["train_steps"] for r in rs])),
             "budget": " / ".join(sorted({r["budget"] for r in rs})),
@@ -222,18 +263,20 @@ def arm_summary(rows: list[dict[str, Any]], reference: str = "causal") -> list[d
 
 
 def summary_markdown(summary: list[dict[str, Any]], reference: str = "causal") -> str:
+    """The per-arm table; the newer world-model columns (per observation) and the total compute only where present."""
+    extra = _present(summary, _SUMMARY_EXTRA)
     total = _has_total(summary)
     cols = ["arm", "seeds", "success [95% CI] (pooled episodes)", "seed range", f"vs {reference} (p)",
-            "world-model NLL / obs", "action NLL", "steps", "budget", "FLOPs used", *(["total FLOPs"] if total else []),
-            "wall s"]  # fmt: skip
+            "world-model NLL / obs", *(_EXTRA_HEADERS[k] for k in extra), "action NLL", "steps", "budget",
+            "FLOPs used", *(["total FLOPs"] if total else []), "wall s"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in summary:
         ci = f"{_fmt(r['success'])} [{_fmt(r['success_low'])}, {_fmt(r['success_high'])}] of {r['episodes']}"
         spread = f"{_fmt(r['seed_success_min'])}–{_fmt(r['seed_success_max'])}"
         vs = "–" if math.isnan(r["vs_reference"]) else f"{r['vs_reference']:+.3f} ({r['p_value']:.2g})"
-        vals = [r["arm"], r["seeds"], ci, spread, vs, r["world_model_nll_per_obs"], r["action_nll"],
-                r["train_steps"], r["budget"], r["train_flops"], *([r["total_flops"]] if total else []),
-                r["wall_s"]]  # fmt: skip
+        vals = [r["arm"], r["seeds"], ci, spread, vs, r["world_model_nll_per_obs"], *(r[k] for k in extra),
+                r["action_nll"], r["train_steps"], r["budget"], r["train_flops"],
+                *([r["total_flops"]] if total else []), r["wall_s"]]  # fmt: skip
         lines.append("| " + " | ".join(v if isinstance(v, str) else _fmt(v) for v in vals) + " |")
     return "\n".join(lines)
 

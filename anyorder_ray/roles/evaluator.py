@@ -1,4 +1,5 @@
-"""The eval actor: scores the latest weights in the live world and on held-out expert trajectories.
+"""The eval actor: scores the latest weights in the live world, on held-out expert trajectories, on off-expert
+branches of them and on the transitions of its own episodes.
 
 The trainer never waits on it: it sends ``evaluate`` with the weights of some step and collects the metric dict
 whenever it is ready. Weights arrive in one of two ways (``eval.weights``; loaded by ``roles.weights``, as DAgger's
@@ -18,6 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -26,9 +28,10 @@ from anyorder_ray.config import EvalConfig, ModelConfig
 from anyorder_ray.data.encoding import UnitEncoder
 from anyorder_ray.data.seeds import eval_episode_seeds, heldout_trajectory_seeds
 from anyorder_ray.evaluation.episodes import EpisodeStats, run_episodes
-from anyorder_ray.evaluation.nll import heldout_nll
+from anyorder_ray.evaluation.nll import heldout_nll, transition_nll
 from anyorder_ray.evaluation.scoring import ActionScorer
 from anyorder_ray.evaluation.stats import eval_metrics
+from anyorder_ray.evaluation.transitions import offexpert_branches, onpolicy_transitions
 from anyorder_ray.models.factory import build_model, build_model_config, build_tokenizer
 from anyorder_ray.roles.weights import Weights, load_policy_weights
 from envs import EnvConfig, collect_expert_trajectories, evaluation_env, make_world
@@ -39,9 +42,12 @@ __all__ = ["EvalWorker", "make_eval_actor"]
 class EvalWorker:
     """Actor class: wrap with ``make_eval_actor`` (or ``ray.remote(EvalWorker).options(...)``).
 
-    On construction it collects the fixed held-out expert trajectories (successful ones only) and, for
+    On construction it collects the fixed held-out expert trajectories (successful ones only), branches them into the
+    fixed off-expert transition set (``evaluation.transitions.offexpert_branches``: the same for every arm) and, for
     ``eval.weights: object_store``, builds the model skeleton; ``evaluate`` loads weights and returns the
-    ``eval/...`` metrics.
+    ``eval/...`` metrics: success, world-model NLL and exact match on the expert trajectories (``world_model_*``), on
+    the off-expert branches (``offexpert_*``) and on the transitions of its own episodes (``onpolicy_*``: each arm's
+    own states, unlike the two fixed sets), and the expert action NLL.
 
     Args:
         env: the world the trial trains in (the tokenizer is built from it, as the trainer's is); the actor plays
@@ -91,6 +97,10 @@ class EvalWorker:
         self._heldout, self._heldout_stats = collect_expert_trajectories(world, seeds)
         if not self._heldout:
             raise RuntimeError(f"the expert solved none of the {len(seeds)} held-out episodes of {world.level}")
+        self._offexpert = offexpert_branches(
+            make_world(self._env, expert=False), self._heldout, eval_cfg.offexpert_branches_per_state,
+            eval_cfg.offexpert_transitions, np.random.default_rng(eval_cfg.seed_start), self._history_steps,
+        )  # fmt: skip
         self._model_config = build_model_config(model, tokenizer)
         self._model: torch.nn.Module | None = None
         if eval_cfg.weights == "object_store":
@@ -102,8 +112,12 @@ class EvalWorker:
         """Number of held-out trajectories (expert successes among ``eval.heldout_trajectories`` seeds)."""
         return len(self._heldout)
 
+    def offexpert_size(self) -> int:
+        """Number of off-expert branch transitions (at most ``eval.offexpert_transitions``)."""
+        return len(self._offexpert)
+
     def last_episodes(self) -> EpisodeStats | None:
-        """Every episode of the last ``evaluate`` (seed, success, length, actions), in seed order."""
+        """Every episode of the last ``evaluate`` (seed, success, length, actions, observations), in seed order."""
         return self._last_episodes
 
     def last_step(self) -> int | None:
@@ -118,7 +132,8 @@ class EvalWorker:
         """Load ``weights`` (from training step ``step``) and return the ``eval/...`` metrics.
 
         Episodes use ``eval_episode_seeds(eval_cfg, num_episodes)`` (the same seeds at every call;
-        ``num_episodes`` defaults to ``eval.episodes``), ``eval.batch_envs`` worlds in lockstep.
+        ``num_episodes`` defaults to ``eval.episodes``), ``eval.batch_envs`` worlds in lockstep. Their transitions
+        (at most ``eval.onpolicy_transitions``, a draw seeded by ``eval.seed_start``) are the on-policy set.
         """
         start = time.perf_counter()
         n = self._cfg.episodes if num_episodes is None else int(num_episodes)
@@ -132,11 +147,16 @@ class EvalWorker:
             eval_episode_seeds(self._cfg, n),
             batch_envs=self._cfg.batch_envs,
         )
-        nll = heldout_nll(self._model, self._encoder, self._heldout, self._history_steps, self._max_length,
-                          self._nll_batch_size, self._layout)  # fmt: skip
+        query = (self._history_steps, self._max_length, self._nll_batch_size, self._layout)
+        nll = heldout_nll(self._model, self._encoder, self._heldout, *query)
+        offexpert = heldout_nll(self._model, self._encoder, self._offexpert, *query, last_only=True)
+        mine = onpolicy_transitions(episodes.results, self._history_steps, self._cfg.onpolicy_transitions,
+                                    np.random.default_rng(self._cfg.seed_start))  # fmt: skip
+        onpolicy = transition_nll(self._model, self._encoder, mine, *query)
         self._last_step = int(step)
         self._last_episodes = episodes
-        return eval_metrics(episodes, nll, step, time.perf_counter() - start)
+        return eval_metrics(episodes, nll, step, time.perf_counter() - start, offexpert if self._offexpert else None,
+                            onpolicy if mine else None)  # fmt: skip
 
 
 def make_eval_actor(
