@@ -8,13 +8,14 @@ is used twice (should the dead actor's last ``add`` land after its successor rea
 buffer drops whichever copy of those seeds arrives second).
 
 Dagger (``data.regime: dagger``): before each batch the actor looks at the trial's ``PolicyBoard`` (one small call,
-never a wait) and loads a newer version if there is one, through the eval actor's loader (``roles.weights``). With
-weights it plays ``evaluation.dagger.dagger_episodes`` with the same ``ActionScorer`` as the eval actor and beta from
-``rollout.beta(version, planned_steps)``; without weights it runs the expert alone, and once the demo budget is full it
-idles (``rollout.idle_poll_s``) until weights arrive. A version that cannot be loaded is logged, counted on the board
-(``rollout/weights_rejected``) and skipped: the actor keeps the weights it had; a version loaded is reported to the
-board too, which tells the trainer when the actors rejected ``rollout.max_rejected_versions`` versions in a row (the
-trial then fails: ``roles.train_loop.BufferSource``). A restarted actor starts from the board's latest version.
+never a wait) and loads a newer version if there is one into its ``roles.acting.ActingPolicy``, through the eval actor's
+loader (``roles.weights``). With weights it plays ``evaluation.dagger.dagger_episodes`` with the same ``ActionScorer``
+as the eval actor and beta from ``rollout.beta(version, planned_steps)``; without weights it runs the expert alone, and
+once the demo budget is full it idles (``rollout.idle_poll_s``) until weights arrive. A version that cannot be loaded is
+logged, counted on the board (``rollout/weights_rejected``) and skipped: the actor keeps the weights it had; a version
+loaded is reported to the board too, which tells the trainer when the actors rejected ``rollout.max_rejected_versions``
+versions in a row (the trial then fails: ``roles.train_loop.BufferSource``). A restarted actor starts from the board's
+latest version.
 
 Compute: the policy's forwards are counted (``training.budget.forward_flops``, the trainer's accounting) and sent with
 each batch to the buffer, which sums them into ``rollout/inference_flops`` (journaled with the batch, so a restarted
@@ -34,20 +35,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
-import torch
 
 from anyorder_ray.config import ModelConfig, RolloutConfig
-from anyorder_ray.data.encoding import UnitEncoder
 from anyorder_ray.data.seeds import rollout_seed_range
-from anyorder_ray.evaluation.dagger import dagger_episodes
-from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
-from anyorder_ray.models.factory import build_model, build_model_config, build_tokenizer
-from anyorder_ray.roles.weights import load_policy_weights
 from envs import EnvConfig, Trajectory, collect_expert_trajectories, make_world
 from envs.branches import branch_trajectories
+
+if TYPE_CHECKING:
+    from anyorder_ray.roles.acting import ActingPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -96,52 +95,6 @@ class PolicySource:
     layout: str = "sequence"
 
 
-class _ActingPolicy:
-    """The model a dagger actor acts with: a skeleton built once, the board's newest loadable version in it."""
-
-    def __init__(self, source: PolicySource, env: EnvConfig, action_names: tuple[str, ...], worker: int) -> None:
-        tokenizer = build_tokenizer(source.model, env)
-        self._model = build_model(source.model, tokenizer, load_weights=False).float().eval()
-        self._model_config = build_model_config(source.model, tokenizer)
-        self.scorer = ActionScorer(UnitEncoder(tokenizer), action_names, source.history_steps, source.max_length,
-                                   source.layout, count_flops=self._model_config)  # fmt: skip
-        self._flops_sent = 0.0
-        self._board = ray.get_actor(source.board_name)
-        self._worker = worker
-        self._seen: tuple[str, int] | None = None  # the board stamp last looked at (loaded or rejected)
-        self.version = 0
-        self.planned_steps: int | None = None
-        self.rejected = 0
-
-    def refresh(self) -> bool:
-        """Load the board's latest version if it is new; True when the weights changed. Never waits for weights."""
-        stamp = ray.get(self._board.stamp.remote())
-        if stamp == self._seen or stamp[1] == 0:  # nothing new, or a board (re)started empty
-            return False
-        stamp, version, planned, weights = ray.get(self._board.latest.remote())
-        self._seen = stamp
-        try:
-            self._model = load_policy_weights(self._model, weights, self._model_config, torch.device("cpu"))
-        except Exception as e:  # noqa: BLE001 (a bad version must never stop the actor: it is reported and skipped)
-            self.rejected += 1
-            reason = f"{type(e).__name__}: {e}"[:2000]
-            logger.warning("rollout actor %d: policy version %d rejected, keeping version %d: %s",
-                           self._worker, version, self.version, reason)  # fmt: skip
-            self._board.reject.remote(self._worker, version, reason, stamp)
-            return False
-        self.version, self.planned_steps = int(version), planned
-        self._board.loaded.remote(self._worker, stamp)
-        return True
-
-    def take_flops(self) -> float:
-        """Model FLOPs of the forwards since the last call."""
-        new, self._flops_sent = self.scorer.flops - self._flops_sent, self.scorer.flops
-        return new
-
-    def act(self, queries: list[PolicyQuery], candidates: list[tuple[str, ...]]) -> list[str]:
-        return self.scorer.act(self._model, queries, candidates)
-
-
 class RolloutWorker:
     """Actor class: ``ray.remote(RolloutWorker).options(num_cpus=..., max_restarts=...)``."""
 
@@ -167,11 +120,17 @@ class RolloutWorker:
         self._seeds = rollout_seed_range(rollout, worker)
         resume = ray.get(self._buffer.resume_seed.remote(worker))
         self._next_seed = resume if resume is not None else self._seeds.start
-        self._policy: _ActingPolicy | None = None
+        self._policy: ActingPolicy | None = None
         self._worlds = [self._world]
         if policy is not None:
+            # Only a dagger actor loads torch, transformers and the model (``roles.acting``): an expert-only actor
+            # starts in about a second instead of several (measured: importing them is most of an actor's start-up).
+            import torch
+
+            from anyorder_ray.roles.acting import ActingPolicy
+
             torch.set_num_threads(max(1, round(rollout.num_cpus_per_actor)))
-            self._policy = _ActingPolicy(policy, env, self._world.action_names, worker)
+            self._policy = ActingPolicy(policy, env, self._world.action_names, worker)
             self._worlds += [make_world(env, expert=True) for _ in range(rollout.batch_envs - 1)]
             self._history_steps = policy.history_steps
 
@@ -197,6 +156,8 @@ class RolloutWorker:
                 policy.refresh()
             if policy is not None and policy.version > 0:
                 beta = self._cfg.beta(policy.version, policy.planned_steps)
+                from anyorder_ray.evaluation.dagger import dagger_episodes
+
                 trajs, stats = dagger_episodes(self._worlds, range(lo, hi), policy.act, beta, policy.version,
                                                self._history_steps, rng_seed=self._worker)  # fmt: skip
                 onpolicy += len(trajs)
