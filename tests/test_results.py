@@ -22,6 +22,7 @@ from anyorder_ray.results.tables import (
     arm_summary,
     make_row,
     markdown_table,
+    read_rows,
     results_rows,
     write_summary,
     write_tables,
@@ -281,3 +282,33 @@ def test_world_model_columns_of_issue_13_render_where_present_and_old_rows_read_
     with (tmp_path / "summary.csv").open() as f:
         prefix = next(r for r in csv.DictReader(f) if r["arm"] == "prefix")
     assert float(prefix["world_model_exact"]) == 0.5 and float(prefix["onpolicy_world_model_exact"]) == 0.5
+
+
+def test_rows_read_back_from_results_csv_pool_runs_as_one(tmp_path):
+    """``read_rows`` gives back what ``write_tables`` wrote, so trials of runs made apart (seeds split over two runs)
+    summarise as one run would; a CSV written before a column existed reads it as NaN."""
+    extra = {"eval/world_model_exact": 0.25, "compute/total_flops": 3.0e12}
+    rows = [make_row(f"t{s}", _trial({"mode": mode}, s), _final(0.1 * (s + 1) + (mode == "prefix") * 0.05, **extra),
+                     "ok") for mode in ("causal", "prefix") for s in range(3)]  # fmt: skip
+    rows.append(make_row("failed", _trial({"mode": "causal"}, 3), {}, "error"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_tables(rows[:2], tmp_path / "a")
+    write_tables(rows[2:], tmp_path / "b")
+    back = read_rows(tmp_path / "a" / "results.csv") + read_rows(tmp_path / "b" / "results.csv")
+    assert len(back) == len(rows)
+    for r, b in zip(rows, back, strict=True):
+        assert r.keys() == b.keys()
+        for key, value in r.items():
+            same = value == b[key] or (isinstance(value, float) and math.isnan(value) and math.isnan(b[key]))
+            assert same, (key, value, b[key])
+    assert write_summary(back, tmp_path / "a") == write_summary(rows, tmp_path / "b")
+    old = tmp_path / "old.csv"
+    with (tmp_path / "a" / "results.csv").open() as f:
+        lines = list(csv.DictReader(f))
+    with old.open("w", newline="") as f:
+        keep = [k for k in lines[0] if k != "total_flops"]
+        writer = csv.DictWriter(f, fieldnames=keep, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(lines)
+    assert all(math.isnan(r["total_flops"]) and r["world_model_exact"] == 0.25 for r in read_rows(old))

@@ -218,6 +218,33 @@ _SUMMARY_EXTRA = tuple(k for k in WORLD_MODEL_EXTRA if k == "world_model_exact" 
 """Per observation, as the summary's world-model NLL."""
 
 
+_TEXT_COLUMNS = frozenset({"trial", "arm", "mode", "budget", "checkpoint", "status"})
+_COUNT_COLUMNS = frozenset({"episodes", "train_steps", "train_tokens"})  # ``_count``: an int, or None when unreported
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``results.csv`` as ``write_tables`` wrote them (numbers as floats, counts as ints), so the
+    trials of several runs (e.g. seeds run apart) can be tabulated and summarised together. Columns a CSV lacks (runs
+    from before they existed) read as NaN."""
+    with Path(path).open(newline="") as f:
+        raw = list(csv.DictReader(f))
+    rows = []
+    for r in raw:
+        row: dict[str, Any] = {}
+        for key in COLUMNS:
+            value = r.get(key)
+            if key in _TEXT_COLUMNS:
+                row[key] = value or ""
+            elif key == "seed":
+                row[key] = int(value)
+            elif key in _COUNT_COLUMNS:
+                row[key] = int(value) if value else None
+            else:
+                row[key] = float(value) if value not in (None, "") else math.nan
+        rows.append(row)
+    return rows
+
+
 def arm_summary(rows: list[dict[str, Any]], reference: str = "causal") -> list[dict[str, Any]]:
     """One row per arm over its seeds: success pooled over every seed's episodes with a Wilson 95% interval, the
     seeds' range, the difference to the ``reference`` arm with a two-sided two-proportion z-test p-value, and the
