@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import ray
 import ray.cloudpickle
@@ -92,6 +94,27 @@ class KillProcessOnce:
         os.kill(self.pid, signal.SIGKILL)
 
 
+def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = HANG_GUARD_S, poll_s: float = 0.1) -> Any:
+    """Poll ``condition`` until it returns something truthy, which is returned (the bound is a hang guard, not a
+    timing check)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def held_trajectories(buffer: Any) -> list[Trajectory]:
+    """Every trajectory a ``TrajectoryBuffer`` actor holds, in buffer order."""
+    out: list[Trajectory] = []
+    for ref, start, count in ray.get(buffer.snapshot.remote(), timeout=HANG_GUARD_S):
+        out += ray.get(ref, timeout=HANG_GUARD_S)[start : start + count]
+    return out
+
+
 @dataclass(frozen=True)
 class WaitForOnPolicyData:
     """Test hook (the train loop's ``after_step``): after step ``step`` rank 0 waits until ``buffer`` (the trial's
@@ -102,15 +125,8 @@ class WaitForOnPolicyData:
     step: int
 
     def __call__(self, step: int, rank: int) -> None:
-        import time
-
-        if step != self.step or rank != 0:
-            return
-        deadline = time.monotonic() + HANG_GUARD_S
-        while ray.get(self.buffer.stats.remote()).onpolicy == 0:
-            if time.monotonic() > deadline:
-                raise TimeoutError("no on-policy trajectory reached the buffer")
-            time.sleep(0.2)
+        if step == self.step and rank == 0:
+            wait_for(lambda: ray.get(self.buffer.stats.remote()).onpolicy, "an on-policy trajectory in the buffer")
 
 
 @dataclass(frozen=True)
@@ -142,15 +158,9 @@ class WaitForRejections:
     count: int
 
     def __call__(self, step: int, rank: int) -> None:
-        import time
-
-        if step != self.step or rank != 0:
-            return
-        deadline = time.monotonic() + HANG_GUARD_S
-        while ray.get(self.board.rejected_in_a_row.remote())[0] < self.count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the board never counted {self.count} rejections in a row")
-            time.sleep(0.2)
+        if step == self.step and rank == 0:
+            wait_for(lambda: ray.get(self.board.rejected_in_a_row.remote())[0] >= self.count,
+                     f"the board to count {self.count} rejections in a row")  # fmt: skip
 
 
 class S3Server:

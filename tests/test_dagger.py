@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import held_trajectories, wait_for
 
 from anyorder_ray.config import ConfigError, ExperimentConfig, RolloutConfig, load_config
 from anyorder_ray.data.encoding import UnitEncoder
@@ -282,24 +283,6 @@ def _dagger_cfg(*overrides: str) -> ExperimentConfig:
                        "rollout.max_restarts=1", "eval.enabled=false", *overrides])  # fmt: skip
 
 
-def _wait_for(condition, what: str) -> None:
-    import time
-
-    from helpers import HANG_GUARD_S
-
-    deadline = time.monotonic() + HANG_GUARD_S
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.1)
-
-
-def _held(ray, buffer) -> list[Trajectory]:
-    out = []
-    for ref, start, count in ray.get(buffer.snapshot.remote()):
-        out += ray.get(ref)[start : start + count]
-    return out
-
-
 @pytest.mark.slow
 def test_a_policy_actor_restarts_with_the_latest_weights_and_skips_an_unloadable_version(ray_local, policy):
     """A dagger rollout actor: expert demos up to the budget, then idle until weights exist; on-policy batches under
@@ -327,29 +310,29 @@ def test_a_policy_actor_restarts_with_the_latest_weights_and_skips_an_unloadable
     try:
         first_pid = ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()))  # queued before `run`
         run = actor.run.remote()
-        _wait_for(lambda: stats().produced >= 8, "the demo budget")
+        wait_for(lambda: stats().produced >= 8, "the demo budget")
         assert (stats().size, stats().onpolicy) == (8, 0)  # no weights yet: the expert alone, within the budget
 
         ray.get(board.publish.remote([ray.put(good)], 3, 100))
-        _wait_for(lambda: stats().onpolicy >= 4, "an on-policy batch under version 3")
+        wait_for(lambda: stats().onpolicy >= 4, "an on-policy batch under version 3")
         os.kill(first_pid, signal.SIGKILL)
         killed_at = stats().produced
         resume_at_kill = ray.get(buffer.resume_seed.remote(0))
-        _wait_for(lambda: stats().produced >= killed_at + 8, "two batches of the restarted actor")
+        wait_for(lambda: stats().produced >= killed_at + 8, "two batches of the restarted actor")
 
         ray.get(board.publish.remote([ray.put(bad)], 4, 100))
-        _wait_for(lambda: rejected() == 1, "the rejection")
+        wait_for(lambda: rejected() == 1, "the rejection")
         rejected_at = stats().produced
-        _wait_for(lambda: stats().produced >= rejected_at + 8, "two batches after the rejection")
+        wait_for(lambda: stats().produced >= rejected_at + 8, "two batches after the rejection")
         ray.get(board.publish.remote([ray.put(good)], 6, 100))
-        _wait_for(lambda: stats().policy_version == 6, "a batch under version 6")
+        wait_for(lambda: stats().policy_version == 6, "a batch under version 6")
         ray.get(buffer.stop.remote())
         report = ray.get(run, timeout=HANG_GUARD_S)  # retried on the restarted process, ended by the stop
         second_pid = ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()))
         n_rejected = rejected()
     finally:
         ray.kill(actor, no_restart=True)
-    held = _held(ray, buffer)
+    held = held_trajectories(buffer)
     ray.kill(buffer, no_restart=True)
     ray.kill(board, no_restart=True)
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import babyai, expert_trajectories, world_tokenizer
+from helpers import babyai, expert_trajectories, held_trajectories, world_tokenizer
 
 from anyorder_ray.config import DataConfig, MaskingConfig, config_from_dict
 from anyorder_ray.data.batching import BatchMaker, LocalSource, TrajectoryView
@@ -161,13 +161,6 @@ def _ray_cfg(*overrides: str):
                                *overrides])  # fmt: skip
 
 
-def _held(ray, buffer) -> list:
-    out = []
-    for ref, start, count in ray.get(buffer.snapshot.remote()):
-        out += ray.get(ref)[start : start + count]
-    return out
-
-
 @pytest.mark.slow
 def test_a_restarted_rollout_actor_and_buffer_keep_every_demos_branches_exactly_once(ray_local, tmp_path):
     """Fixed regime, 12 demos in batches of 4 with their branches: the rollout actor is SIGKILLed after two batches
@@ -198,7 +191,7 @@ def test_a_restarted_rollout_actor_and_buffer_keep_every_demos_branches_exactly_
         restored = ray.get(buffer.stats.remote(), timeout=HANG_GUARD_S)  # the journal replayed
         rest = ray.get(actor.run.remote(), timeout=HANG_GUARD_S)
         stats = ray.get(buffer.stats.remote())
-        held = _held(ray, buffer)
+        held = held_trajectories(buffer)
     finally:
         ray.kill(actor, no_restart=True)
         ray.kill(buffer, no_restart=True)

@@ -11,15 +11,14 @@ import contextlib
 import json
 import os
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from helpers import HANG_GUARD_S, record_fault
+from helpers import HANG_GUARD_S, held_trajectories, record_fault, wait_for
 
 from anyorder_ray.config import ExperimentConfig, load_config
 from anyorder_ray.roles.buffer import BufferState
@@ -49,27 +48,9 @@ def _time_limit(seconds: int) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = HANG_GUARD_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up after {timeout_s:.0f} s waiting for {what}"
-        time.sleep(0.1)
-
-
 def _pid(ray: Any, actor: Any) -> int:
     """The OS process of an actor (``__ray_call__`` runs a function on the actor instance, in its process)."""
     return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=HANG_GUARD_S)
-
-
-def _held(ray: Any, buffer: Any) -> list:
-    """Every trajectory the buffer holds, in buffer order."""
-    out = []
-    for ref, start, count in ray.get(buffer.snapshot.remote(), timeout=HANG_GUARD_S):
-        out += ray.get(ref, timeout=HANG_GUARD_S)[start : start + count]
-    return out
-
-
-# -- rollout actor ---------------------------------------------------------------------------------------------
 
 
 def test_a_batch_repeating_acknowledged_seeds_is_kept_once():
@@ -96,7 +77,7 @@ def test_killed_rollout_actor_restarts_resumes_and_loses_no_acknowledged_batch(r
         try:
             first_pid = _pid(ray, actor)  # queued before `run`, so it answers
             run = actor.run.remote()  # streaming: runs until the buffer says stop
-            _wait_for(lambda: ray.get(buffer.stats.remote()).batches >= 3, "three acknowledged batches")
+            wait_for(lambda: ray.get(buffer.stats.remote()).batches >= 3, "three acknowledged batches")
 
             acknowledged = ray.get(buffer.snapshot.remote(), timeout=HANG_GUARD_S)
             contents = [ray.get(ref, timeout=HANG_GUARD_S) for ref, _, _ in acknowledged]
@@ -106,7 +87,7 @@ def test_killed_rollout_actor_restarts_resumes_and_loses_no_acknowledged_batch(r
 
             # The buffer keeps growing: at most one `add` of the dead process was in flight, so two more
             # batches mean the restarted actor is producing.
-            _wait_for(lambda: ray.get(buffer.stats.remote()).batches >= at_kill.batches + 2, "the restarted actor")
+            wait_for(lambda: ray.get(buffer.stats.remote()).batches >= at_kill.batches + 2, "the restarted actor")
             ray.get(buffer.stop.remote(), timeout=HANG_GUARD_S)
             report = ray.get(run, timeout=HANG_GUARD_S)  # `run` was retried on the new process and finished there
             second_pid = _pid(ray, actor)
@@ -125,7 +106,7 @@ def test_killed_rollout_actor_restarts_resumes_and_loses_no_acknowledged_batch(r
             assert (start, count) == (0, len(before))  # capacity is large: nothing evicted
         now = ray.get(buffer.snapshot.remote(), timeout=HANG_GUARD_S)
         assert now[: len(acknowledged)] == acknowledged  # same references, still held, in the same order
-        held = _held(ray, buffer)
+        held = held_trajectories(buffer)
         stats = ray.get(buffer.stats.remote(), timeout=HANG_GUARD_S)
         assert stats.size == len(held) > sum(len(c) for c in contents)
         seeds = [t.seed for t in held]
@@ -155,9 +136,9 @@ def test_killed_buffer_actor_restarts_with_every_acknowledged_trajectory(ray_loc
         actor = make_rollout_actor(cfg, 0, buffer_name)
         try:
             run = actor.run.remote()
-            _wait_for(lambda: ray.get(buffer.stats.remote()).batches >= 3, "three acknowledged batches")
+            wait_for(lambda: ray.get(buffer.stats.remote()).batches >= 3, "three acknowledged batches")
             view = BufferSource(buffer)
-            before = [t.seed for t in _held(ray, buffer)]
+            before = [t.seed for t in held_trajectories(buffer)]
             view.refresh()
             old_pid = _pid(ray, buffer)
             os.kill(old_pid, signal.SIGKILL)
@@ -165,13 +146,13 @@ def test_killed_buffer_actor_restarts_with_every_acknowledged_trajectory(ray_loc
             replayed = ray.get(buffer.stats.remote(), timeout=HANG_GUARD_S).restored
             new_pid = _pid(ray, buffer)
             at_restart = ray.get(buffer.stats.remote(), timeout=HANG_GUARD_S)
-            _wait_for(lambda: ray.get(buffer.stats.remote()).batches >= at_restart.batches + 2, "new batches")
+            wait_for(lambda: ray.get(buffer.stats.remote()).batches >= at_restart.batches + 2, "new batches")
             ray.get(buffer.stop.remote(), timeout=HANG_GUARD_S)
             report = ray.get(run, timeout=HANG_GUARD_S)
             size = view.refresh()  # the trainer's view: old references died with the buffer, new ones fetched
         finally:
             ray.kill(actor, no_restart=True)
-        after = [t.seed for t in _held(ray, buffer)]
+        after = [t.seed for t in held_trajectories(buffer)]
         files = len(journal.list())
         ray.kill(buffer, no_restart=True)
 
@@ -211,7 +192,7 @@ def test_training_goes_on_when_the_buffer_actor_dies_mid_trial(ray_local, tmp_pa
         ray.kill(producer, no_restart=True)
         replayed = ray.get(buffer.stats.remote(), timeout=HANG_GUARD_S).restored
         new_pid = _pid(ray, buffer)
-        held = [t.seed for t in _held(ray, buffer)]
+        held = [t.seed for t in held_trajectories(buffer)]
         ray.kill(buffer, no_restart=True)
 
     assert marker.exists() and new_pid != pid  # the buffer really died and came back

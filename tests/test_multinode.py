@@ -19,12 +19,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import HANG_GUARD_S, record_fault
+from helpers import HANG_GUARD_S, record_fault, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
@@ -46,17 +46,6 @@ def _short_temp_dir(tag: str) -> Path:
     path = Path("/tmp") / f"aoray-{tag}-{os.getpid()}"
     path.mkdir(exist_ok=True)
     return path
-
-
-def _wait_for(condition: Callable[[], Any], what: str, timeout_s: float = HANG_GUARD_S) -> Any:
-    """Poll ``condition`` until it returns something truthy, which is returned (the bound is a hang guard)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"gave up after {timeout_s:.0f} s waiting for {what}"
-        time.sleep(0.5)
 
 
 def _gcs_state(address: str) -> Any:
@@ -235,7 +224,7 @@ def test_autoscaler_adds_worker_nodes_for_the_sweep_and_removes_them_when_idle(t
     """
     with _autoscaling_head(_short_temp_dir("as")) as address:
         state = _gcs_state(address)
-        (head,) = _wait_for(lambda: _registered_nodes(state), "the head to register")
+        (head,) = wait_for(lambda: _registered_nodes(state), "the head to register")
         log = tmp_path / "sweep.log"
         proc = _start_sweep(address, log, "--name", "autoscale", f"train.output_dir={tmp_path}",
                             "sweep.arms=[{mode: causal}, {mode: any_order, mask_prob: 0.5}]",
@@ -265,7 +254,7 @@ def test_autoscaler_adds_worker_nodes_for_the_sweep_and_removes_them_when_idle(t
               f"{buffers == {head}}")  # fmt: skip
 
         # Idle for idle_timeout_minutes (6 s): the autoscaler terminates them; the head stays.
-        _wait_for(lambda: set(_alive_nodes(state)) == {head}, "the idle worker nodes to be removed")
+        wait_for(lambda: set(_alive_nodes(state)) == {head}, "the idle worker nodes to be removed")
         dead = {n["NodeID"] for n in state.node_table() if not n["Alive"]}
         assert set(workers_seen) <= dead
 
@@ -342,12 +331,12 @@ def test_a_trial_survives_losing_the_node_of_its_training_worker_and_rollout_act
                         "eval.every_steps=20")  # fmt: skip
     try:
         # The trial started on the head: its eval actor runs there, its rollout actor waits for a node with a CPU.
-        _wait_for(lambda: _one(state, "EvalWorker", "ALIVE") and _one(state, "RolloutWorker"), "the trial's actors")
+        wait_for(lambda: _one(state, "EvalWorker", "ALIVE") and _one(state, "RolloutWorker"), "the trial's actors")
         assert _one(state, "EvalWorker")["Address"]["NodeID"] == head
         assert _one(state, "RolloutWorker", "ALIVE") is None
         victim = _add_node(cluster, num_cpus=2)
-        rollout = _wait_for(lambda: _one(state, "RolloutWorker", "ALIVE"), "the rollout actor to start")
-        trainer = _wait_for(lambda: _one(state, "RayTrainWorker", "ALIVE"), "the training worker to start")
+        rollout = wait_for(lambda: _one(state, "RolloutWorker", "ALIVE"), "the rollout actor to start")
+        trainer = wait_for(lambda: _one(state, "RayTrainWorker", "ALIVE"), "the training worker to start")
         assert rollout["Address"]["NodeID"] == trainer["Address"]["NodeID"] == victim.node_id
         buffer = _one(state, "TrajectoryBuffer", "ALIVE")
         assert buffer is not None and buffer["Address"]["NodeID"] == head
@@ -358,7 +347,7 @@ def test_a_trial_survives_losing_the_node_of_its_training_worker_and_rollout_act
             records = _trial_log(run_dir)
             return records if any(r.get("train/step", 0) > 2 * CHECKPOINT_EVERY for r in records) else []
 
-        before = _wait_for(past_first_checkpoint, "reports past the first checkpoint")
+        before = wait_for(past_first_checkpoint, "reports past the first checkpoint")
         assert before[-1]["train/step"] < MAX_STEPS, "the trial ended before the node was lost: raise MAX_STEPS"
         cluster.remove_node(victim, allow_graceful=False)
 
