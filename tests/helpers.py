@@ -115,6 +115,22 @@ def held_trajectories(buffer: Any) -> list[Trajectory]:
     return out
 
 
+def fit_one_worker(loop: dict, out: Path) -> Any:
+    """One real TorchTrainer run of ``train_loop_per_worker`` with ``loop`` as its config, on one worker of 1 CPU,
+    stored under ``out``; returns Ray Train's ``Result`` (a failed run raises ``ray.train.TrainingFailedError``)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from anyorder_ray.roles.train_loop import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=out.name, storage_path=str(out.parent)),
+    ).fit()
+
+
 @dataclass(frozen=True)
 class WaitForOnPolicyData:
     """Test hook (the train loop's ``after_step``): after step ``step`` rank 0 waits until ``buffer`` (the trial's

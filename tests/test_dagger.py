@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import held_trajectories, wait_for
+from helpers import fit_one_worker, held_trajectories, wait_for
 
 from anyorder_ray.config import ConfigError, ExperimentConfig, RolloutConfig, load_config
 from anyorder_ray.data.encoding import UnitEncoder
@@ -361,10 +361,8 @@ def test_a_tiny_dagger_trial_trains_on_relabelled_on_policy_data(ray_local, tmp_
     import json
 
     from helpers import WaitForOnPolicyData
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from anyorder_ray.roles.train_loop import METRICS_LOG, train_loop_per_worker
+    from anyorder_ray.roles.train_loop import METRICS_LOG
     from anyorder_ray.roles.trial import start_actors
 
     cfg = _dagger_cfg("train.max_steps=24", "train.report_every=4", "train.checkpoint_every=0",
@@ -375,12 +373,7 @@ def test_a_tiny_dagger_trial_trains_on_relabelled_on_policy_data(ray_local, tmp_
         loop = actors.loop_config(cfg, Location.parse(tmp_path / "run" / METRICS_LOG))
         # Step 8 waits for on-policy data (a synchronisation): the refresh at step 20 then sees it.
         loop["after_step"] = WaitForOnPolicyData(actors.buffer, 8)
-        result = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=loop,
-            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(name="run", storage_path=str(tmp_path)),
-        ).fit()
+        result = fit_one_worker(loop, tmp_path / "run")
     finally:
         actors.stop()
     assert result.error is None

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import babyai, expert_trajectories, held_trajectories, world_tokenizer
+from helpers import babyai, expert_trajectories, fit_one_worker, held_trajectories, world_tokenizer
 
 from anyorder_ray.config import DataConfig, MaskingConfig, config_from_dict
 from anyorder_ray.data.batching import BatchMaker, LocalSource, TrajectoryView
@@ -215,11 +215,8 @@ def test_a_tiny_iwm_trial_trains_on_demos_and_their_branches(ray_local, tmp_path
     ends with finite losses."""
     import json
 
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from anyorder_ray.roles.buffer import BufferJournal
-    from anyorder_ray.roles.train_loop import METRICS_LOG, train_loop_per_worker
+    from anyorder_ray.roles.train_loop import METRICS_LOG
     from anyorder_ray.roles.trial import start_actors
     from anyorder_ray.storage import Location
 
@@ -228,12 +225,9 @@ def test_a_tiny_iwm_trial_trains_on_demos_and_their_branches(ray_local, tmp_path
     journal = Location.parse(tmp_path / "trajectories")
     actors = start_actors(cfg, journal=journal)
     try:
-        result = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=actors.loop_config(cfg, Location.parse(tmp_path / "run" / METRICS_LOG)),
-            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(name="run", storage_path=str(tmp_path)),
-        ).fit()
+        result = fit_one_worker(
+            actors.loop_config(cfg, Location.parse(tmp_path / "run" / METRICS_LOG)), tmp_path / "run"
+        )
     finally:
         actors.stop()
     assert result.error is None

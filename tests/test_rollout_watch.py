@@ -140,19 +140,10 @@ def _cfg(*overrides: str) -> ExperimentConfig:
 def _fit_fails(loop: dict, out: Path) -> str:
     """Run ``train_loop_per_worker`` on one worker; it must fail: the error's text."""
     import ray.train
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from helpers import fit_one_worker
 
-    from anyorder_ray.roles.train_loop import train_loop_per_worker
-
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop,
-        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=out.name, storage_path=str(out.parent)),
-    )
     with pytest.raises(ray.train.TrainingFailedError) as failed:
-        trainer.fit()
+        fit_one_worker(loop, out)
     return str(failed.value)
 
 
