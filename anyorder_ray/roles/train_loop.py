@@ -167,7 +167,7 @@ class BufferSource:
     def size(self) -> int:
         return self.view.size
 
-    def refresh(self, limit: int | None = None) -> int:
+    def refresh(self, limit: int | None = None, *, check: bool = True) -> int:
         """Sync the view with the buffer; returns the trajectories in view.
 
         ``limit`` keeps only the oldest ``limit`` trajectories: it restores a checkpointed view in the fixed
@@ -176,10 +176,10 @@ class BufferSource:
         A buffer that restarted (it replays its journal) holds the same trajectories under new references: they are
         fetched again, and references that died with the old buffer are dropped.
 
-        ``streaming``: raises ``RolloutFailed`` first if a rollout actor died for good or the actors rejected too many
-        weight versions in a row (see the class).
+        ``streaming`` (and ``check``): raises ``RolloutFailed`` first if a rollout actor died for good or the actors
+        rejected too many weight versions in a row (see the class).
         """
-        if self._streaming:
+        if self._streaming and check:
             self.check_producers()
         for _ in range(_REFRESH_ATTEMPTS - 1):
             try:
@@ -235,9 +235,16 @@ class BufferSource:
         trajectories in view."""
         producers = self._producers
         start = last_log = time.monotonic()
-        while self._demos() < min_demos:
+        while True:
+            self.refresh(check=False)
+            if self.view.demos >= min_demos:
+                return self.size
+            # One producer check per poll (a refresh in the streaming regimes would make its own first).
             finished = self.check_producers()
-            if producers and finished == len(producers) and self._demos() < min_demos:
+            if producers and finished == len(producers):
+                self.refresh(check=False)  # their last batches may have landed after the refresh above
+                if self.view.demos >= min_demos:
+                    return self.size
                 raise RuntimeError(
                     f"all rollout actors finished but the buffer holds only {self.view.demos} of the {min_demos} "
                     "expert demos training needs (seed range exhausted, or the expert fails on this level?)"
@@ -253,11 +260,6 @@ class BufferSource:
                       flush=True)  # fmt: skip
                 last_log = now
             time.sleep(poll_s)
-        return self.size
-
-    def _demos(self) -> int:
-        self.refresh()
-        return self.view.demos
 
     def sample(self, n: int, branch_share: float = 0.0) -> list[Trajectory]:
         return self.view.sample(n, branch_share)
