@@ -9,12 +9,15 @@ seeds, as the fixed regime collects them. Training: ``BatchMaker.bucketed`` micr
 mean cross-entropy over the targets, the trainer's AdamW and schedule (``make_optimizer``) over ``STEPS`` steps, grad
 clipping. Evaluation: greedy episodes on the sweep's evaluation seeds (``eval.final_episodes``), the trials' scorer.
 Ends with ``RESULT probe_success <rate>``. ``--threads`` sets torch's threads (default 2); ``--abs-positions`` adds a
-learned absolute position embedding to the token embeddings (not part of LLaDA2: a diagnostic only).
+learned absolute position embedding to the token embeddings (not part of LLaDA2: a diagnostic only); ``--per-state N``
+first prints how often the greedy policy picks the bot's action at every state of N held-out bot episodes, by the bot's
+action and by the type of the cell in front of the agent (BabyAI only).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import os
 import time
@@ -28,9 +31,9 @@ import torch.nn.functional as F  # noqa: E402
 from anyorder_ray.config import load_config  # noqa: E402
 from anyorder_ray.data.batching import BatchMaker, LocalSource  # noqa: E402
 from anyorder_ray.data.encoding import IGNORE_INDEX, UnitEncoder  # noqa: E402
-from anyorder_ray.data.seeds import eval_episode_seeds, rollout_seed_range  # noqa: E402
+from anyorder_ray.data.seeds import eval_episode_seeds, heldout_trajectory_seeds, rollout_seed_range  # noqa: E402
 from anyorder_ray.evaluation.episodes import run_episodes  # noqa: E402
-from anyorder_ray.evaluation.scoring import ActionScorer  # noqa: E402
+from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery  # noqa: E402
 from anyorder_ray.evaluation.stats import wilson_interval  # noqa: E402
 from anyorder_ray.models.factory import build_model, build_tokenizer  # noqa: E402
 from anyorder_ray.training.optim import make_optimizer  # noqa: E402
@@ -46,12 +49,44 @@ def add_abs_positions(model: torch.nn.Module, length: int) -> None:
     emb.register_forward_hook(lambda mod, inp, out: out + model.abs_positions.weight[: out.shape[1]])
 
 
+def per_state(model, scorer: ActionScorer, cfg, episodes: int) -> None:
+    """Agreement of the greedy policy with the bot at every state of ``episodes`` held-out bot episodes."""
+    from minigrid.core.constants import IDX_TO_OBJECT
+
+    from envs.babyai import parse_obs
+
+    world = make_world(evaluation_env(cfg.env))
+    data, _ = collect_expert_trajectories(world, heldout_trajectory_seeds(cfg.eval, episodes))
+    queries, labels, fronts = [], [], []
+    for trajectory in data:
+        units = trajectory.units
+        for t in range(0, len(units) - 1, 2):
+            history = tuple((units[i].text, units[i + 1].text) for i in range(0, t, 2))
+            queries.append(PolicyQuery(trajectory.mission, history, units[t].text))
+            labels.append(units[t + 1].text)
+            image, _ = parse_obs(units[t].text, cfg.env.obs_encoding)
+            fronts.append(int(image[3, 5, 0]))  # the agent stands at (3, 6) facing up: (3, 5) is in front
+    with torch.no_grad():
+        log_probs = torch.cat([scorer.log_probs(model, queries[i : i + 64]) for i in range(0, len(queries), 64)])
+    names = world.action_names
+    picked = [names[i] for i in log_probs.argmax(-1).tolist()]
+    groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for choice, label, front in zip(picked, labels, fronts, strict=True):
+        for key in ("all states", f"bot: {label}", f"in front: {IDX_TO_OBJECT[front]}"):
+            groups[key][0] += choice == label
+            groups[key][1] += 1
+    print(f"greedy policy vs the bot on {len(labels)} states of {len(data)} held-out episodes:")
+    for key, (agree, n) in sorted(groups.items()):
+        print(f"  {key:22s} {agree / n:.3f} of {n}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("steps", type=int)
     p.add_argument("overrides", nargs="*")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--abs-positions", action="store_true")
+    p.add_argument("--per-state", type=int, default=0, metavar="N", help="held-out bot episodes to check one by one")
     args = p.parse_intermixed_args()
     cfg = load_config(BASE, ["masking.mode=causal", "env.obs_encoding=compact", *args.overrides])
     torch.set_num_threads(args.threads)
@@ -83,6 +118,8 @@ def main() -> None:
     world_cfg = evaluation_env(cfg.env)
     scorer = ActionScorer(encoder, make_world(world_cfg).action_names, cfg.history_steps(), cfg.data.max_seq_len,
                           cfg.masking.layout)  # fmt: skip
+    if args.per_state:
+        per_state(model, scorer, cfg, args.per_state)
     with torch.no_grad():
         seeds = eval_episode_seeds(cfg.eval, cfg.eval.final_episodes)
         play = lambda: make_world(world_cfg, expert=False)  # noqa: E731
