@@ -59,12 +59,11 @@ def per_state(model, scorer: ActionScorer, cfg, episodes: int) -> None:
     data, _ = collect_expert_trajectories(world, heldout_trajectory_seeds(cfg.eval, episodes))
     queries, labels, fronts = [], [], []
     for trajectory in data:
-        units = trajectory.units
-        for t in range(0, len(units) - 1, 2):
-            history = tuple((units[i].text, units[i + 1].text) for i in range(0, t, 2))
-            queries.append(PolicyQuery(trajectory.mission, history, units[t].text))
-            labels.append(units[t + 1].text)
-            image, _ = parse_obs(units[t].text, cfg.env.obs_encoding)
+        obs, acts = trajectory.observations, trajectory.actions
+        for t, act in enumerate(acts):
+            queries.append(PolicyQuery(trajectory.mission, tuple(zip(obs[:t], acts[:t], strict=True)), obs[t]))
+            labels.append(act)
+            image, _ = parse_obs(obs[t], cfg.env.obs_encoding)
             fronts.append(int(image[3, 5, 0]))  # the agent stands at (3, 6) facing up: (3, 5) is in front
     with torch.no_grad():
         log_probs = torch.cat([scorer.log_probs(model, queries[i : i + 64]) for i in range(0, len(queries), 64)])
