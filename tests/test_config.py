@@ -66,15 +66,27 @@ def test_single_experiment_yamls_run_the_arm_they_are_named_after(name, mode, p)
         assert cfg.arms()[0].mask_prob == pytest.approx(p)
 
 
-def test_default_sweep_covers_the_baselines_three_mask_probs_and_the_variants():
+def test_default_sweep_runs_the_baselines_and_the_two_any_order_arms_at_equal_compute():
     cfg = load_config(ROOT / "tune_configs" / "sweep.yaml")
-    labels = {arm.label() for arm in cfg.arms()}
-    assert labels == {"causal", "prefix", "any_order@0.15", "any_order@0.3", "any_order@0.5", "cut_focus@0.3+unit",
-                      "any_order@0.3+unit"}  # fmt: skip
+    labels = [arm.label() for arm in cfg.arms()]
+    assert labels == ["causal", "prefix", "any_order@0.3+unit", "cut_focus+block+unit"]
     assert cfg.train.compute_budget()[0] == "flops" and cfg.train.time_budget_s is None  # equal compute, not seconds
     assert not cfg.eval.concurrent  # evaluations do not share the trainer's cores
+    ablation = load_config(ROOT / "tune_configs" / "ablation.yaml")
+    assert {"any_order@0.15", "any_order@0.3", "any_order@0.5"} <= {arm.label() for arm in ablation.arms()}
+    assert set(labels) <= {arm.label() for arm in ablation.arms()}
+    assert ablation.train == cfg.train and ablation.model == cfg.model  # the same budget and model as the default
+
+
+def test_any_order_study_reproduces_its_published_experiment():
+    import yaml
+
     study = load_config(ROOT / "tune_configs" / "any_order_study.yaml")
-    assert study.sweep.arms == cfg.sweep.arms and len(study.sweep.seeds) >= 3
+    published = yaml.safe_load((ROOT / "docs" / "results" / "any_order_study" / "experiment.yaml").read_text())
+    assert [arm.label() for arm in study.arms()] == [
+        MaskingConfig(**{**published["masking"], **arm}).label() for arm in published["sweep"]["arms"]
+    ]
+    assert len(study.sweep.seeds) >= 3
     assert study.train.time_budget_s == 120 and study.train.flop_budget is None  # as published
 
 
