@@ -9,7 +9,11 @@ Reported: the seconds the first ``--warm`` compiled steps take beyond the eager 
 median step time over the steps after them for each side. The ratio eager / compiled is the speed-up (> 1: compile
 helps); ``model.compile`` defaults to whatever this measures.
 
-Run: ``python bench/compile_speed.py`` (full, ~2 minutes) or ``--quick`` (fewer steps, < 1 minute here).
+Run: ``python bench/compile_speed.py`` (full, ~2 minutes) or ``--quick``: a path check of the same code on
+``tune_configs/smoke.yaml`` (its 2-layer model and short windows) with a few steps per side, so that its time is the
+compile itself (each step of the default sweep's model costs seconds on a loaded 2-core machine; the test suite runs
+``--quick``). Its figures are not the default's: quote the full run, or the figures of docs/BENCHMARKS.md with
+``--quick --config tune_configs/sweep.yaml --warm 20 --steps 20`` (the former ``--quick``).
 """
 
 from __future__ import annotations
@@ -51,17 +55,18 @@ def step_times(cfg: ExperimentConfig, data: list, steps: int, compiled: bool) ->
 
 def main(argv: list[str]) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps")
-    parser.add_argument("--config", default="tune_configs/sweep.yaml")
-    parser.add_argument("--warm", type=int, default=None, help="steps counted as compile/warm-up (default 20)")
-    parser.add_argument("--steps", type=int, default=None, help="measured steps after them (default 80, quick 20)")
+    parser.add_argument("--quick", action="store_true", help="smoke model, few steps: a path check")
+    parser.add_argument("--config", default=None, help="default tune_configs/sweep.yaml (quick: smoke.yaml)")
+    parser.add_argument("--warm", type=int, default=None, help="steps counted as compile/warm-up (default 20, quick 4)")
+    parser.add_argument("--steps", type=int, default=None, help="measured steps after them (default 80, quick 4)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config)
-    warm = args.warm or 20
-    measured = args.steps or (20 if args.quick else 80)
+    config = args.config or f"tune_configs/{'smoke' if args.quick else 'sweep'}.yaml"
+    cfg = load_config(config)
+    warm = args.warm or (4 if args.quick else 20)
+    measured = args.steps or (4 if args.quick else 80)
     torch.set_num_threads(cfg.train.torch_threads)
     data, _ = expert_data(cfg.env, range(200 if args.quick else 1000))
-    print(f"config {args.config}: encoding {cfg.env.obs_encoding}, masking {cfg.masking.label()}, "
+    print(f"config {config}: encoding {cfg.env.obs_encoding}, masking {cfg.masking.label()}, "
           f"torch threads {torch.get_num_threads()}, {load_average()}", flush=True)  # fmt: skip
     eager = step_times(cfg, data, warm + measured, compiled=False)
     eager_ms = statistics.median(eager[warm:]) * 1e3
