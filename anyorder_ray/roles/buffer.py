@@ -59,7 +59,11 @@ def batch_provenance(batch: list) -> Provenance:
     if not found:
         return EXPERT
     source, version, beta = found.pop()
-    return EXPERT if source == "expert" else Provenance(source, version, beta)
+    if source == "expert":
+        return EXPERT
+    if source == "branch":  # a policy's branch (version >= 1) counts its one proposed action
+        return Provenance(source, version, beta, int(version > 0))
+    return Provenance(source, version, beta)
 
 
 @dataclass(frozen=True)
