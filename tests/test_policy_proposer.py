@@ -241,7 +241,8 @@ def test_a_dagger_actor_branches_its_demos_with_the_published_weights(ray_local)
     def policy_branches_of_every_demo():
         held = held_trajectories(buffer)
         demo_seeds = {t.seed for t in held if t.provenance.source == "expert"}
-        return held if {t.seed for t in held if t.provenance.policy_version == 3} >= demo_seeds else None
+        by_policy = {t.seed for t in held if t.provenance.source == "branch" and t.provenance.policy_version == 3}
+        return held if by_policy >= demo_seeds else None
 
     try:
         run = actor.run.remote()
