@@ -31,6 +31,7 @@ from envs.registry import EnvConfig, env_problems
 
 LOSS_NORMS = ("token", "unit")
 REGIMES = ("fixed", "streaming", "dagger")
+BRANCH_PROPOSERS = ("uniform", "policy")
 EVICTIONS = ("fifo", "onpolicy_first")
 LAYOUTS = ("sequence", "block")
 
@@ -91,11 +92,21 @@ class DataConfig:
     bucket_pool_batches: int = 32
     """Micro-batches encoded at once and grouped by length (more: less padding; 8 measured 5.6%, 32 1-2%)."""
     branches_per_state: int = 0
-    """Early-experience branches (``envs.branches``): alternative actions (uniform, not the expert's) tried from each
-    branched state of every expert demo, each stored as a branch trajectory ending with the observation it led to;
-    0: none. Collected only for arms that train on them (``masking.branches`` > 0); never counted in ``num_demos``."""
+    """Early-experience branches (``envs.branches``): alternative actions (not the expert's, chosen by
+    ``branch_proposer``) tried from each branched state of every expert demo, each stored as a branch trajectory ending
+    with the observation it led to; 0: none. Collected only for arms that train on them (``masking.branches`` > 0);
+    never counted in ``num_demos``."""
     branch_every: int = 1
     """Branch from every ``branch_every``-th state of a demo (1: every state with an expert action)."""
+    branch_proposer: Literal["uniform", "policy"] = "uniform"
+    """Who chooses a branch's alternative actions: ``uniform`` (drawn uniformly among the state's other valid actions,
+    when the demo is collected); ``policy`` (dagger regime only, the one whose rollout actors hold weights: once the
+    actor has the trial's weights it branches its demos again, each demo's states with alternatives drawn without
+    replacement from the policy's scores, ``evaluation.proposer``, provenance recording the weights' version; the
+    uniform branches made with the demos stay, training needs branches from its first step; ``roles.rollout``)."""
+    branch_temperature: float = 1.0
+    """``branch_proposer: policy``: the policy's scores are divided by this before the draw (1: its distribution;
+    towards 0: its ranking; large: uniform)."""
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -110,6 +121,14 @@ class DataConfig:
         _check(p, self.branches_per_state >= 0, f"branches_per_state must be >= 0 (0: no branches), got "
                f"{self.branches_per_state}")  # fmt: skip
         _check(p, self.branch_every >= 1, f"branch_every must be >= 1 (1: every state), got {self.branch_every}")
+        _check(p, self.branch_proposer in BRANCH_PROPOSERS, f"branch_proposer {self.branch_proposer!r} is unknown; "
+               f"allowed: {', '.join(BRANCH_PROPOSERS)}")  # fmt: skip
+        _check(p, self.branch_temperature > 0, f"branch_temperature must be > 0, got {self.branch_temperature}")
+        if self.branch_proposer == "policy":
+            _check(p, self.regime == "dagger", f"branch_proposer policy needs weights in the rollout actors: only the "
+                   f"dagger regime has them (regime is {self.regime!r}); use branch_proposer uniform")  # fmt: skip
+            _check(p, self.branches_per_state > 0, "branch_proposer policy proposes branches, but branches_per_state "
+                   "is 0 (no branches): set it >= 1")  # fmt: skip
         if self.regime in ("fixed", "dagger"):
             _check(
                 p,
@@ -578,6 +597,10 @@ class ExperimentConfig:
             with_branches = [arm.label() for arm in self.arms() if arm.branches > 0]
             _check(p, not with_branches, f"arms {with_branches} train on branches (masking.branches > 0) but "
                    "data.branches_per_state is 0: set it >= 1 (alternatives per state)")  # fmt: skip
+        if self.data.branch_proposer == "policy":
+            _check(p, any(arm.branches > 0 for arm in self.arms()), "data.branch_proposer policy, but no arm trains on "
+                   "branches (masking.branches is 0 in every arm), so none are made: set masking.branches > 0 or use "
+                   "branch_proposer uniform")  # fmt: skip
         _raise("experiment", p)
 
     def collects_branches(self) -> bool:

@@ -13,7 +13,8 @@ given the seed and the actions; the replay checks it observation by observation 
 O(T^2 k) steps per episode of T steps, which is small next to a policy forward pass for the worlds here (BabyAI
 steps take microseconds, TextWorld cooking episodes are a few steps long).
 
-No Ray and no model here: the rollout actor supplies a proposer (``uniform_proposer`` or one backed by the policy).
+No Ray and no model here: the rollout actor supplies a proposer (``uniform_proposer``, or one backed by the policy:
+``anyorder_ray.evaluation.proposer.PolicyProposer``, ``data.branch_proposer: policy``).
 """
 
 from __future__ import annotations

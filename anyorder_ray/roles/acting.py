@@ -12,6 +12,7 @@ import ray
 import torch
 
 from anyorder_ray.data.encoding import UnitEncoder
+from anyorder_ray.evaluation.proposer import PolicyProposer
 from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
 from anyorder_ray.models.factory import build_model, build_model_config, build_tokenizer
 from anyorder_ray.roles.rollout import PolicySource
@@ -64,6 +65,11 @@ class ActingPolicy:
         """Model FLOPs of the forwards since the last call."""
         new, self._flops_sent = self.scorer.flops - self._flops_sent, self.scorer.flops
         return new
+
+    def proposer(self, temperature: float = 1.0) -> PolicyProposer:
+        """An early-experience proposer over the current weights and the acting scorer (its forwards counted in
+        ``take_flops`` like the acting ones)."""
+        return PolicyProposer(self.scorer, self._model, temperature)
 
     def act(self, queries: list[PolicyQuery], candidates: list[tuple[str, ...]]) -> list[str]:
         return self.scorer.act(self._model, queries, candidates)

@@ -28,6 +28,8 @@ trimmed past the budget takes its branches with it). Branches never count toward
 the fixed regime's data set is its ``num_demos`` demos and all their branches, complete the moment the last demo is
 acknowledged; that data set is never evicted (an ``add`` it would not fit in is refused, naming
 ``data.buffer_capacity``). A restarted producer resumes after the last acknowledged ``add``, branches included.
+The policy's branches of earlier demos (``data.branch_proposer: policy``, dagger) ride the same way with an on-policy
+batch, kept whenever the batch is: ``demo_span(worker)`` tells a producer which of its seeds were accepted demos.
 
 ``BufferState`` is the pure bookkeeping (unit-tested without Ray), ``BufferJournal`` the files; ``TrajectoryBuffer``
 wraps both as an actor class (resources are set by the caller with ``.options()``).
@@ -38,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +59,11 @@ def batch_provenance(batch: list) -> Provenance:
     if not found:
         return EXPERT
     source, version, beta = found.pop()
-    return EXPERT if source == "expert" else Provenance(source, version, beta)
+    if source == "expert":
+        return EXPERT
+    if source == "branch":  # a policy's branch (version >= 1) counts its one proposed action
+        return Provenance(source, version, beta, int(version > 0))
+    return Provenance(source, version, beta)
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,16 @@ class BufferStats:
             "rollout/inference_flops": self.inference_flops,
             "rollout/branches": self.branches,
         }
+
+
+@dataclass(frozen=True)
+class DemoSpan:
+    """Where a producer's expert demos lie in its seed range: its accepted demos are the successful expert episodes of
+    its seeds below ``stop``; ``next_seed`` is the seed its last expert batch ended at (dropped ones included), where
+    its on-policy batches start. Fixed once the demo budget is full (before any weights exist)."""
+
+    stop: int
+    next_seed: int
 
 
 @dataclass
@@ -151,6 +167,8 @@ class BufferState:
         self._repeated = 0
         self._per_worker: dict[int, int] = {}
         self._next_seed: dict[int, int] = {}
+        self._demo_stop: dict[int, int] = {}  # per worker: 1 + its last accepted demo's seed
+        self._demo_next_seed: dict[int, int] = {}  # per worker: next_seed of its last expert batch
         self._stopped = False
 
     # -- producers ---------------------------------------------------------------------------------
@@ -162,9 +180,11 @@ class BufferState:
         next_seed: int | None = None,
         provenance: Provenance = EXPERT,
         inference_flops: float = 0.0,
+        seeds: Sequence[int] | None = None,
     ) -> bool:
         """Register a batch of ``count`` trajectories of ``provenance`` whose policy forwards cost ``inference_flops``;
-        returns True while producers should go on.
+        returns True while producers should go on. ``seeds``: the trajectories' episode seeds, in order (an expert
+        batch's accepted ones move the producer's ``demo_span``).
 
         In the fixed-budget regime a batch of demos that would overshoot the target is trimmed, so the buffer
         holds exactly ``target`` demos (the surplus at the end of that batch is never sampled). The dagger
@@ -188,6 +208,10 @@ class BufferState:
             self._expert_dropped += min(count, self._room_for_demos(self.target)) - kept
         self.check_room(kept)
         count = kept
+        if provenance.source == "expert" and next_seed is not None:
+            self._demo_next_seed[worker] = max(next_seed, self._demo_next_seed.get(worker, 0))
+            if kept and seeds is not None:
+                self._demo_stop[worker] = max(int(seeds[kept - 1]) + 1, self._demo_stop.get(worker, 0))
         if count > 0:
             self._entries.append(_Entry(ref, count, 0, provenance.source))
             self._size += count
@@ -248,6 +272,12 @@ class BufferState:
     def resume_seed(self, worker: int) -> int | None:
         """Next seed a restarted producer should use (acknowledged progress survives its crash)."""
         return self._next_seed.get(worker)
+
+    def demo_span(self, worker: int) -> DemoSpan | None:
+        """Where ``worker``'s accepted expert demos lie (None: it had no expert batch acknowledged)."""
+        if worker not in self._demo_next_seed:
+            return None
+        return DemoSpan(self._demo_stop.get(worker, 0), self._demo_next_seed[worker])
 
     def _victim(self) -> int:
         """Index of the entry to trim next: the oldest (fifo), or the oldest on-policy one (``onpolicy_first``)."""
@@ -373,18 +403,22 @@ class TrajectoryBuffer:
         inference_flops: float = 0.0,
     ) -> bool:
         """Take ownership of ``batch`` (a list of trajectories, whose policy forwards cost ``inference_flops``) and of
-        the ``branches`` of its demos (kept for the demos accepted); True while producers should go on."""
+        ``branches``: those of its demos (an expert batch: kept for the demos accepted) or the policy's branches of
+        earlier demos (an on-policy batch: kept with it); True while producers should go on."""
         provenance = batch_provenance(batch)
         branches = list(branches)
-        if branches and (provenance.source != "expert" or batch_provenance(branches).source != "branch"):
-            raise ValueError("branches come with their expert demos, as branch trajectories")
+        if branches and (provenance.source == "branch" or batch_provenance(branches).source != "branch"):
+            raise ValueError("branches come with their expert demos or an on-policy batch, as branch trajectories")
         accepted = {t.seed for t in batch[: self._state.accepted(len(batch), worker, next_seed, provenance)]}
-        branches = [b for b in branches if b.seed in accepted]
-        self._state.check_room(len(accepted) + len(branches))  # before the journal: a refused add leaves no trace
         # A batch the state will drop (a repeat, or past the fixed target or the demo budget) is journaled without
         # its trajectories: replaying it moves the counters and resume seeds exactly as it did here.
         open_to = self._state.wants_more() if provenance.on_policy else self._state.wants_expert()
         accepting = open_to and not self._state.is_repeat(worker, next_seed)
+        if provenance.source == "expert":
+            branches = [b for b in branches if b.seed in accepted]
+        elif not accepting:
+            branches = []
+        self._state.check_room(len(accepted) + len(branches))  # before the journal: a refused add leaves no trace
         record = JournalRecord(worker, next_seed, batch if accepting else [], provenance, tuple(branches),
                                float(inference_flops))  # fmt: skip
         if self._journal is not None:  # durable before it is acknowledged
@@ -397,7 +431,8 @@ class TrajectoryBuffer:
 
         # Owned by this actor: survives the producer's death.
         more = self._state.add(ray.put(record.trajectories), len(record.trajectories), record.worker,
-                               record.next_seed, record.provenance, record.inference_flops)  # fmt: skip
+                               record.next_seed, record.provenance, record.inference_flops,
+                               seeds=[t.seed for t in record.trajectories])  # fmt: skip
         if record.branches:
             more = self._state.add(ray.put(list(record.branches)), len(record.branches), record.worker, None,
                                    batch_provenance(list(record.branches)))  # fmt: skip
@@ -414,6 +449,9 @@ class TrajectoryBuffer:
 
     def resume_seed(self, worker: int) -> int | None:
         return self._state.resume_seed(worker)
+
+    def demo_span(self, worker: int) -> DemoSpan | None:
+        return self._state.demo_span(worker)
 
     # References nested in return values reach the caller as references, not resolved batches.
     def snapshot(self) -> list[tuple[Any, int, int]]:

@@ -26,8 +26,26 @@ expert demos the actor branches every demo (``envs.branches``, uniform alternati
 and hands the branches to the buffer in the same ``add`` as the demos, so they are acknowledged (and journaled) together
 and a restarted actor, resuming after the last acknowledged ``add``, never makes a demo's branches twice nor loses
 them. A demo's alternatives are drawn from a generator seeded by (actor, episode seed): they do not depend on batching.
-Only expert demos are branched (the fixed regime collects its demos before any weights exist, so a uniform proposer is
-the only one there; on-policy trajectories are not branched).
+Only expert demos are branched (on-policy trajectories are not), with uniform alternatives when they are collected:
+the fixed regime collects its demos before any weights exist, and so does dagger (training starts on the whole demo
+set).
+
+Policy branches (``data.branch_proposer: policy``, dagger only): once the actor holds weights it branches its demos a
+second time, with alternatives drawn from the policy (``evaluation.proposer.PolicyProposer``, over the acting model and
+scorer, so its forwards are counted in ``inference_flops`` like the acting ones; provenance: the weights' version).
+Those demos were acknowledged long before (the trainer waited for all of them), so their policy branches need their
+own guarantee; rather than a cursor of branched demos kept in the buffer, they ride with the on-policy batches, by a
+fixed map of seeds: the buffer's ``demo_span`` says which of the actor's seeds were accepted demos (below ``stop``) and
+where its on-policy seeds start (``next_seed``, fixed before any weights exist), and the on-policy batch of seeds
+``[lo, hi)`` carries the policy branches of the demos of seeds ``[lo, hi)`` shifted down by ``next_seed - start``.
+Each such demo is collected again by the expert (worlds and the bot are deterministic given the seed; the branching
+replays and checks every observation), branched with the weights the batch was played with, from a generator seeded by
+(actor, demo seed, 1), and handed over in the batch's ``add``: acknowledged and journaled together, dropped together
+when a restarted actor's redo repeats the batch's seeds, so a demo's policy branches are made once and never lost, by
+the same rule as the batch itself. Uniform branches of the demos stay (the trainer draws branches from its first
+step, before any weights); the policy branches come on top, one batch of demos per on-policy batch, so the demo set is
+branched once over as many on-policy batches as it took demo batches (a trial that ends first leaves the rest
+unbranched by the policy).
 """
 
 from __future__ import annotations
@@ -42,6 +60,7 @@ import ray
 
 from anyorder_ray.config import ModelConfig, RolloutConfig
 from anyorder_ray.data.seeds import rollout_seed_range
+from anyorder_ray.roles.buffer import DemoSpan
 from envs import EnvConfig, Trajectory, collect_expert_trajectories, make_world
 from envs.branches import branch_trajectories
 
@@ -76,11 +95,15 @@ class RolloutReport:
 @dataclass(frozen=True)
 class BranchPlan:
     """What a rollout actor branches (plain values, so a restart rebuilds): ``data.branches_per_state`` alternatives
-    from every ``data.branch_every``-th state of each demo, with ``history_steps`` expert steps before each."""
+    from every ``data.branch_every``-th state of each demo, with ``history_steps`` expert steps before each;
+    ``proposer``: ``data.branch_proposer`` (``policy``: the demos again once weights exist, module docstring) with
+    ``data.branch_temperature``."""
 
     per_state: int
     every: int
     history_steps: int
+    proposer: str = "uniform"
+    temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -111,8 +134,12 @@ class RolloutWorker:
         as a constructor argument would be a reference Ray has to keep alive for restarts (it logs an ERROR that
         such a restart can fail); a name is plain data. ``policy``: act with the trial's weights (dagger).
         ``branches``: branch every expert demo (early experience)."""
+        if branches is not None and branches.proposer == "policy" and policy is None:
+            raise ValueError("policy branches need the trial's weights: a BranchPlan with proposer 'policy' needs a "
+                             "PolicySource (the dagger regime)")  # fmt: skip
         self._cfg = rollout
         self._branches = branches
+        self._demo_span: DemoSpan | None = None  # asked of the buffer at the first policy branches
         self._branch_world = make_world(env, expert=False) if branches is not None else None
         self._worker = worker
         self._buffer = ray.get_actor(buffer_name)
@@ -162,7 +189,7 @@ class RolloutWorker:
                                                self._history_steps, rng_seed=self._worker)  # fmt: skip
                 onpolicy += len(trajs)
                 attempted, succeeded = stats.attempted, stats.succeeded
-                branches: list[Trajectory] = []  # only expert demos are branched
+                branches: list[Trajectory] = self._policy_branches(policy, lo, hi)  # of earlier demos, if asked
             else:
                 if policy is not None and not ray.get(self._buffer.wants_expert.remote()):
                     # Dagger with the demo budget full and no weights yet: nothing useful to do until they come.
@@ -196,4 +223,30 @@ class RolloutWorker:
             rng = np.random.default_rng([self._worker, demo.seed])  # per demo: independent of batch boundaries
             steps = range(0, demo.num_actions, plan.every)
             out += branch_trajectories(self._branch_world, demo, plan.per_state, rng, plan.history_steps, steps=steps)
+        return out
+
+    def _policy_branches(self, policy: ActingPolicy, lo: int, hi: int) -> list[Trajectory]:
+        """The policy's branches of this actor's demos that ride with its on-policy batch of seeds ``[lo, hi)``: the
+        demos of those seeds shifted down by the span's ``next_seed - start`` (module docstring); none without a
+        ``policy`` branch plan."""
+        plan = self._branches
+        if plan is None or plan.proposer != "policy":
+            return []
+        if self._demo_span is None:  # fixed before any weights exist: asked once per process
+            none = DemoSpan(self._seeds.start, self._seeds.start)  # no demo of this actor was accepted
+            self._demo_span = ray.get(self._buffer.demo_span.remote(self._worker)) or none
+        span = self._demo_span
+        shift = span.next_seed - self._seeds.start  # on-policy seed s carries the demo of seed s - shift
+        seeds = range(max(lo - shift, self._seeds.start), min(hi - shift, span.stop))
+        if not seeds:
+            return []
+        demos, _ = collect_expert_trajectories(self._world, seeds)  # the same demos: the bot is deterministic
+        proposer = policy.proposer(plan.temperature)
+        out: list[Trajectory] = []
+        for demo in demos:
+            steps = range(0, demo.num_actions, plan.every)
+            proposer.prefetch(demo, steps)  # one batched forward per demo
+            rng = np.random.default_rng([self._worker, demo.seed, 1])  # per demo, apart from its uniform branches'
+            out += branch_trajectories(self._branch_world, demo, plan.per_state, rng, plan.history_steps, proposer,
+                                       steps, policy_version=policy.version)  # fmt: skip
         return out

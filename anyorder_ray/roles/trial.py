@@ -93,7 +93,8 @@ def make_rollout_actor(cfg: ExperimentConfig, worker: int, buffer_name: str, boa
         policy = PolicySource(board_name, cfg.model, cfg.history_steps(), cfg.data.max_seq_len, cfg.masking.layout)
     branches = None
     if cfg.collects_branches():
-        branches = BranchPlan(cfg.data.branches_per_state, cfg.data.branch_every, cfg.data.branch_history_steps())
+        branches = BranchPlan(cfg.data.branches_per_state, cfg.data.branch_every, cfg.data.branch_history_steps(),
+                              cfg.data.branch_proposer, cfg.data.branch_temperature)  # fmt: skip
     return (
         ray.remote(RolloutWorker)
         .options(
