@@ -139,8 +139,7 @@ def test_a_block_arm_trains_every_query_of_its_mode_and_is_evaluated_in_the_same
     assert all(q.blocks is not None for q in world + action) and len(action) == traj.num_actions
     scorer = ActionScorer(encoder, ("left", "right", "forward", "pickup", "drop", "toggle", "done"), 3, 1024, "block")
     t = traj.num_actions - 1  # the last action: its query has the most history
-    obs, acts = traj.observations, traj.actions
-    query = PolicyQuery(traj.mission, tuple(zip(obs[:t], acts[:t], strict=True)), obs[t])
+    query = PolicyQuery.at(traj, t)
     scored = scorer.log_probs(model, [query])[0]
     packed = encode_blocks(traj.mission, traj.units[: 2 * t + 2], [2 * t + 1], encoder, 1024)
     logits = _target_logits(model, collate([packed], 0))[0]

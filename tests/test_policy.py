@@ -122,8 +122,7 @@ def bot_trajectories():
 
 
 def _query(traj, t: int) -> PolicyQuery:
-    obs, acts = traj.observations, traj.actions
-    return PolicyQuery(traj.mission, tuple(zip(obs[:t], acts[:t], strict=True)), obs[t])
+    return PolicyQuery.at(traj, t)
 
 
 def _ids(tokenizer, words) -> list[int]:

@@ -15,8 +15,8 @@ from helpers import expert_trajectories
 
 from anyorder_ray.config import ConfigError, load_config
 from anyorder_ray.data.encoding import UnitEncoder
-from anyorder_ray.evaluation.proposer import PolicyProposer, branch_query
-from anyorder_ray.evaluation.scoring import ActionScorer
+from anyorder_ray.evaluation.proposer import PolicyProposer
+from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
 from anyorder_ray.models.factory import build_model, build_model_config, build_tokenizer
 from anyorder_ray.roles.buffer import BufferState, DemoSpan
 from envs import EnvConfig, make_world
@@ -83,7 +83,7 @@ def test_prefetched_scores_are_the_per_state_scores_in_one_forward(policy, demos
     for t in range(demo.num_actions):
         assert np.allclose(fetched.scores(demo, t, candidates), direct.scores(demo, t, candidates), atol=1e-5)
         # the scorer's own query at that state: the demo's steps before t as the history
-        expected = scorer.score(model, [branch_query(demo, t)], [candidates])[0].double().numpy()
+        expected = scorer.score(model, [PolicyQuery.at(demo, t)], [candidates])[0].double().numpy()
         assert np.allclose(fetched.scores(demo, t, candidates), expected, atol=1e-5)
     assert scorer.flops - flops > one_forward  # the direct ones cost a forward per state; the prefetch one in all
 

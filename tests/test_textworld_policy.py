@@ -108,8 +108,7 @@ def _states(env: EnvConfig, seed: int) -> tuple[Trajectory, list[tuple[str, ...]
 
 
 def _queries(traj: Trajectory) -> list[PolicyQuery]:
-    obs, acts = traj.observations, traj.actions
-    return [PolicyQuery(traj.mission, tuple(zip(obs[:t], acts[:t], strict=True)), obs[t]) for t in range(len(acts))]
+    return [PolicyQuery.at(traj, t) for t in range(traj.num_actions)]
 
 
 def _alone(

@@ -27,15 +27,7 @@ from torch import nn
 from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
 from envs.trajectory import Trajectory
 
-__all__ = ["PolicyProposer", "branch_query"]
-
-
-def branch_query(trajectory: Trajectory, t: int) -> PolicyQuery:
-    """The policy's query at state ``obs_t`` of ``trajectory``: its steps before ``t`` as history (the scorer keeps
-    the last ``history_steps`` of them), ``obs_t`` as the current observation."""
-    observations, actions = trajectory.observations, trajectory.actions
-    history = tuple(zip(observations[:t], actions[:t], strict=True))
-    return PolicyQuery(trajectory.mission, history, observations[t])
+__all__ = ["PolicyProposer"]
 
 
 class PolicyProposer:
@@ -69,7 +61,7 @@ class PolicyProposer:
         if not self.scorer.action_names or not steps:
             self._prefetched = None
             return
-        rows = self.scorer.log_probs(self.model, [branch_query(trajectory, t) for t in steps])
+        rows = self.scorer.log_probs(self.model, [PolicyQuery.at(trajectory, t) for t in steps])
         self._prefetched = (trajectory, dict(zip(steps, rows, strict=True)))
 
     def scores(self, trajectory: Trajectory, t: int, candidates: Sequence[str]) -> np.ndarray:
@@ -78,7 +70,7 @@ class PolicyProposer:
         if cached is not None and cached[0] is trajectory and t in cached[1] and set(candidates) <= self._index.keys():
             row = cached[1][t]
             return np.array([float(row[self._index[c]]) for c in candidates], dtype=np.float64)
-        scores = self.scorer.score(self.model, [branch_query(trajectory, t)], [list(candidates)])[0]
+        scores = self.scorer.score(self.model, [PolicyQuery.at(trajectory, t)], [list(candidates)])[0]
         return scores.double().numpy()
 
     def __call__(

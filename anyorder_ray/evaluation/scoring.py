@@ -32,7 +32,7 @@ from anyorder_ray.data.encoding import (
 )
 from anyorder_ray.data.masking import UnitRole
 from anyorder_ray.training.budget import forward_flops
-from envs.trajectory import Unit
+from envs.trajectory import Trajectory, Unit
 
 __all__ = ["ActionScorer", "PolicyQuery", "encode_query", "query_units"]
 
@@ -53,6 +53,13 @@ class PolicyQuery:
     mission: str
     history: tuple[tuple[str, str], ...]
     obs: str
+
+    @classmethod
+    def at(cls, trajectory: Trajectory, t: int) -> PolicyQuery:
+        """The query at state ``obs_t`` of a recorded ``trajectory``: its steps before ``t`` as history (the scorer
+        keeps the last ``history_steps`` of them), ``obs_t`` as the current observation."""
+        observations, actions = trajectory.observations, trajectory.actions
+        return cls(trajectory.mission, tuple(zip(observations[:t], actions[:t], strict=True)), observations[t])
 
 
 def query_units(history: Sequence[tuple[str, str]], obs: str, tail: Sequence[tuple[str, str]]) -> list[Unit]:

@@ -61,7 +61,7 @@ def per_state(model, scorer: ActionScorer, cfg, episodes: int) -> None:
     for trajectory in data:
         obs, acts = trajectory.observations, trajectory.actions
         for t, act in enumerate(acts):
-            queries.append(PolicyQuery(trajectory.mission, tuple(zip(obs[:t], acts[:t], strict=True)), obs[t]))
+            queries.append(PolicyQuery.at(trajectory, t))
             labels.append(act)
             image, _ = parse_obs(obs[t], cfg.env.obs_encoding)
             fronts.append(int(image[3, 5, 0]))  # the agent stands at (3, 6) facing up: (3, 5) is in front
