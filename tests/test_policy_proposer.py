@@ -217,18 +217,25 @@ def test_policy_branches_ride_with_their_on_policy_batch_through_repeats_and_the
 
 
 @pytest.mark.slow
-def test_a_dagger_actor_branches_its_demos_with_the_published_weights(ray_local):
+def test_a_dagger_actor_branches_its_demos_with_the_published_weights_once_across_a_restart(ray_local):
     """A dagger rollout actor with ``branch_proposer: policy``: its demos come with uniform branches (no weights yet);
     once weights of version 3 are published, its on-policy batches carry the policy's branches of those demos (version
-    3, every branched state of every demo exactly once), and the forwards are counted."""
+    3), and the forwards are counted. SIGKILLed after its first batch of policy branches, it restarts with the same
+    weights and the redo of its seeds neither repeats nor skips a demo: every branched state of every demo is branched
+    by the policy exactly once."""
+    import os
+    import signal
+
     from helpers import HANG_GUARD_S, held_trajectories, wait_for
 
     from anyorder_ray.roles.trial import make_board, make_buffer, make_rollout_actor
 
     ray = ray_local
+    # Two episodes per batch: the policy branches of the 8 demos come over four on-policy batches, so the kill lands
+    # with demos still to branch (printed; the exactly-once check holds wherever it lands).
     cfg = load_config(ROOT / "tune_configs" / "smoke.yaml", ["data.regime=dagger", "data.num_demos=8",
-                      "rollout.episodes_per_batch=4", "rollout.batch_envs=4", "rollout.idle_poll_s=0.1",
-                      "rollout.max_restarts=0", "eval.enabled=false", "data.branches_per_state=1",
+                      "rollout.episodes_per_batch=2", "rollout.batch_envs=2", "rollout.idle_poll_s=0.1",
+                      "rollout.max_restarts=1", "eval.enabled=false", "data.branches_per_state=1",
                       "data.branch_proposer=policy", "masking.mode=iwm", "masking.branches=0.5",
                       "sweep.arms=[]"])  # fmt: skip
     model = build_model(cfg.model, build_tokenizer(cfg.model, cfg.env), seed=0)
@@ -238,6 +245,10 @@ def test_a_dagger_actor_branches_its_demos_with_the_published_weights(ray_local)
     actor = make_rollout_actor(cfg, 0, buffer_name, board_name)
     stats = lambda: ray.get(buffer.stats.remote())  # noqa: E731
 
+    def branched_by_policy() -> set[int]:
+        return {t.seed for t in held_trajectories(buffer) if t.provenance.source == "branch"
+                and t.provenance.policy_version == 3}  # fmt: skip
+
     def policy_branches_of_every_demo():
         held = held_trajectories(buffer)
         demo_seeds = {t.seed for t in held if t.provenance.source == "expert"}
@@ -245,24 +256,31 @@ def test_a_dagger_actor_branches_its_demos_with_the_published_weights(ray_local)
         return held if by_policy >= demo_seeds else None
 
     try:
+        first_pid = ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()))  # queued before `run`
         run = actor.run.remote()
         wait_for(lambda: stats().size - stats().branches == 8, "the demo budget")
         ray.get(board.publish.remote([ray.put(weights)], 3, 100))
+        wait_for(branched_by_policy, "the first policy branches", poll_s=0.2)
+        os.kill(first_pid, signal.SIGKILL)
+        at_kill = branched_by_policy()
         held = wait_for(policy_branches_of_every_demo, "the policy's branches of every demo", poll_s=0.5)
         ray.get(buffer.stop.remote())
-        report = ray.get(run, timeout=HANG_GUARD_S)
+        report = ray.get(run, timeout=HANG_GUARD_S)  # retried on the restarted process, ended by the stop
+        second_pid = ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()))
     finally:
         ray.kill(actor, no_restart=True)
         ray.kill(buffer, no_restart=True)
         ray.kill(board, no_restart=True)
 
+    print(f"demos branched by the policy at the kill: {len(at_kill)} of 8")
     demos = {t.seed: t for t in held if t.provenance.source == "expert"}
-    assert len(demos) == 8 and report.policy_version == 3 and report.inference_flops > 0
+    assert second_pid != first_pid and len(demos) == 8 and report.policy_version == 3 and report.inference_flops > 0
     uniform = [t for t in held if t.provenance == Provenance("branch")]
     by_policy = [t for t in held if t.provenance.source == "branch" and t.provenance.policy_version > 0]
     assert by_policy and all(t.provenance == Provenance("branch", 3, 1.0, 1) for t in by_policy)
     assert len(uniform) == sum(d.num_actions for d in demos.values())  # one alternative per state, at collection
-    # Every state of every demo branched once by the policy (k = 1), none twice, none of a demo not in the buffer.
+    # Every state of every demo branched once by the policy (k = 1), none twice (not even across the restart), none of
+    # a demo not in the buffer.
     states = sorted((t.seed, t.meta["branch_step"]) for t in by_policy)
     assert states == sorted((seed, s) for seed, d in demos.items() for s in range(d.num_actions))
     for t in by_policy:
