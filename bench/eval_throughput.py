@@ -102,21 +102,20 @@ class PolicyStates:
         return len(self.queries)
 
 
-def policy_states(env: EnvConfig, trajectories: list[Trajectory], history_steps: int, n: int) -> PolicyStates:
-    """``n`` realistic policy queries: the states of expert trajectories, with their histories, and each state's
-    ``valid_actions()`` (the trajectory replayed in the world: a fixed-action world gives its whole set)."""
+def policy_states(env: EnvConfig, trajectories: list[Trajectory], n: int) -> PolicyStates:
+    """``n`` realistic policy queries: the states of expert trajectories, with their histories (the scorer keeps the
+    last ``history_steps``), and each state's ``valid_actions()`` (the trajectory replayed in the world: a
+    fixed-action world gives its whole set)."""
     world = make_world(env, expert=False)
     states = PolicyStates([], [])
     for traj in trajectories:
-        obs, acts = traj.observations, traj.actions
         world.reset(traj.seed)
-        for t in range(len(acts)):
-            history = tuple(zip(obs[:t], acts[:t], strict=True))[-history_steps:] if history_steps else ()
-            states.queries.append(PolicyQuery(traj.mission, history, obs[t]))
+        for t, action in enumerate(traj.actions):
+            states.queries.append(PolicyQuery.at(traj, t))
             states.candidates.append(world.valid_actions())
             if len(states) == n:
                 return states
-            world.step(acts[t])
+            world.step(action)
     return states
 
 
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
     # Why the ratio is what it is: per-query policy cost at batch 1 vs the lockstep width, and the matmul share.
     n_states = 4 * args.batch_envs if args.quick else 8 * args.batch_envs
-    states = policy_states(eval_env, heldout, cfg.history_steps(), n_states)
+    states = policy_states(eval_env, heldout, n_states)
     cost_1 = per_sequence_cost(model, scorer, states[: 2 * args.batch_envs], 1)
     cost_b = per_sequence_cost(model, scorer, states, args.batch_envs)
     share, padding = matmul_share(model, scorer, states[: args.batch_envs])
