@@ -3,6 +3,7 @@
     python -m anyorder_ray.sweep                                  # tune_configs/sweep.yaml
     python -m anyorder_ray.sweep --config tune_configs/smoke.yaml train.max_steps=50
     python -m anyorder_ray.sweep --resume runs/anyorder-20261125-101500
+    python -m anyorder_ray.sweep --tables runs/anyorder-20261125-101500  # tables of a running or interrupted sweep
     python -m anyorder_ray.sweep sweep.storage_path='s3://bucket/runs?region=eu-west-1'
     ray job submit --working-dir . -- python -m anyorder_ray.sweep --config tune_configs/smoke.yaml
 
@@ -43,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--resume", default=None, help="run directory (a path or storage URI) of an interrupted sweep to finish"
+    )
+    p.add_argument(
+        "--tables",
+        default=None,
+        help="run directory (a path or storage URI) of a running or interrupted sweep: write its tables from the "
+        "trials' latest reports (unfinished ones marked partial), without starting Ray or any trial",
     )
     p.add_argument("--name", default=None, help="run directory name (default: <sweep.name>-<timestamp>)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
@@ -300,6 +307,44 @@ def _load_saved_config(saved: Location) -> ExperimentConfig:
         return load_config(local)
 
 
+def write_results(grid: Any, cfg: ExperimentConfig, run: Location) -> list[dict[str, Any]]:
+    """The sweep's tables, summary and plots from ``grid`` (a Tune ``ResultGrid``) into ``run``; printed; its rows."""
+    rows = results_rows(grid, cfg)
+    with run.staged() as out:  # a remote run folder gets the tables and plots uploaded when they are all written
+        table_md = write_tables(rows, out)
+        summary_md = write_summary(rows, out)
+        write_plots(grid, cfg, rows, out)
+    print(table_md, flush=True)
+    if len(cfg.sweep.seeds) > 1:
+        print("\nPer arm over seeds (summary.md):\n" + summary_md, flush=True)
+    return rows
+
+
+def tables_only(where: str) -> int:
+    """``--tables RUN``: the tables of a running or interrupted sweep from what its trials reported so far (Tune's
+    experiment state on disk; no Ray, no trial runs). A trial without its final evaluation is marked ``partial``; a
+    trial that never started has no row and is named."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    try:
+        run, saved = find_run(where, f"--tables {where}")
+        cfg = _load_saved_config(saved)
+        tune_path, tune_fs = run.child("tune").ray_storage()
+        grid = ResultGrid(ExperimentAnalysis(tune_path, storage_filesystem=tune_fs))
+    except (ConfigError, StorageError, OSError, ValueError) as e:  # ValueError: Tune found no experiment state
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = write_results(grid, cfg, run)
+    partial = [f"{r['arm']} seed {r['seed']}" for r in rows if r["status"] == "partial"]
+    if partial:
+        print(f"[sweep] partial (no final evaluation yet; latest report shown): {'; '.join(partial)}", flush=True)
+    missing = missing_trials(rows, cfg)
+    if missing:
+        print(f"[sweep] not started: {'; '.join(missing)}", flush=True)
+    print(f"[sweep] results: {run.child('results.md')} (and results.csv, summary.*, plots beside it)", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -311,6 +356,14 @@ def main(argv: list[str] | None = None) -> int:
         # process binds and talks on 127.0.0.1 (read when ray is first imported, which happens below).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     args = parse_args(argv)
+    if args.tables is not None:
+        others = [flag for flag, given in (("--config", args.config), ("--name", args.name), ("--resume", args.resume),
+                                           ("--num-cpus", args.num_cpus)) if given is not None]  # fmt: skip
+        if others or args.overrides:
+            print(f"error: --tables only reads a run; it takes no {', '.join(others + list(args.overrides))}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
+        return tables_only(args.tables)
     # Every check that can fail runs before anything is written: a bad config or a cluster too small for
     # one trial leaves no run directory behind.
     try:
@@ -349,14 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[sweep] {len(prepared)} world files ready (training and evaluation pools)", flush=True)
     tuner = restore_tuner(cfg, run) if args.resume is not None else build_tuner(cfg, run)
     grid = tuner.fit()
-    rows = results_rows(grid, cfg)
-    with run.staged() as out:  # a remote run folder gets the tables and plots uploaded when they are all written
-        table_md = write_tables(rows, out)
-        summary_md = write_summary(rows, out)
-        write_plots(grid, cfg, rows, out)
-    print(table_md, flush=True)
-    if len(cfg.sweep.seeds) > 1:
-        print("\nPer arm over seeds (summary.md):\n" + summary_md, flush=True)
+    rows = write_results(grid, cfg, run)
     print(f"[sweep] finished {len(rows)} trial(s) in {time.time() - start:.0f} s", flush=True)
     print(f"[sweep] results: {run.child('results.md')} (and results.csv, summary.*, plots beside it)", flush=True)
     print(f"[sweep] checkpoints, metrics.jsonl: {run.child('train')}; Tune logs: {run.child('tune')}", flush=True)

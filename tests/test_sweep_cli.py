@@ -129,6 +129,19 @@ def test_resume_takes_no_overrides_or_other_config(tmp_path, capsys):
     assert "it takes no --config" in capsys.readouterr().err
 
 
+def test_tables_reads_a_run_only_and_names_what_is_missing(tmp_path, capsys):
+    """``--tables`` takes a run folder alone; a folder that is not a run, or a run whose Tune state does not exist
+    yet, is refused (exit 2) and nothing is written."""
+    assert sweep.main(["--tables", str(tmp_path), "--num-cpus", "2", "train.max_steps=3"]) == 2
+    assert "--tables only reads a run; it takes no --num-cpus, train.max_steps=3" in capsys.readouterr().err
+    assert sweep.main(["--tables", str(tmp_path)]) == 2
+    assert f"--tables {tmp_path}: no experiment.yaml there" in capsys.readouterr().err
+    shutil.copy(SMOKE, tmp_path / sweep.RUN_CONFIG_FILE)
+    assert sweep.main(["--tables", str(tmp_path)]) == 2
+    assert "experiment_state" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == [sweep.RUN_CONFIG_FILE]
+
+
 def test_resource_problems_name_the_keys_to_lower():
     cfg = load_config(SMOKE, ["train.num_workers=4", "train.global_batch_size=32"])
     (cpu,) = sweep.resource_problems(cfg, have_cpus=2, have_gpus=0)
@@ -311,7 +324,7 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
     try:
         # Wait for one trial finished (as Tune's state on disk records it) and the next one training: it reported,
         # so its buffer has acknowledged data and it is mid-way through its steps when the driver dies.
-        deadline = time.monotonic() + 240  # a hang guard, not a timing check
+        deadline = time.monotonic() + HANG_GUARD_S  # a hang guard, not a timing check
         while True:
             states = _trial_states(tune_dir)
             done = [t for t, s in states.items() if s == "TERMINATED"]
@@ -335,6 +348,18 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
     ray_scope.kill_leftovers()
     assert sorted(_trial_states(tune_dir).values()) != ["TERMINATED"] * len(RESUME_ARMS)  # really interrupted
     acknowledged = _journals(run_dir)  # what every trial's buffer had acknowledged when it died
+
+    # --tables of the interrupted run (no Ray): the finished trials with their final results, an unfinished one that
+    # reported marked partial; --resume below rewrites the tables.
+    tables = _run([sys.executable, "-m", "anyorder_ray.sweep", "--tables", str(run_dir)], ray_scope, HANG_GUARD_S)
+    assert tables.returncode == 0, tables.stdout[-4000:] + tables.stderr[-4000:]
+    with (run_dir / "results.csv").open() as f:
+        interrupted = {r["trial"]: r for r in csv.DictReader(f)}
+    assert set(interrupted) >= set(finished)
+    for trial, row in interrupted.items():
+        done_before = trial in finished
+        assert row["status"] == ("ok" if done_before else "partial"), row
+        assert done_before or ("partial (no final evaluation yet" in tables.stdout and row["arm"] in tables.stdout)
 
     damaged = sweep.damaged_tune_state(tune_dir)
     proc = _run(_cli("--resume", str(run_dir)), ray_scope, timeout=HANG_GUARD_S)
