@@ -245,24 +245,22 @@ def test_a_dagger_actor_branches_its_demos_with_the_published_weights_once_acros
     actor = make_rollout_actor(cfg, 0, buffer_name, board_name)
     stats = lambda: ray.get(buffer.stats.remote())  # noqa: E731
 
-    def branched_by_policy() -> set[int]:
-        return {t.seed for t in held_trajectories(buffer) if t.provenance.source == "branch"
-                and t.provenance.policy_version == 3}  # fmt: skip
+    def branched_by_policy(held: list) -> set[int]:
+        return {t.seed for t in held if t.provenance.source == "branch" and t.provenance.policy_version == 3}
 
     def policy_branches_of_every_demo():
         held = held_trajectories(buffer)
         demo_seeds = {t.seed for t in held if t.provenance.source == "expert"}
-        by_policy = {t.seed for t in held if t.provenance.source == "branch" and t.provenance.policy_version == 3}
-        return held if by_policy >= demo_seeds else None
+        return held if branched_by_policy(held) >= demo_seeds else None
 
     try:
         first_pid = ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()))  # queued before `run`
         run = actor.run.remote()
         wait_for(lambda: stats().size - stats().branches == 8, "the demo budget")
         ray.get(board.publish.remote([ray.put(weights)], 3, 100))
-        wait_for(branched_by_policy, "the first policy branches", poll_s=0.2)
+        wait_for(lambda: branched_by_policy(held_trajectories(buffer)), "the first policy branches", poll_s=0.2)
         os.kill(first_pid, signal.SIGKILL)
-        at_kill = branched_by_policy()
+        at_kill = branched_by_policy(held_trajectories(buffer))
         held = wait_for(policy_branches_of_every_demo, "the policy's branches of every demo", poll_s=0.5)
         ray.get(buffer.stop.remote())
         report = ray.get(run, timeout=HANG_GUARD_S)  # retried on the restarted process, ended by the stop
