@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -32,8 +35,8 @@ def demos():
     return expert_trajectories("GoToRedBallGrey", range(24))
 
 
-def _run(cfg, demos, session):
-    recipe = TrainingRecipe(cfg, session, LocalSource(demos))
+def _run(cfg, demos, session, source=None):
+    recipe = TrainingRecipe(cfg, session, source if source is not None else LocalSource(demos))
     recipe.setup()
     recipe.train()
     recipe.cleanup()
@@ -117,3 +120,57 @@ def test_budgets_are_exclusive_and_labelled():
     assert TrainConfig(flop_budget=2e14).compute_budget() == ("flops", 2e14)
     assert TrainConfig(token_budget=5_000_000).budget_label() == "5e+06 tokens"
     assert TrainConfig(max_steps=600).budget_label() == "600 steps" and TrainConfig().compute_budget() is None
+
+
+class _ShorteningSource(LocalSource):
+    """The demos until the recipe's second refresh (step 20), then only their first transition (obs, act, obs): the
+    data of a dagger run gets cheaper per step once short on-policy segments come in (here about half the cost)."""
+
+    def __init__(self, trajectories):
+        super().__init__(trajectories)
+        self.short = [dataclasses.replace(t, units=t.units[:3]) for t in trajectories]
+        self.refreshes = 0
+
+    def refresh(self, limit=None):
+        self.refreshes += 1
+        if self.refreshes == 2:
+            self.view.update([(self.short, 0, len(self.short))])
+        return super().refresh(limit)
+
+
+def test_a_dagger_run_plans_its_budget_again_as_its_steps_get_cheaper_and_spends_it(demos, capsys):
+    threads = torch.get_num_threads()
+    cfg = _cfg(max_steps=7, checkpoint_every=0)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, window_steps=4))  # demo windows > 1 step
+    per_step = _run(cfg, demos, LocalSession())[-1]["train/total_flops"] / 7
+    budget = 30 * per_step
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=1000, flop_budget=budget),
+                              data=dataclasses.replace(cfg.data, regime="dagger", buffer_capacity=100),
+                              rollout=dataclasses.replace(cfg.rollout, weights_every_steps=4))  # fmt: skip
+    capsys.readouterr()
+    reports = _run(cfg, demos=None, session=LocalSession(), source=_ShorteningSource(demos))
+    torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    first_plan = int(re.search(r"\[train\] budget \S+ FLOPs: (\d+) steps", out).group(1))
+    assert 20 < first_plan < 45  # the probe's plan, on the demos
+    final = reports[-1]
+    # From step 24 on, the plan counts the cheaper steps since step 20: the run trains more of them and spends its
+    # budget (to within a step), where the probe's plan would have stopped near step first_plan with most of it unspent.
+    assert final["train/step"] == final["train/planned_steps"] > first_plan + 4
+    assert budget <= final["train/total_flops"] < budget + per_step
+    assert "planned again at step 24" in out
+
+
+def test_a_plan_made_again_spends_what_is_left_and_keeps_the_warmup():
+    from anyorder_ray.training.budget import replan_compute_steps
+    from anyorder_ray.training.optim import LRSchedule
+
+    assert replan_compute_steps(step=50, spent=40.0, amount=100.0, recent_cost=0.5, max_steps=1000) == 170
+    assert replan_compute_steps(step=50, spent=40.0, amount=100.0, recent_cost=0.7, max_steps=1000) == 136  # rounded up
+    assert replan_compute_steps(step=50, spent=120.0, amount=100.0, recent_cost=1.0, max_steps=1000) == 50  # stop now
+    assert replan_compute_steps(step=50, spent=40.0, amount=100.0, recent_cost=0.01, max_steps=400) == 400
+    with pytest.raises(ValueError, match="positive"):
+        replan_compute_steps(step=50, spent=40.0, amount=100.0, recent_cost=0.0, max_steps=1000)
+    schedule = LRSchedule(0.1, 100, "cosine")
+    schedule.extend(400)
+    assert (schedule.warmup, schedule.total) == (10, 400) and schedule(10) == 1.0

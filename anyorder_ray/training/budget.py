@@ -7,6 +7,12 @@
   spend the budget with the targets each stage really trains). The plan depends only on the data, the masks and the
   seed, so the same config trains the same steps on a quiet or a loaded machine; arms of one sweep get equal compute
   (each reports what it used).
+- The dagger regime's data changes under the plan: the rollout actors' on-policy segments (cut where the executed
+  action left the expert's) are shorter than the demos the probe draws, so a step costs less as they come in. Its plan
+  is made again at every weights publication from what the steps since the last one really cost
+  (``replan_compute_steps``), so the run spends its budget, not the probe's guess of it. Which batches are on-policy
+  depends on when the actors deliver, so a dagger run's steps (like its data) depend on timing; the other regimes'
+  plans are fixed before the first step.
 - Wall time (``train.time_budget_s``): the step rate is measured early in the run and the plan fixed from it, so
   the step count depends on the machine and its load.
 
@@ -32,7 +38,7 @@ if TYPE_CHECKING:
     from anyorder_ray.models.llada2_moe import LLaDA2MoeConfig
 
 __all__ = ["PROBE_STEPS", "StepBudget", "broadcast_int", "forward_flops", "model_flops_per_token", "plan_compute_steps",
-           "step_cost"]  # fmt: skip
+           "replan_compute_steps", "step_cost"]  # fmt: skip
 
 PROBE_STEPS = 16
 """Steps' worth of micro-batches the compute-budget probe draws to measure the mean cost of a step."""
@@ -101,6 +107,17 @@ def plan_compute_steps(
         costs = [step_cost(config, draw_step()) for _ in range(PROBE_STEPS)]
         per_step += share * world_size * sum(c[0] if kind == "tokens" else c[1] for c in costs) / PROBE_STEPS
     return max(1, min(max_steps, math.ceil(amount / per_step)))
+
+
+def replan_compute_steps(step: int, spent: float, amount: float, recent_cost: float, max_steps: int) -> int:
+    """The step count of a compute budget made again after ``step`` steps that spent ``spent`` of ``amount``: the
+    remaining budget over ``recent_cost`` (the mean cost of the latest steps), rounded up; ``step`` itself (stop now)
+    once the budget is spent; never past ``max_steps``."""
+    if recent_cost <= 0:
+        raise ValueError(f"a step's cost must be positive, got {recent_cost}")
+    remaining = amount - spent
+    more = math.ceil(remaining / recent_cost) if remaining > 0 else 0
+    return max(step, min(max_steps, step + more))
 
 
 class StepBudget:

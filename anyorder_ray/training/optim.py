@@ -43,6 +43,11 @@ class LRSchedule:
         self.total = int(total)
         self.warmup = int(self.warmup_ratio * self.total)
 
+    def extend(self, total: int) -> None:
+        """Move the horizon to ``total`` steps with the warmup as it is (a plan made again mid-run must not send a run
+        that finished its warmup back into it)."""
+        self.total = int(total)
+
     def __call__(self, step: int) -> float:
         return lr_factor(step, self.warmup, self.total, self.style)
 

@@ -34,7 +34,7 @@ from anyorder_ray.data.batching import BatchMaker, TrajectoryView
 from anyorder_ray.data.encoding import IGNORE_INDEX, UnitEncoder, target_logits
 from anyorder_ray.models.factory import build_model, build_tokenizer
 from anyorder_ray.storage import Location, as_location
-from anyorder_ray.training.budget import StepBudget, broadcast_int, plan_compute_steps, step_cost
+from anyorder_ray.training.budget import StepBudget, broadcast_int, plan_compute_steps, replan_compute_steps, step_cost
 from anyorder_ray.training.checkpoint import (
     RankState,
     RngState,
@@ -342,6 +342,10 @@ class TrainingRecipe:
             set_horizon(self.scheduler, self._plan_compute(seed))
             schedule.planned = True
         self.budget = StepBudget(cfg.train.max_steps, cfg.train.time_budget_s, schedule, start_step=self.step)
+        # The dagger regime plans its compute budget again at every weights publication (training.budget).
+        self._replans = cfg.data.regime == "dagger" and cfg.train.compute_budget() is not None
+        if self._replans:
+            self._replan_mark = (self.step, self._spent())
 
     def _stage(self, step: int) -> str | None:
         """Mode ``iwm``'s stage at ``step`` (None for other modes): a function of the step and the planned total, which
@@ -372,6 +376,30 @@ class TrainingRecipe:
         total = broadcast_int(total)
         print(f"[train] budget {cfg.train.budget_label()}: {total} steps", flush=True)
         return total
+
+    def _spent(self) -> float:
+        """What the run has spent of its compute budget so far, summed over the ranks (a collective)."""
+        kind, _ = self.cfg.train.compute_budget()
+        tokens, flops = self._global_sums(self.total_tokens, self.total_flops)
+        return flops if kind == "flops" else tokens
+
+    def _replan(self) -> None:
+        """Plan the compute budget again from what the steps since the last plan cost (dagger: the on-policy data
+        that came in since makes a step cheaper than the probe measured); rank 0's plan, broadcast."""
+        _, amount = self.cfg.train.compute_budget()
+        spent = self._spent()
+        since, spent_then = self._replan_mark
+        self._replan_mark = (self.step, spent)
+        if self.step == since:
+            return
+        cost = (spent - spent_then) / (self.step - since)
+        total = broadcast_int(replan_compute_steps(self.step, spent, amount, cost, self.cfg.train.max_steps))
+        if total != self.budget.total:
+            if self.session.rank == 0:
+                print(f"[train] budget {self.cfg.train.budget_label()} planned again at step {self.step}: {total} "
+                      f"steps (was {self.budget.total}; the last {self.step - since} steps cost {cost:.3g} each)",
+                      flush=True)  # fmt: skip
+            lr_schedule(self.scheduler).extend(total)
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg
@@ -438,6 +466,8 @@ class TrainingRecipe:
             self.total_tokens += stats.tokens
             self.total_flops += step_cost(self.model_config, micro)[1]
             window.add(stats)
+            if self._replans and self.step % cfg.rollout.weights_every_steps == 0:
+                self._replan()  # before the publication below, which carries the plan (DAgger's beta anneals on it)
             last = self.step == self.budget.total  # every rank agrees: the budget's total is rank 0's, broadcast
             if self.publisher is not None and self.step % cfg.rollout.weights_every_steps == 0 and not last:
                 self.publisher.publish(self.model, self.step, self.budget.total)
