@@ -15,6 +15,11 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Ray then uses loopback as the node address: every Ray process of the tests binds and talks on 127.0.0.1 only.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# A Ray process whose GCS does not answer for this long exits (Ray's default: 60 s). On 2 cores shared with another
+# busy process, the session's GCS once went unanswered for 60 s while alive, and the core worker then ended the pytest
+# process itself, mid-suite and with no summary. Every Ray process of the tests (and of the sweeps they start)
+# inherits this; a GCS that really died still fails the test, through HANG_GUARD_S at the latest.
+os.environ.setdefault("RAY_gcs_rpc_server_reconnect_timeout_s", "600")
 
 
 def pytest_collection_modifyitems(config, items):
