@@ -61,19 +61,19 @@ def init_ray(num_cpus: int | None = None) -> None:
     """Connect to ``RAY_ADDRESS`` if set, else start a bounded local Ray."""
     import ray
 
-    from anyorder_ray.roles.trial import local_env_vars
+    from anyorder_ray.roles.trial import job_runtime_env
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": local_env_vars()})
+        ray.init(runtime_env=job_runtime_env())
         return
     ray.init(
         # "local" always starts a new instance; None would join a cluster left by an earlier `ray start`.
         address="local",
         num_cpus=num_cpus or os.cpu_count(),
         object_store_memory=512 * 1024 * 1024,
-        runtime_env={"env_vars": local_env_vars()},
+        runtime_env=job_runtime_env(),
         log_to_driver=True,
     )
 

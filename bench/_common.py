@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from anyorder_ray.roles.process_setup import SETUP_HOOK
 from anyorder_ray.training.budget import model_flops_per_token  # noqa: F401  (the benches' FLOP count: the budget's)
 
 if TYPE_CHECKING:
@@ -128,8 +129,9 @@ def init_local_ray(num_cpus: int = 2, object_store_mb: int = 256) -> str:
         include_dashboard=False,
         _temp_dir=temp_dir,
         log_to_driver=False,
-        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}},
-    )
+        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"},
+                     "worker_process_setup_hook": SETUP_HOOK},  # each worker asks its own cluster, not the latest
+    )  # fmt: skip
     return temp_dir
 
 

@@ -44,6 +44,8 @@ def ray_local():
     """A local Ray with 2 CPUs and a 256 MiB object store, in its own temp dir; shut down at the end."""
     import ray
 
+    from anyorder_ray.roles.process_setup import SETUP_HOOK
+
     if ray.is_initialized():
         yield ray
         return
@@ -55,7 +57,9 @@ def ray_local():
         include_dashboard=False,
         _temp_dir=tmp,
         log_to_driver=False,
-        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
+        # Each worker pins RAY_ADDRESS to this cluster: Ray Train's placement-group cleaner otherwise asks the Ray
+        # started last on the machine (a sweep's) whether this trial's controller lives (roles.process_setup).
+        runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}, "worker_process_setup_hook": SETUP_HOOK},
     )
     try:
         yield ray

@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from anyorder_ray.config import ExperimentConfig
 from anyorder_ray.roles.buffer import TrajectoryBuffer
 from anyorder_ray.roles.evaluator import make_eval_actor
+from anyorder_ray.roles.process_setup import SETUP_HOOK
 from anyorder_ray.roles.rollout import BranchPlan, PolicySource, RolloutWorker
 from anyorder_ray.roles.train_loop import METRICS_LOG, train_loop_per_worker
 from anyorder_ray.roles.weights import PolicyBoard
@@ -193,6 +194,12 @@ def run_trial(params: dict[str, Any], base: ExperimentConfig, run: Location) -> 
         trainer.fit()
     finally:
         actors.stop()
+
+
+def job_runtime_env() -> dict[str, Any]:
+    """The runtime environment of a sweep's Ray job: ``local_env_vars`` in every worker, and the setup hook that pins
+    each worker to its own cluster's address (``roles.process_setup``)."""
+    return {"env_vars": local_env_vars(), "worker_process_setup_hook": SETUP_HOOK}
 
 
 def local_env_vars() -> dict[str, str]:
