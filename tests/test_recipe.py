@@ -174,3 +174,15 @@ def test_a_plan_made_again_spends_what_is_left_and_keeps_the_warmup():
     schedule = LRSchedule(0.1, 100, "cosine")
     schedule.extend(400)
     assert (schedule.warmup, schedule.total) == (10, 400) and schedule(10) == 1.0
+
+
+def test_the_probe_draws_whole_length_bucketed_pools():
+    from anyorder_ray.training.budget import PROBE_STEPS, probe_steps
+
+    for pool, accum in [(32, 1), (32, 4), (3, 2), (1, 1), (5, 3), (64, 1)]:
+        steps = probe_steps(pool, accum)
+        assert steps >= PROBE_STEPS and (steps * accum) % pool == 0, (pool, accum)
+        assert not any((fewer * accum) % pool == 0 for fewer in range(PROBE_STEPS, steps)), (pool, accum)  # fewest
+    assert probe_steps(32, 1) == 32 and probe_steps(32, 4) == 16 and probe_steps(3, 2) == 18
+    with pytest.raises(ValueError):
+        probe_steps(0, 1)

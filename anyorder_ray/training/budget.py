@@ -1,8 +1,9 @@
 """How much a run trains: a step count, a compute budget (model FLOPs or real tokens), or wall time.
 
 - Compute budgets (``train.flop_budget`` / ``train.token_budget``, the default for comparisons): before the first
-  step, a probe draws ``PROBE_STEPS`` steps' worth of micro-batches from the trial's own data with its own seeded
-  stream (the training streams are untouched), measures the mean cost of a step and plans ``ceil(budget / cost)``
+  step, a probe draws at least ``PROBE_STEPS`` steps' worth of micro-batches, in whole length-bucketed pools
+  (``probe_steps``), from the trial's own data with its own seeded stream (the training streams are untouched),
+  measures the mean cost of a step and plans ``ceil(budget / cost)``
   steps (a two-stage ``iwm`` arm probes each stage and weighs it by its share of the steps, so the planned steps
   spend the budget with the targets each stage really trains). The plan depends only on the data, the masks and the
   seed, so the same config trains the same steps on a quiet or a loaded machine; arms of one sweep get equal compute
@@ -38,10 +39,21 @@ if TYPE_CHECKING:
     from anyorder_ray.models.llada2_moe import LLaDA2MoeConfig
 
 __all__ = ["PROBE_STEPS", "StepBudget", "broadcast_int", "forward_flops", "model_flops_per_token", "plan_compute_steps",
-           "replan_compute_steps", "step_cost"]  # fmt: skip
+           "probe_steps", "replan_compute_steps", "step_cost"]  # fmt: skip
 
 PROBE_STEPS = 16
-"""Steps' worth of micro-batches the compute-budget probe draws to measure the mean cost of a step."""
+"""The fewest steps' worth of micro-batches the compute-budget probe draws to measure the mean cost of a step."""
+
+
+def probe_steps(pool_batches: int, accum: int) -> int:
+    """Steps the probe draws: the fewest whole pools of ``pool_batches`` length-bucketed micro-batches (``accum`` per
+    step) that make at least ``PROBE_STEPS`` steps. A pool is cut into micro-batches sorted by length, so part of one is
+    a few short and a few long batches: with 16 of a 32-batch pool the plan was off by up to 15%
+    (docs/results/budget_probe/); a whole pool is the mean of all its windows."""
+    if pool_batches < 1 or accum < 1:
+        raise ValueError(f"pool_batches and accum must be >= 1, got {pool_batches} and {accum}")
+    per_pool = pool_batches // math.gcd(pool_batches, accum)  # steps that use up a whole number of pools
+    return per_pool * math.ceil(PROBE_STEPS / per_pool)
 
 
 def model_flops_per_token(config: LLaDA2MoeConfig, length: int, lm_head: bool = True) -> float:
@@ -93,19 +105,20 @@ def plan_compute_steps(
     world_size: int,
     stages: Sequence[tuple[float, Callable[[], Sequence[dict]]]],
     config,
+    steps: int = PROBE_STEPS,
 ) -> int:
     """The step count of a compute budget: ``amount`` (``kind`` "flops" or "tokens", summed over ``world_size``
     ranks) over the mean cost of a step, rounded up, capped by ``max_steps``. ``stages``: ``(share of the steps,
     draw)`` per training stage (``[(1.0, draw)]`` for one; two-stage ``iwm`` has two), each stage's cost the mean of
-    ``PROBE_STEPS`` steps drawn by its ``draw`` (one rank's micro-batches)."""
+    ``steps`` steps drawn by its ``draw`` (one rank's micro-batches; ``probe_steps`` says how many)."""
     if kind not in ("flops", "tokens"):
         raise ValueError(f"a compute budget is 'flops' or 'tokens', got {kind!r}")
     if not stages or abs(sum(share for share, _ in stages) - 1.0) > 1e-9:
         raise ValueError(f"the stages' shares of the steps must sum to 1, got {[share for share, _ in stages]}")
     per_step = 0.0
     for share, draw_step in stages:
-        costs = [step_cost(config, draw_step()) for _ in range(PROBE_STEPS)]
-        per_step += share * world_size * sum(c[0] if kind == "tokens" else c[1] for c in costs) / PROBE_STEPS
+        costs = [step_cost(config, draw_step()) for _ in range(steps)]
+        per_step += share * world_size * sum(c[0] if kind == "tokens" else c[1] for c in costs) / steps
     return max(1, min(max_steps, math.ceil(amount / per_step)))
 
 

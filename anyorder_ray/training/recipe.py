@@ -34,7 +34,14 @@ from anyorder_ray.data.batching import BatchMaker, TrajectoryView
 from anyorder_ray.data.encoding import IGNORE_INDEX, UnitEncoder, target_logits
 from anyorder_ray.models.factory import build_model, build_tokenizer
 from anyorder_ray.storage import Location, as_location
-from anyorder_ray.training.budget import StepBudget, broadcast_int, plan_compute_steps, replan_compute_steps, step_cost
+from anyorder_ray.training.budget import (
+    StepBudget,
+    broadcast_int,
+    plan_compute_steps,
+    probe_steps,
+    replan_compute_steps,
+    step_cost,
+)
 from anyorder_ray.training.checkpoint import (
     RankState,
     RngState,
@@ -372,7 +379,7 @@ class TrainingRecipe:
         else:
             stages = [(1.0, drawer(masking.iwm_stage(0, 1), 1))]
         total = plan_compute_steps(kind, amount, cfg.train.max_steps, self.session.world_size, stages,
-                                   self.model_config)  # fmt: skip
+                                   self.model_config, probe_steps(cfg.data.bucket_pool_batches, accum))  # fmt: skip
         total = broadcast_int(total)
         print(f"[train] budget {cfg.train.budget_label()}: {total} steps", flush=True)
         return total
