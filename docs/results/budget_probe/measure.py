@@ -32,8 +32,10 @@ ARMS = {"causal": {"mode": "causal"}, "cut_focus+block+unit": {"mode": "cut_focu
 OLD_PROBE_STEPS = 16
 
 
-def mean_step_cost(maker: BatchMaker, source: LocalSource, model_config, steps: int, mbs: int) -> float:
-    return float(np.mean([step_cost(model_config, [maker.bucketed(source, mbs)])[1] for _ in range(steps)]))
+def mean_step_cost(maker: BatchMaker, source: LocalSource, model_config, steps: int, mbs: int, accum: int) -> float:
+    """Mean FLOPs of ``steps`` steps of ``accum`` micro-batches each, as the trainer and its probe draw them."""
+    costs = [step_cost(model_config, [maker.bucketed(source, mbs) for _ in range(accum)])[1] for _ in range(steps)]
+    return float(np.mean(costs))
 
 
 def main() -> None:
@@ -51,19 +53,20 @@ def main() -> None:
     tokenizer = build_tokenizer(base.model, base.env)
     model_config = build_model_config(base.model, tokenizer)
     encoder, mbs, pool = UnitEncoder(tokenizer), base.train.micro_batch_size, base.data.bucket_pool_batches
-    now_steps = probe_steps(pool, base.train.grad_accum_steps())
+    accum = base.train.grad_accum_steps()
+    now_steps = probe_steps(pool, accum)
     results = {}
     for label, arm in ARMS.items():
         masking = dataclasses.replace(base.masking, **arm)
         source = LocalSource(demos, np.random.default_rng(10**6))
         reference = mean_step_cost(BatchMaker(base.data, masking, encoder, tokenizer.pad_token_id, 10**6), source,
-                                   model_config, args.pools * pool, mbs)  # fmt: skip
+                                   model_config, -(-args.pools * pool // accum), mbs, accum)  # fmt: skip
         errors = {"before": [], "now": []}
         for seed in range(args.probes):
             for name, steps in (("before", OLD_PROBE_STEPS), ("now", now_steps)):
                 probe = BatchMaker(base.data, masking, encoder, tokenizer.pad_token_id, seed)
                 view = LocalSource(demos, np.random.default_rng([seed, 1]))
-                errors[name].append(mean_step_cost(probe, view, model_config, steps, mbs) / reference - 1.0)
+                errors[name].append(mean_step_cost(probe, view, model_config, steps, mbs, accum) / reference - 1.0)
         for name, errs in errors.items():
             rms, worst = math.sqrt(float(np.mean(np.square(errs)))), float(np.max(np.abs(errs)))
             steps = OLD_PROBE_STEPS if name == "before" else now_steps
