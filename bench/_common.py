@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from anyorder_ray.roles.process_setup import SETUP_HOOK
+from anyorder_ray.roles.process_setup import SETUP_HOOK, WITHOUT_DASHBOARD
 from anyorder_ray.training.budget import model_flops_per_token  # noqa: F401  (the benches' FLOP count: the budget's)
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def init_local_ray(num_cpus: int = 2, object_store_mb: int = 256) -> str:
         address="local",  # a new instance, never one an earlier `ray start` left running
         num_cpus=num_cpus,
         object_store_memory=object_store_mb * 1024 * 1024,
-        include_dashboard=False,
+        **WITHOUT_DASHBOARD,  # its dashboard address is one nothing listens on, never another Ray's
         _temp_dir=temp_dir,
         log_to_driver=False,
         runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"},

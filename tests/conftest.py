@@ -44,7 +44,7 @@ def ray_local():
     """A local Ray with 2 CPUs and a 256 MiB object store, in its own temp dir; shut down at the end."""
     import ray
 
-    from anyorder_ray.roles.process_setup import SETUP_HOOK
+    from anyorder_ray.roles.process_setup import SETUP_HOOK, WITHOUT_DASHBOARD
 
     if ray.is_initialized():
         yield ray
@@ -54,7 +54,7 @@ def ray_local():
         address="local",  # a new instance, never one an earlier `ray start` left running
         num_cpus=2,
         object_store_memory=256 * 1024 * 1024,
-        include_dashboard=False,
+        **WITHOUT_DASHBOARD,  # its dashboard address is one nothing listens on, never another Ray's
         _temp_dir=tmp,
         log_to_driver=False,
         # Each worker pins RAY_ADDRESS to this cluster: Ray Train's placement-group cleaner otherwise asks the Ray

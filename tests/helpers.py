@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -92,6 +93,13 @@ class KillProcessOnce:
             return
         Path(self.marker).write_text(f"killed pid {self.pid} after step {step}\n")
         os.kill(self.pid, signal.SIGKILL)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the OS picks it), for a Ray process started beside the session's."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = HANG_GUARD_S, poll_s: float = 0.1) -> Any:

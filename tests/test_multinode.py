@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import HANG_GUARD_S, record_fault, wait_for
+from helpers import HANG_GUARD_S, free_port, record_fault, wait_for
+
+from anyorder_ray.roles.process_setup import WITHOUT_DASHBOARD
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
@@ -33,12 +34,6 @@ AUTH_MODE = "disabled"
 """Ray's token authentication, off for every process of these private loopback clusters. Stated explicitly: a local
 ``ray.init()`` earlier in this process (the session's ``ray_local``) sets ``RAY_AUTH_MODE=token`` here, which
 processes started from here would inherit; a driver and a cluster whose modes differ do not work together."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _short_temp_dir(tag: str) -> Path:
@@ -172,10 +167,10 @@ def _autoscaling_head(temp_dir: Path) -> Iterator[str]:
     """A head started as ``AutoscalingCluster.start`` does (``RAY_FAKE_CLUSTER=1 ray start --head
     --autoscaling-config``), blocking, in its own process group; yields its GCS address. The autoscaler it runs
     starts the worker nodes as its own children, so stopping the group at the end stops every node."""
-    port = _free_port()
+    port = free_port()
     config = temp_dir / "autoscaling.json"
     config.write_text(json.dumps(_autoscaling_config(port, idle_timeout_minutes=0.1)))
-    dashboard, agent, agent_grpc, env_agent, metrics, client = (_free_port() for _ in range(6))
+    agent, agent_grpc, env_agent, metrics, client = (free_port() for _ in range(5))
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_USAGE_STATS_ENABLED="0",
@@ -185,7 +180,7 @@ def _autoscaling_head(temp_dir: Path) -> Iterator[str]:
         head = subprocess.Popen(
             [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
              f"--autoscaling-config={config}", f"--object-store-memory={OBJECT_STORE_BYTES}",
-             f"--temp-dir={temp_dir}", "--include-dashboard=false", f"--dashboard-port={dashboard}",
+             f"--temp-dir={temp_dir}", "--include-dashboard=false", "--dashboard-port=0",  # as WITHOUT_DASHBOARD
              f"--dashboard-agent-listen-port={agent}",
              f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
              f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}"],  # fmt: skip
@@ -278,8 +273,8 @@ def cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
     monkeypatch.setenv("RAY_AUTH_MODE", AUTH_MODE)  # the nodes' processes start from here, with this environment
     temp_dir = _short_temp_dir("nl")
-    head_args = dict(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES, gcs_server_port=_free_port(),
-                     dashboard_agent_listen_port=_free_port(), include_dashboard=False,
+    head_args = dict(num_cpus=1, object_store_memory=OBJECT_STORE_BYTES, gcs_server_port=free_port(),
+                     dashboard_agent_listen_port=free_port(), **WITHOUT_DASHBOARD,
                      temp_dir=str(temp_dir))  # fmt: skip
     cluster = Cluster(initialize_head=True, head_node_args=head_args)
     try:

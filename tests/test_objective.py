@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -129,12 +128,6 @@ def test_data_parallel_scaling_matches_global_mean_gradient_single_process() -> 
     torch.testing.assert_close(sum(grads) / world, reference, rtol=1e-5, atol=1e-7)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _dp_worker(rank: int, world: int, port: int, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -158,8 +151,10 @@ def _dp_worker(rank: int, world: int, port: int, result_path: str) -> None:
 
 def test_data_parallel_normaliser_with_real_process_group(tmp_path) -> None:
     """Two gloo ranks: the all-reduced count is global and the averaged gradient equals the full-batch one."""
+    from helpers import free_port
+
     result_path = str(tmp_path / "rank0.pt")
-    mp.start_processes(_dp_worker, args=(2, _free_port(), result_path), nprocs=2, start_method="spawn")
+    mp.start_processes(_dp_worker, args=(2, free_port(), result_path), nprocs=2, start_method="spawn")
     result = torch.load(result_path)
     torch.manual_seed(0)
     weight = torch.randn(5, VOCAB, requires_grad=True)

@@ -10,14 +10,13 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import HANG_GUARD_S
+from helpers import HANG_GUARD_S, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
@@ -179,18 +178,12 @@ def test_textworld_smoke_sweep_end_to_end(tmp_path, request):
     assert sorted(p.parent.name for p in games.rglob("game_*.z8")) == sorted(s for s, _ in played)  # no new game
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_smoke_sweep_through_ray_job_submit(tmp_path):
     ray_bin = Path(sys.executable).with_name("ray")
     # Every port of the head is chosen free: another Ray on this machine (the session's `ray_local`, say) holds the
     # defaults, and a head whose dashboard agent cannot bind its port answers "No available agent" forever.
-    port, dash, agent, agent_grpc, env_agent, metrics, client = (_free_port() for _ in range(7))
+    port, dash, agent, agent_grpc, env_agent, metrics, client = (free_port() for _ in range(7))
     temp_dir = Path("/tmp") / f"aoray-head-{os.getpid()}"  # short: Ray's socket paths have a length limit
     # The job's driver inherits the head's environment: its default storage root (instead of ~/anyorder_ray).
     home = tmp_path / "home"
