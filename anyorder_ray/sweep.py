@@ -68,7 +68,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(runtime_env=job_runtime_env())
         return
-    ray.init(
+    _start_local_ray(
         # "local" always starts a new instance; None would join a cluster left by an earlier `ray start`.
         address="local",
         num_cpus=num_cpus or os.cpu_count(),
@@ -76,6 +76,42 @@ def init_ray(num_cpus: int | None = None) -> None:
         runtime_env=job_runtime_env(),
         log_to_driver=True,
     )
+
+
+LOCAL_RAY_STARTS = 3
+"""How often ``init_ray`` starts a local Ray whose raylet did not register in time, before it gives up."""
+
+
+def _start_local_ray(**init_args: Any) -> None:
+    """``ray.init(**init_args)``, started again when Ray gives up waiting for its new raylet.
+
+    Ray waits a fixed 30 s for the raylet it started to register with the GCS, then raises "The current node timed out
+    during startup", leaving the processes it started running. On a busy 2-core machine (the tests two at a time beside
+    a training run) that happened to a local sweep here. The processes this process gained during the failed start are
+    stopped and Ray is started again, up to ``LOCAL_RAY_STARTS`` times; any other error is raised as it is.
+    """
+    import psutil
+    import ray
+
+    for attempt in range(1, LOCAL_RAY_STARTS + 1):
+        before = {child.pid for child in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(**init_args)
+            return
+        except Exception as error:  # Ray raises a plain Exception for this one
+            if "timed out during startup" not in str(error) or attempt == LOCAL_RAY_STARTS:
+                raise
+            started = [child for child in psutil.Process().children(recursive=True) if child.pid not in before]
+            for child in started:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+            psutil.wait_procs(started, timeout=30)
+            print(
+                f"[sweep] the local Ray did not start ({error}); stopped the {len(started)} processes it had started "
+                f"and starting it again ({attempt + 1} of {LOCAL_RAY_STARTS})",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def resource_problems(cfg: ExperimentConfig, have_cpus: float, have_gpus: float) -> list[str]:

@@ -277,6 +277,45 @@ def test_a_trial_bigger_than_the_local_cluster_fails_fast(tmp_path, ray_scope, o
     assert not out.exists()  # refused before the run directory was created
 
 
+_STOP_THE_FIRST_RAYLET = """
+import os, signal, threading, time
+import psutil
+import ray
+from anyorder_ray.sweep import init_ray
+
+stopped = []
+
+def stop_the_first_raylet():
+    while not stopped:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if os.path.basename(child.cmdline()[0]) == "raylet":
+                    child.send_signal(signal.SIGSTOP)
+                    stopped.append(child.pid)
+                    return
+            except (psutil.Error, IndexError):
+                pass
+        time.sleep(0.05)
+
+threading.Thread(target=stop_the_first_raylet, daemon=True).start()
+init_ray(2)
+gone = not psutil.pid_exists(stopped[0]) or psutil.Process(stopped[0]).status() == psutil.STATUS_ZOMBIE
+print("CPUS", ray.cluster_resources()["CPU"], "STOPPED_RAYLET_GONE", gone, flush=True)
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_a_local_ray_whose_raylet_never_registers_is_stopped_and_started_again(ray_scope):
+    """The first raylet the sweep's ``init_ray`` starts is frozen (SIGSTOP) as soon as it exists, as a busy machine
+    may delay it: Ray gives up after its fixed 30 s, and the sweep stops what that start left running (the frozen
+    raylet among it) and starts a local Ray again, which comes up with the asked-for CPUs."""
+    proc = _run([sys.executable, "-c", _STOP_THE_FIRST_RAYLET], ray_scope, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "CPUS 2.0 STOPPED_RAYLET_GONE True" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the local Ray did not start" in proc.stderr and "starting it again (2 of 3)" in proc.stderr
+
+
 # ------------------------------------------------------------------------------------- --resume, slow
 
 

@@ -27,6 +27,9 @@ ARMS = {"causal", "prefix", "any_order@0.5"}
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
+    # This interpreter's directory first: a `ray job submit -- python ...` entrypoint then runs the Python the tests
+    # run (as an activated virtualenv would make it), whatever else PATH names.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", **extra)
     return env
 
