@@ -385,8 +385,18 @@ class WeightPublisher:
         self.published += 1
 
 
+def _quiet_report_logging() -> None:
+    """Ray Train logs every ``ray.train.report`` of every worker at INFO, the whole metrics dict on one line (a sweep's
+    console got one such line per report, ~2 kB each), the only INFO line of its logger (warnings still show). The
+    numbers are in Tune's table, the trial's metrics log and TensorBoard."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # Ray names this logger by its file
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point of every TorchTrainer worker; ``loop_config`` holds the fields of ``LoopSettings``."""
+    _quiet_report_logging()
     settings = LoopSettings.from_dict(loop_config)
     cfg = settings.cfg
     session = RaySession()
