@@ -3,9 +3,11 @@ environment registry (as the library reaches them), and the fault-injection hook
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -100,6 +102,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def free_side_port_flags() -> list[str]:
+    """``ray start --head`` flags that put the head's side services (dashboard agent and its gRPC, runtime-env agent,
+    metrics export, Ray client server) on ports free now: another Ray on this machine (the session's ``ray_local``,
+    say) holds the defaults, and a head whose dashboard agent cannot bind its port answers "No available agent"."""
+    services = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                "metrics-export-port", "ray-client-server-port")  # fmt: skip
+    return [f"--{service}={free_port()}" for service in services]
+
+
+def stop_process_group(leader: subprocess.Popen, grace_s: float) -> None:
+    """Stop the process group ``leader`` leads (started with ``start_new_session=True``), e.g. a ``ray start --block``
+    head and every process it started, and only those (not ``ray stop``, which stops every Ray of the user on the
+    machine): SIGTERM, up to ``grace_s`` for the leader to exit, then SIGKILL for what is left of the group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(leader.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        leader.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):  # what ignored SIGTERM (or was still starting)
+        os.killpg(leader.pid, signal.SIGKILL)
 
 
 def wait_for(condition: Callable[[], Any], what: str, timeout_s: float = HANG_GUARD_S, poll_s: float = 0.1) -> Any:

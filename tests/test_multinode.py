@@ -14,7 +14,6 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import HANG_GUARD_S, free_port, record_fault, wait_for
+from helpers import HANG_GUARD_S, free_port, free_side_port_flags, record_fault, stop_process_group, wait_for
 
 from anyorder_ray.roles.process_setup import WITHOUT_DASHBOARD
 
@@ -170,7 +169,6 @@ def _autoscaling_head(temp_dir: Path) -> Iterator[str]:
     port = free_port()
     config = temp_dir / "autoscaling.json"
     config.write_text(json.dumps(_autoscaling_config(port, idle_timeout_minutes=0.1)))
-    agent, agent_grpc, env_agent, metrics, client = (free_port() for _ in range(5))
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_USAGE_STATS_ENABLED="0",
@@ -181,20 +179,13 @@ def _autoscaling_head(temp_dir: Path) -> Iterator[str]:
             [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
              f"--autoscaling-config={config}", f"--object-store-memory={OBJECT_STORE_BYTES}",
              f"--temp-dir={temp_dir}", "--include-dashboard=false", "--dashboard-port=0",  # as WITHOUT_DASHBOARD
-             f"--dashboard-agent-listen-port={agent}",
-             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
-             f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}"],  # fmt: skip
+             *free_side_port_flags()],  # fmt: skip
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-    group = os.getpgid(head.pid)
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        os.killpg(group, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            head.wait(timeout=120)
-        with contextlib.suppress(ProcessLookupError):  # what ignored SIGTERM (or was still starting)
-            os.killpg(group, signal.SIGKILL)
+        stop_process_group(head, grace_s=120)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
 import pytest
 import ray
+from helpers import free_port, free_side_port_flags, stop_process_group, wait_for
+from ray._private import ray_constants
+from ray.experimental import internal_kv
 
 
 @ray.remote(num_cpus=0)
@@ -50,19 +61,6 @@ def test_a_worker_never_asks_another_rays_dashboard_whether_its_actors_live(ray_
     the default ``127.0.0.1:8265`` even without a dashboard, where a sweep's dashboard usually listens): asked about
     a live actor of the session's Ray, a worker's state API must not answer "dead" from the other cluster. Without
     ``WITHOUT_DASHBOARD`` the other Ray answers "no such actor" and this fails."""
-    import os
-    import shutil
-    import signal
-    import subprocess
-    import sys
-    import urllib.error
-    import urllib.request
-    from pathlib import Path
-
-    from helpers import free_port, wait_for
-    from ray._private import ray_constants
-    from ray.experimental import internal_kv
-
     written = internal_kv._internal_kv_get(
         ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD
     )
@@ -72,14 +70,11 @@ def test_a_worker_never_asks_another_rays_dashboard_whether_its_actors_live(ray_
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_USAGE_STATS_ENABLED": "0",
                                                                           "RAY_AUTH_MODE": "disabled"}  # fmt: skip
     ray_bin = Path(sys.executable).with_name("ray")
-    gcs, agent, agent_grpc, env_agent, metrics, client = (free_port() for _ in range(6))
     with (tmp_path / "other.log").open("w") as log:
         other = subprocess.Popen(
-            [str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=0",
+            [str(ray_bin), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=0",
              "--object-store-memory=80000000", f"--temp-dir={temp_dir}", "--include-dashboard=true",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", f"--dashboard-agent-listen-port={agent}",
-             f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
-             f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}"],  # fmt: skip
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={port}", *free_side_port_flags()],  # fmt: skip
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
@@ -99,9 +94,5 @@ def test_a_worker_never_asks_another_rays_dashboard_whether_its_actors_live(ray_
         actor_id = ray.get(live.actor_id.remote())
         assert ray.get(_liveness_seen_by_a_worker.remote(actor_id)) in (True, "unknown")
     finally:
-        os.killpg(other.pid, signal.SIGTERM)
-        try:
-            other.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(other.pid, signal.SIGKILL)
+        stop_process_group(other, grace_s=120)
         shutil.rmtree(temp_dir, ignore_errors=True)

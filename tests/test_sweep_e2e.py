@@ -9,14 +9,13 @@ import importlib.util
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from helpers import HANG_GUARD_S, free_port
+from helpers import HANG_GUARD_S, free_port, free_side_port_flags, stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
@@ -185,9 +184,8 @@ def test_textworld_smoke_sweep_end_to_end(tmp_path, request):
 @pytest.mark.slow
 def test_smoke_sweep_through_ray_job_submit(tmp_path):
     ray_bin = Path(sys.executable).with_name("ray")
-    # Every port of the head is chosen free: another Ray on this machine (the session's `ray_local`, say) holds the
-    # defaults, and a head whose dashboard agent cannot bind its port answers "No available agent" forever.
-    port, dash, agent, agent_grpc, env_agent, metrics, client = (free_port() for _ in range(7))
+    # Every port of the head is chosen free (free_side_port_flags: another Ray on this machine holds the defaults).
+    port, dash = free_port(), free_port()
     temp_dir = Path("/tmp") / f"aoray-head-{os.getpid()}"  # short: Ray's socket paths have a length limit
     # The job's driver inherits the head's environment: its default storage root (instead of ~/anyorder_ray).
     home = tmp_path / "home"
@@ -195,9 +193,7 @@ def test_smoke_sweep_through_ray_job_submit(tmp_path):
     head = subprocess.Popen(
         [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          "--object-store-memory=300000000", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--temp-dir={temp_dir}", "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
-         f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}"],  # fmt: skip
+         f"--temp-dir={temp_dir}", "--include-dashboard=true", *free_side_port_flags()],  # fmt: skip
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dash}"
@@ -231,14 +227,7 @@ def test_smoke_sweep_through_ray_job_submit(tmp_path):
         assert f"[sweep] results: {run_dir / 'results.md'}" in submit.stdout
         _check_smoke_results(run_dir, {"causal"})
     finally:
-        # Stop only the head this test started: its whole process group (not `ray stop`, which stops every
-        # Ray process of the user on the machine).
-        with_group = os.getpgid(head.pid)
-        os.killpg(with_group, signal.SIGTERM)
-        try:
-            head.wait(timeout=HANG_GUARD_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(with_group, signal.SIGKILL)
+        stop_process_group(head, grace_s=HANG_GUARD_S)  # only the head this test started
 
 
 @pytest.mark.slow
