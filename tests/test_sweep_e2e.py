@@ -293,6 +293,10 @@ def test_a_compute_budget_trains_and_scores_the_same_on_a_quiet_and_a_loaded_mac
                 burner.kill()
                 burner.wait()
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        # Its one worker prints the plan once, and the driver shows it once (Ray Train's print patch, off, showed
+        # every worker line twice).
+        lines = (proc.stdout + proc.stderr).splitlines()
+        assert len([line for line in lines if "[train] budget 9e+03 tokens:" in line]) == 1
         logs[name] = _trial_log(tmp_path / name)
     quiet, loaded = logs["quiet"], logs["loaded"]
     planned = quiet[-1]["train/planned_steps"]

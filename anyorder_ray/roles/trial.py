@@ -216,10 +216,19 @@ def local_env_vars() -> dict[str, str]:
     spot notice is about to take away): without it such a node's loss is an ordinary worker failure, which
     ``train.max_failures`` restarts from the last checkpoint (tested with a node removed mid-trial). Set it to 1 in
     the environment of the sweep to get the watcher back (and its ERROR line).
+
+    ``RAY_TRAIN_ENABLE_PRINT_PATCH=0``: Ray Train's print redirection is off. It replaces ``print`` in the training
+    workers with a call to the root logger (whose console handler writes the line to stderr) and, because a Ray
+    worker's ``sys.stdout`` is Ray's own stream rather than ``sys.__stdout__``, also prints the line as before, so
+    every ``[train]`` progress line reached the driver twice (measured with Ray 2.60: a one-line ``print`` in a bare
+    ``TorchTrainer`` arrives twice with the patch, once without). Without it a worker's prints reach the driver and the
+    worker's ``.out`` log once, but not Ray Train's structured ``ray-train-app-worker-*.log``; set it to 1 in the
+    environment of the sweep to get them there.
     """
     return {
         "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": os.environ.get("RAY_TRAIN_ENABLE_PRINT_PATCH", "0"),
     }
