@@ -121,11 +121,13 @@ def test_textworld_smoke_sweep_end_to_end(tmp_path, request):
     trains every arm on multi-token commands, the eval actor plays the held-out games with the same scorer and
     reports success and NLLs. The games are generated up front into pytest's cache folder, once (the actors of
     concurrent trials would otherwise generate each missing game side by side; a game is a function of its level,
-    split and index, so a cached one is the game the sweep would generate)."""
+    split and index, so a cached one is the game the sweep would generate); with pytest's cache plugin off
+    (``-p no:cacheprovider``) into the test's own folder."""
     from anyorder_ray.config import load_config
     from envs import evaluation_env, make_world
 
-    games = request.config.cache.mkdir("textworld_smoke_games")
+    cache = getattr(request.config, "cache", None)
+    games = cache.mkdir("textworld_smoke_games") if cache is not None else tmp_path / "games"
     env = dataclasses.replace(load_config(TEXTWORLD_SMOKE).env, game_dir=str(games))
     for cfg in (env, evaluation_env(env)):
         world = make_world(cfg, expert=False)
