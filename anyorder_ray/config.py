@@ -413,7 +413,9 @@ class TrainConfig:
     output_dir: str = "runs"
     """Where sweeps write their results (absolute, or relative to the working directory)."""
     max_failures: int = 2
-    """Worker-group restarts from the last checkpoint after a training worker dies (-1: no limit)."""
+    """Worker-group restarts from the last checkpoint after a training worker dies (-1: no limit). A rollout that
+    failed for good (``roles.train_loop.RolloutFailed``) fails the trial without a restart, which could not bring a
+    dead rollout actor back."""
 
     def __post_init__(self) -> None:
         p: list[str] = []

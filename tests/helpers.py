@@ -146,10 +146,11 @@ def held_trajectories(buffer: Any) -> list[Trajectory]:
     return out
 
 
-def fit_one_worker(loop: dict, out: Path) -> Any:
+def fit_one_worker(loop: dict, out: Path, max_failures: int = 0, callbacks: list | None = None) -> Any:
     """One real TorchTrainer run of ``train_loop_per_worker`` with ``loop`` as its config, on one worker of 1 CPU,
-    stored under ``out``; returns Ray Train's ``Result`` (a failed run raises ``ray.train.TrainingFailedError``)."""
-    from ray.train import RunConfig, ScalingConfig
+    stored under ``out``, its worker group restarted up to ``max_failures`` times, with Ray Train ``callbacks``;
+    returns Ray Train's ``Result`` (a failed run raises ``ray.train.TrainingFailedError``)."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from anyorder_ray.roles.train_loop import train_loop_per_worker
@@ -158,7 +159,12 @@ def fit_one_worker(loop: dict, out: Path) -> Any:
         train_loop_per_worker,
         train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=out.name, storage_path=str(out.parent)),
+        run_config=RunConfig(
+            name=out.name,
+            storage_path=str(out.parent),
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=callbacks,
+        ),
     ).fit()
 
 

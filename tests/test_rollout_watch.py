@@ -179,6 +179,35 @@ def test_the_trainer_fails_the_trial_when_a_rollout_actor_dies_for_good(ray_loca
 
 
 @pytest.mark.slow
+def test_a_rollout_that_died_for_good_fails_the_run_without_the_restarts_it_could_not_use(ray_local, tmp_path):
+    """The kill above with two worker-group restarts allowed and the sweep's ``RolloutFailureIsFinal`` callback: the
+    run fails at step 20 with the ``RolloutFailed`` as a controller error, which Ray Train does not retry. Without the
+    callback each restarted group failed again at its first refresh (with ``max_failures: -1``, for ever) and ``fit``
+    raised the worker-group error of the third attempt."""
+    import ray.train
+    from helpers import KillActorOnce, fit_one_worker
+
+    from anyorder_ray.roles.train_loop import METRICS_LOG, RolloutFailed, RolloutFailureIsFinal
+    from anyorder_ray.roles.trial import TrialActors, make_buffer, make_rollout_actor
+
+    cfg = _cfg("data.regime=streaming", "data.min_buffer_size=16")
+    buffer, buffer_name = make_buffer(cfg)
+    actor = make_rollout_actor(cfg, 0, buffer_name)
+    actors = TrialActors(buffer, [actor], [actor.run.remote()], None, None)
+    try:
+        loop = actors.loop_config(cfg, Location.parse(tmp_path / "run" / METRICS_LOG))
+        loop["after_step"] = KillActorOnce(actor, actors.runs, step=6)
+        with pytest.raises(ray.train.ControllerError) as failed:
+            fit_one_worker(loop, tmp_path / "run", max_failures=2, callbacks=[RolloutFailureIsFinal()])
+    finally:
+        actors.stop()
+    cause = failed.value.controller_failure
+    assert isinstance(cause, RolloutFailed) and "rollout actor 0 died for good (ActorDiedError" in str(cause)
+    log = _log(tmp_path / "run" / METRICS_LOG)
+    assert [r["train/step"] for r in log] == [4, 8, 12, 16, 20]
+
+
+@pytest.mark.slow
 def test_a_dagger_trial_whose_every_weight_version_is_rejected_fails_quoting_the_reason(ray_local, tmp_path):
     """The rollout actor's model has one layer, the trainer's two: every version the trainer publishes (every 2 steps)
     is genuinely rejected by ``load_policy_weights``. With ``rollout.max_rejected_versions: 2`` the trial fails at the

@@ -111,6 +111,23 @@ class RolloutFailed(RuntimeError):
     rejected every recent weight version (dagger acting as the expert alone)."""
 
 
+class RolloutFailureIsFinal(ray.train.UserCallback):
+    """Ray Train callback: a worker's ``RolloutFailed`` ends the run instead of restarting the worker group.
+
+    Ray Train restarts a failed worker group (``train.max_failures``) whatever the worker raised, but no restart brings
+    a dead rollout actor back (its ``run`` reference stays failed; a rejection count stays until a version loads): each
+    restarted group failed again at its first refresh, so the restarts were spent for nothing and with
+    ``max_failures: -1`` went on for ever. This callback raises the worker's ``RolloutFailed`` in the controller. Ray
+    Train (2.60's default failure policy) takes an error in its controller's loop for a ``ControllerError``, which it
+    does not retry: ``fit`` raises at once, the ``RolloutFailed`` as the error's ``controller_failure``. Other worker
+    errors keep their restarts."""
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for error in worker_exceptions.values():
+            if isinstance(error, RolloutFailed):
+                raise error
+
+
 class BufferSource:
     """A worker-local view of the ``TrajectoryBuffer``: batches are fetched once, then sampled locally.
 
@@ -132,10 +149,10 @@ class BufferSource:
       rejection's reason.
 
     Every rank checks at the same steps (the recipe's refresh schedule); a rank may see the failure a check earlier
-    than another, and Ray Train stops the worker group when any worker raises. A group restarted by
-    ``train.max_failures`` fails again at its first refresh (the dead actor's reference stays failed; a rejection
-    count stays until a version loads). The fixed regime checks nothing after its wait: its whole demo set is in the
-    buffer before training starts.
+    than another, and Ray Train stops the worker group when any worker raises. With ``RolloutFailureIsFinal`` among
+    the run's callbacks (a sweep's trials have it) the run then fails without a restart, which could not bring the
+    actor back. The fixed regime checks nothing after its wait: its whole demo set is in the buffer before training
+    starts.
     """
 
     def __init__(
@@ -440,4 +457,4 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 __all__ = ["METRICS_LOG", "BufferSource", "EvalClient", "LoopSettings", "RaySession", "RolloutFailed",
-           "WeightPublisher", "is_sharded", "train_loop_per_worker"]  # fmt: skip
+           "RolloutFailureIsFinal", "WeightPublisher", "is_sharded", "train_loop_per_worker"]  # fmt: skip

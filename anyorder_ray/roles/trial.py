@@ -21,7 +21,7 @@ from anyorder_ray.roles.buffer import TrajectoryBuffer
 from anyorder_ray.roles.evaluator import make_eval_actor
 from anyorder_ray.roles.process_setup import SETUP_HOOK
 from anyorder_ray.roles.rollout import BranchPlan, PolicySource, RolloutWorker
-from anyorder_ray.roles.train_loop import METRICS_LOG, train_loop_per_worker
+from anyorder_ray.roles.train_loop import METRICS_LOG, RolloutFailureIsFinal, train_loop_per_worker
 from anyorder_ray.roles.weights import PolicyBoard
 from anyorder_ray.storage import Location
 
@@ -186,7 +186,7 @@ def run_trial(params: dict[str, Any], base: ExperimentConfig, run: Location) -> 
                 name=name,
                 storage_path=storage_path,
                 storage_filesystem=storage_filesystem,
-                callbacks=[TuneReportCallback()],
+                callbacks=[TuneReportCallback(), RolloutFailureIsFinal()],
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
