@@ -5,9 +5,12 @@ reported as ``rollout/inference_flops`` and ``compute/total_flops``."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -16,6 +19,9 @@ from anyorder_ray.roles.buffer import BufferJournal, BufferState, JournalRecord
 from anyorder_ray.storage import Location
 from anyorder_ray.training.budget import forward_flops, model_flops_per_token, step_cost
 from envs.trajectory import Provenance
+
+if TYPE_CHECKING:
+    from anyorder_ray.roles.trial import TrialActors
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
@@ -151,11 +157,10 @@ def _log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.slow
-def test_the_trainer_fails_the_trial_when_a_rollout_actor_dies_for_good(ray_local, tmp_path):
-    """Streaming data: after step 6 the rollout actor is killed for good (``ray.kill(no_restart=True)``, as if its
-    restarts were used up). The buffer still holds data, so sampling alone would go on; the trainer's next refresh
-    (step 20) sees the failed ``run`` and the trial fails naming the actor and the cause, well before step 40."""
+@contextlib.contextmanager
+def _rollout_killed_after_step_6(tmp_path: Path) -> Iterator[tuple[TrialActors, dict]]:
+    """A streaming trial's buffer and rollout actor, and a train loop config whose hook kills the actor for good after
+    step 6 (``ray.kill(no_restart=True)``, as if its restarts were used up); the actors end with the block."""
     from helpers import KillActorOnce
 
     from anyorder_ray.roles.train_loop import METRICS_LOG
@@ -168,10 +173,21 @@ def test_the_trainer_fails_the_trial_when_a_rollout_actor_dies_for_good(ray_loca
     try:
         loop = actors.loop_config(cfg, Location.parse(tmp_path / "run" / METRICS_LOG))
         loop["after_step"] = KillActorOnce(actor, actors.runs, step=6)
-        error = _fit_fails(loop, tmp_path / "run")
-        produced = ray_local.get(buffer.stats.remote()).produced
+        yield actors, loop
     finally:
         actors.stop()
+
+
+@pytest.mark.slow
+def test_the_trainer_fails_the_trial_when_a_rollout_actor_dies_for_good(ray_local, tmp_path):
+    """Streaming data, the rollout actor killed for good after step 6. The buffer still holds data, so sampling alone
+    would go on; the trainer's next refresh (step 20) sees the failed ``run`` and the trial fails naming the actor and
+    the cause, well before step 40."""
+    from anyorder_ray.roles.train_loop import METRICS_LOG
+
+    with _rollout_killed_after_step_6(tmp_path) as (actors, loop):
+        error = _fit_fails(loop, tmp_path / "run")
+        produced = ray_local.get(actors.buffer.stats.remote()).produced
     assert "RolloutFailed" in error and "rollout actor 0 died for good" in error and "ActorDiedError" in error
     log = _log(tmp_path / "run" / METRICS_LOG)
     assert [r["train/step"] for r in log] == [4, 8, 12, 16, 20]  # stopped at the first refresh after the kill
@@ -185,22 +201,12 @@ def test_a_rollout_that_died_for_good_fails_the_run_without_the_restarts_it_coul
     callback each restarted group failed again at its first refresh (with ``max_failures: -1``, for ever) and ``fit``
     raised the worker-group error of the third attempt."""
     import ray.train
-    from helpers import KillActorOnce, fit_one_worker
+    from helpers import fit_one_worker
 
     from anyorder_ray.roles.train_loop import METRICS_LOG, RolloutFailed, RolloutFailureIsFinal
-    from anyorder_ray.roles.trial import TrialActors, make_buffer, make_rollout_actor
 
-    cfg = _cfg("data.regime=streaming", "data.min_buffer_size=16")
-    buffer, buffer_name = make_buffer(cfg)
-    actor = make_rollout_actor(cfg, 0, buffer_name)
-    actors = TrialActors(buffer, [actor], [actor.run.remote()], None, None)
-    try:
-        loop = actors.loop_config(cfg, Location.parse(tmp_path / "run" / METRICS_LOG))
-        loop["after_step"] = KillActorOnce(actor, actors.runs, step=6)
-        with pytest.raises(ray.train.ControllerError) as failed:
-            fit_one_worker(loop, tmp_path / "run", max_failures=2, callbacks=[RolloutFailureIsFinal()])
-    finally:
-        actors.stop()
+    with _rollout_killed_after_step_6(tmp_path) as (_, loop), pytest.raises(ray.train.ControllerError) as failed:
+        fit_one_worker(loop, tmp_path / "run", max_failures=2, callbacks=[RolloutFailureIsFinal()])
     cause = failed.value.controller_failure
     assert isinstance(cause, RolloutFailed) and "rollout actor 0 died for good (ActorDiedError" in str(cause)
     log = _log(tmp_path / "run" / METRICS_LOG)
