@@ -8,6 +8,7 @@ held-out NLLs), and prints how long each run took (the only thing the load shoul
 
     python bench/load_reproducibility.py                      # the default sweep's causal arm (~2 x 6 minutes)
     python bench/load_reproducibility.py --quick              # tune_configs/smoke.yaml (~2 x 1 minute)
+    python bench/load_reproducibility.py --compare QUIET OTHER...   # finished trials (or one-trial sweep directories)
 """
 
 from __future__ import annotations
@@ -58,31 +59,60 @@ def main(argv: list[str]) -> list[Result]:
     parser.add_argument("--quick", action="store_true", help="tune_configs/smoke.yaml instead of the default sweep")
     parser.add_argument("--config", default=None, help="default: tune_configs/sweep.yaml (quick: smoke.yaml)")
     parser.add_argument("--arm", default="causal")
+    parser.add_argument("--compare", nargs="+", metavar="RUN_DIR",
+                        help="instead of running: compare finished trials with the first")  # fmt: skip
     args = parser.parse_args(argv)
     config = args.config or str(ROOT / "tune_configs" / ("smoke.yaml" if args.quick else "sweep.yaml"))
+    if args.compare:
+        return compare_runs([Path(d) for d in args.compare])
     with tempfile.TemporaryDirectory(prefix="aoray-load-") as tmp:
         quiet, quiet_s = run(config, args.arm, Path(tmp), "quiet", loaded=False)
         print(f"[quiet] {len(quiet)} reports in {quiet_s:.0f} s ({load_average()})", flush=True)
         loaded, loaded_s = run(config, args.arm, Path(tmp), "loaded", loaded=True)
         print(f"[loaded] {len(loaded)} reports in {loaded_s:.0f} s ({load_average()})", flush=True)
-    train_keys = ("train/step", "train/loss", "train/planned_steps", "train/total_tokens", "train/total_flops")
-    same_training = [[r.get(k) for k in train_keys] for r in quiet if "train/step" in r] == [
-        [r.get(k) for k in train_keys] for r in loaded if "train/step" in r
+    return [*compare(quiet, loaded, "quiet", "loaded"), Result("load_slowdown_wall", loaded_s / quiet_s)]
+
+
+TRAIN_KEYS = ("train/step", "train/loss", "train/planned_steps", "train/total_tokens", "train/total_flops")
+FINAL_KEYS = ("eval/success_rate", "eval/episodes", "eval/world_model_nll", "eval/action_nll")
+
+
+def compare(first: list[dict], second: list[dict], a: str, b: str, suffix: str = "") -> list[Result]:
+    """RESULT lines (names ending in ``suffix``) saying whether two trials' reports trained and scored the same."""
+    same_training = [[r.get(k) for k in TRAIN_KEYS] for r in first if "train/step" in r] == [
+        [r.get(k) for k in TRAIN_KEYS] for r in second if "train/step" in r
     ]
-    final_keys = ("eval/success_rate", "eval/episodes", "eval/world_model_nll", "eval/action_nll")
-    q, lo = quiet[-1], loaded[-1]
-    same_final = all(q.get(k) == lo.get(k) for k in final_keys)
-    print(f"steps {q['train/step']} vs {lo['train/step']}; success {q.get('eval/success_rate')} of "
-          f"{q.get('eval/episodes')} vs {lo.get('eval/success_rate')} of {lo.get('eval/episodes')}; "
-          f"wall time {quiet_s:.0f} s quiet vs {loaded_s:.0f} s loaded", flush=True)  # fmt: skip
+    q, lo = first[-1], second[-1]
+    same_final = all(q.get(k) == lo.get(k) for k in FINAL_KEYS)
+    print(f"steps {q['train/step']} ({a}) vs {lo['train/step']} ({b}); success {q.get('eval/success_rate')} "
+          f"of {q.get('eval/episodes')} vs {lo.get('eval/success_rate')} of {lo.get('eval/episodes')}")  # fmt: skip
     return [
-        Result("load_same_steps", float(q["train/step"] == lo["train/step"]), "==", 1),
-        Result("load_same_training_curve", float(same_training), "==", 1),
-        Result("load_same_final_success", float(same_final), "==", 1),
-        Result("load_steps", q["train/step"]),
-        Result("load_success", float(q.get("eval/success_rate", float("nan")))),
-        Result("load_slowdown_wall", loaded_s / quiet_s),
+        Result("load_same_steps" + suffix, float(q["train/step"] == lo["train/step"]), "==", 1),
+        Result("load_same_training_curve" + suffix, float(same_training), "==", 1),
+        Result("load_same_final_success" + suffix, float(same_final), "==", 1),
+        Result("load_steps" + suffix, q["train/step"]),
+        Result("load_success" + suffix, float(q.get("eval/success_rate", float("nan")))),
     ]
+
+
+def compare_runs(dirs: list[Path]) -> list[Result]:
+    """Compare finished trials (``--compare``: a trial directory holding ``metrics.jsonl``, or a sweep's output
+    directory with one trial) with the first, and print their training times."""
+    logs = []
+    for d in dirs:
+        found = (
+            [d / "metrics.jsonl"] if (d / "metrics.jsonl").is_file() else sorted(d.glob("train/train-*/metrics.jsonl"))
+        )
+        if len(found) != 1:
+            raise SystemExit(f"{d}: expected a trial directory or a sweep directory with one trial, found {len(found)}")
+        logs.append([json.loads(line) for line in found[0].read_text().splitlines()])
+    results = []
+    for d, log in zip(dirs[1:], logs[1:], strict=True):
+        results += compare(logs[0], log, dirs[0].name, d.name, suffix=f"_{d.name}")
+    for d, log in zip(dirs, logs, strict=True):
+        seconds = log[-1].get("train/elapsed_s", float("nan"))
+        print(f"{d.name}: {log[-1]['train/step']} steps, training time {seconds:.0f} s")
+    return results
 
 
 if __name__ == "__main__":

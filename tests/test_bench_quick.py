@@ -105,3 +105,36 @@ def test_bench_quick_prints_results(script: str) -> None:
         assert not math.isnan(value), f"{script}: {name} is NaN"
         assert (op is None) == (target is None)
     assert len({name for name, *_ in results}) == len(results), "duplicate RESULT names"
+
+
+def test_load_reproducibility_compare_tells_identical_trials_from_different_ones(tmp_path: Path) -> None:
+    """``--compare`` (how the committed quiet/loaded runs of docs/results/default_sweep_loaded are checked) reads
+    finished trials: the same reports at another speed compare equal, one changed loss or success does not."""
+    import json
+
+    def trial(name: str, seconds: float, loss_at_2: float, success: float) -> Path:
+        reports = [
+            {"train/step": s, "train/loss": loss_at_2 if s == 2 else 1.0 / s, "train/planned_steps": 3,
+             "train/total_tokens": 100 * s, "train/total_flops": 1e9 * s, "train/elapsed_s": seconds * s / 3}
+            for s in (1, 2, 3)
+        ]  # fmt: skip
+        reports[-1].update({"eval/success_rate": success, "eval/episodes": 200, "eval/world_model_nll": 2.5,
+                            "eval/action_nll": 0.4})  # fmt: skip
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reports))
+        return d
+
+    quiet, loaded = trial("quiet", 60.0, 0.5, 0.555), trial("loaded", 3600.0, 0.5, 0.555)
+    other_loss, other_success = trial("loss", 60.0, 0.51, 0.555), trial("success", 60.0, 0.5, 0.56)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "load_reproducibility.py"), "--compare", quiet, loaded, other_loss,
+         other_success],
+        cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = {name: value for name, value, *_ in parse_results(proc.stdout)}
+    assert got["load_same_training_curve_loaded"] == got["load_same_final_success_loaded"] == 1
+    assert got["load_same_training_curve_loss"] == 0 and got["load_same_final_success_loss"] == 1
+    assert got["load_same_training_curve_success"] == 1 and got["load_same_final_success_success"] == 0
+    assert got["load_steps_loaded"] == 3 and got["load_success_loaded"] == 0.555
