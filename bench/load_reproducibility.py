@@ -50,8 +50,21 @@ def run(config: str, arm: str, out: Path, name: str, loaded: bool) -> tuple[list
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"the {name} run failed (exit {proc.returncode})")
-    (log,) = list((out / name / "train").glob("train-*/metrics.jsonl"))
-    return [json.loads(line) for line in log.read_text().splitlines()], seconds
+    return trial_reports(out / name), seconds
+
+
+def trial_reports(directory: Path) -> list[dict]:
+    """The reports of a finished trial: ``directory`` is the trial's own (holding ``metrics.jsonl``) or a sweep's
+    output directory with one trial."""
+    if (directory / "metrics.jsonl").is_file():
+        found = [directory / "metrics.jsonl"]
+    else:
+        found = sorted(directory.glob("train/train-*/metrics.jsonl"))
+    if len(found) != 1:
+        raise SystemExit(
+            f"{directory}: expected a trial directory or a sweep directory with one trial, found {len(found)}"
+        )
+    return [json.loads(line) for line in found[0].read_text().splitlines()]
 
 
 def main(argv: list[str]) -> list[Result]:
@@ -96,16 +109,9 @@ def compare(first: list[dict], second: list[dict], a: str, b: str, suffix: str =
 
 
 def compare_runs(dirs: list[Path]) -> list[Result]:
-    """Compare finished trials (``--compare``: a trial directory holding ``metrics.jsonl``, or a sweep's output
-    directory with one trial) with the first, and print their training times."""
-    logs = []
-    for d in dirs:
-        found = (
-            [d / "metrics.jsonl"] if (d / "metrics.jsonl").is_file() else sorted(d.glob("train/train-*/metrics.jsonl"))
-        )
-        if len(found) != 1:
-            raise SystemExit(f"{d}: expected a trial directory or a sweep directory with one trial, found {len(found)}")
-        logs.append([json.loads(line) for line in found[0].read_text().splitlines()])
+    """Compare finished trials (``--compare``, each as ``trial_reports`` reads it) with the first, and print their
+    training times."""
+    logs = [trial_reports(d) for d in dirs]
     results = []
     for d, log in zip(dirs[1:], logs[1:], strict=True):
         results += compare(logs[0], log, dirs[0].name, d.name, suffix=f"_{d.name}")

@@ -7,6 +7,7 @@ on the machine and its load, and the figures are tabulated in docs/BENCHMARKS.md
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -110,7 +111,6 @@ def test_bench_quick_prints_results(script: str) -> None:
 def test_load_reproducibility_compare_tells_identical_trials_from_different_ones(tmp_path: Path) -> None:
     """``--compare`` (how the committed quiet/loaded runs of docs/results/default_sweep_loaded are checked) reads
     finished trials: the same reports at another speed compare equal, one changed loss or success does not."""
-    import json
 
     def trial(name: str, seconds: float, loss_at_2: float, success: float) -> Path:
         reports = [
