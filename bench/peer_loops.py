@@ -2,7 +2,8 @@
 
 All three train the same model (the config's, seeded alike), on the same expert demos, with the same masks and
 bucketed batches (one ``BatchMaker`` stream per loop, seeded alike: the first steps' batches are identical), the same
-batch size and the same optimizer settings (AdamW betas 0.9/0.95, weight decay, warmup + cosine, grad clip):
+batch size and the same optimizer (torch's fused AdamW kernel, betas 0.9/0.95, weight decay, warmup + cosine, grad
+clip; ``make_optimizer`` for the project's trainer and the plain loop, ``optim="adamw_torch_fused"`` for HF):
 
 - ``ray``: a real trial, ``python -m anyorder_ray.sweep`` with the config (rollout actor, buffer, TorchTrainer worker,
   eval actor as the config sets it, reports, final checkpoint); tokens/s and FLOP/s over the trial's training time
@@ -149,7 +150,8 @@ def hf_trainer(cfg: ExperimentConfig, data, steps: int, warm: int) -> Speed:
         args = TrainingArguments(
             output_dir=out, max_steps=steps, gradient_accumulation_steps=cfg.train.grad_accum_steps(),
             learning_rate=cfg.train.lr, weight_decay=cfg.train.weight_decay, adam_beta1=0.9, adam_beta2=0.95,
-            adam_epsilon=1e-8, max_grad_norm=cfg.train.max_grad_norm, lr_scheduler_type=cfg.train.lr_decay_style,
+            adam_epsilon=1e-8, optim="adamw_torch_fused", max_grad_norm=cfg.train.max_grad_norm,
+            lr_scheduler_type=cfg.train.lr_decay_style,
             warmup_steps=int(cfg.train.lr_warmup_ratio * steps), logging_steps=cfg.train.report_every,
             save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=cfg.train.seed,
             disable_tqdm=True,

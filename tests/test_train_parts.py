@@ -226,3 +226,28 @@ def test_no_decay_on_norms_and_biases(world):
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.ndim >= 2 and "norm" not in name), name
     assert math.isclose(opt.param_groups[1]["weight_decay"], 0.0)
+
+
+def test_fused_adamw_on_cpu_matches_the_foreach_update(world):
+    """make_optimizer uses torch's fused AdamW for plain CPU parameters; its update is AdamW's, to float rounding."""
+    tokenizer, _ = world
+    fused_model, foreach_model = _model(tokenizer), _model(tokenizer)
+    foreach_model.load_state_dict(fused_model.state_dict())
+    start = {k: v.clone() for k, v in fused_model.state_dict().items()}
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.1, max_steps=10, lr_warmup_ratio=0.0)
+    fused, _ = make_optimizer(fused_model, cfg)
+    assert all(group["fused"] for group in fused.param_groups)
+    foreach, _ = make_optimizer(foreach_model, cfg)
+    for group in foreach.param_groups:
+        group["fused"], group["foreach"] = None, True
+    ids = torch.randint(0, len(tokenizer), (2, 12), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for model, opt in ((fused_model, fused), (foreach_model, foreach)):
+            model(input_ids=ids).logits.float().pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    moved = 0.0
+    for (name, a), b in zip(fused_model.named_parameters(), foreach_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        moved = max(moved, float((a - start[name]).abs().max()))
+    assert moved > 1e-3  # the three steps changed the weights: the comparison is not of two untouched models

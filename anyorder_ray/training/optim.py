@@ -52,6 +52,22 @@ class LRSchedule:
         return lr_factor(step, self.warmup, self.total, self.style)
 
 
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_adamw(params: list[torch.Tensor]) -> bool | None:
+    """Whether ``make_optimizer`` uses torch's fused AdamW kernel: for plain fp32/bf16 tensors on CPU or CUDA, else
+    torch's default (foreach; e.g. fsdp2's DTensor parameters).
+
+    The fused kernel updates every parameter in one pass instead of a chain of foreach ops; it is the optimizer the
+    Hugging Face ``Trainer`` uses by default. Measured on the default sweep's model, 2 cores, in-process: +2-3% training
+    tokens/s (``bench/peer_loops.py`` compares the loops with it). Returns None (torch's choice) rather than False.
+    """
+    plain = all(type(p) is torch.nn.Parameter or type(p) is torch.Tensor for p in params)
+    ok = plain and all(p.device.type in FUSED_DEVICES and p.dtype in (torch.float32, torch.bfloat16) for p in params)
+    return True if ok and params else None
+
+
 def make_optimizer(
     model: torch.nn.Module, cfg: TrainConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -61,7 +77,7 @@ def make_optimizer(
             continue
         (no_decay if p.ndim < 2 or "norm" in name or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused_adamw(decay + no_decay))
     schedule = LRSchedule(cfg.lr_warmup_ratio, cfg.max_steps, cfg.lr_decay_style)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return optimizer, scheduler

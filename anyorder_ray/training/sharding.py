@@ -7,7 +7,8 @@
   the full model; or, for a preset, from the seeded init of the unsharded path built on rank 0 and scattered,
   which makes a sharded run start from exactly the weights a DDP run starts from.
 - Mixed precision (GPU): bf16 parameters in forward/backward, gradients reduce-scattered in fp32, fp32 master
-  weights and optimizer state. On CPU everything stays fp32 (bf16 matmuls are ~100x slower there).
+  weights and optimizer state. On CPU everything stays fp32 (bf16 autocast trained the default model slower than
+  fp32 there: `TrainConfig.enable_mixed_precision`).
 - Activation checkpointing: transformers' per-layer checkpoint of ``forward``, which keeps FSDP2's hooks outside
   the recomputed region.
 - Gradient accumulation: ``gradient_sync`` turns the reduce-scatter off for all but the step's last micro-batch.
