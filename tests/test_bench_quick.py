@@ -29,6 +29,7 @@ SCRIPTS = [
     "compile_speed",
     "behaviour_parity",
     "peer_loops",
+    "step_variants",
     "textworld_expert",
     "dagger_throughput",
 ]
