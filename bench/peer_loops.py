@@ -8,7 +8,9 @@ clip; ``make_optimizer`` for the project's trainer and the plain loop, ``optim="
 - ``ray``: a real trial, ``python -m anyorder_ray.sweep`` with the config (rollout actor, buffer, TorchTrainer worker,
   eval actor as the config sets it, reports, final checkpoint); tokens/s and FLOP/s over the trial's training time
   (between its first and last report, everything that happens meanwhile included except the evaluations the trainer
-  waited for with ``eval.concurrent: false``), from its ``metrics.jsonl``, with where that time went;
+  waited for with ``eval.concurrent: false``), from its ``metrics.jsonl``, with where that time went and how many
+  cores each kind of process on the machine used meanwhile (``CpuSampler``: the trainer, the eval and rollout actors,
+  Ray's control plane, Ray Train/Tune's actors and the driver, anything else, and what stayed idle);
 - ``plain``: the loop a user would write, in this process: ``BatchMaker.bucketed`` micro-batches, forward,
   cross-entropy at the targets, backward, clip, AdamW + schedule step;
 - ``hf``: ``transformers.Trainer`` (with ``accelerate``) on an iterable dataset of the same micro-batches, the model
@@ -41,6 +43,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
+import psutil
 import torch
 import torch.nn.functional as F
 import yaml
@@ -67,6 +70,8 @@ class Speed:
     tokens: float
     flops: float
     seconds: float
+    cores: dict[str, float] = dataclasses.field(default_factory=dict)
+    """The Ray trial only: cores each role used while the trainer trained (``CpuSampler``)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -164,16 +169,90 @@ def hf_trainer(cfg: ExperimentConfig, data, steps: int, warm: int) -> Speed:
                  seconds)  # fmt: skip
 
 
+ROLES = (
+    ("trainer", ("RayTrainWorker",)),
+    ("eval actor", ("EvalWorker",)),
+    ("rollout actor", ("RolloutWorker",)),
+    ("Ray control plane", ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "DashboardAgent",
+                           "runtime_env")),
+    ("Ray Train/Tune actors and driver", ("ray::", "anyorder_ray.sweep")),
+)  # fmt: skip
+
+
+class CpuSampler:
+    """CPU seconds of every process on the machine, once a second, grouped by role: the trial's processes (the
+    driver's descendants) by their titles, every other process as "other processes"."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, dict[int, tuple[str, float]]]] = []
+
+    @staticmethod
+    def role(process: psutil.Process) -> str:
+        try:
+            line = " ".join(process.cmdline())
+        except (psutil.Error, OSError):
+            return "other processes"
+        for role, keys in ROLES:
+            if any(k in line for k in keys):
+                return role
+        return "other processes"
+
+    def sample(self, root: int) -> None:
+        try:  # a local Ray's processes descend from the driver; other processes (another run's) are not the trial's
+            trial = {p.pid for p in psutil.Process(root).children(recursive=True)} | {root}
+        except psutil.Error:
+            return
+        snap = {}
+        for process in psutil.process_iter():
+            try:
+                times = process.cpu_times()
+                role = self.role(process) if process.pid in trial else "other processes"
+                snap[process.pid] = (role, times.user + times.system)
+            except (psutil.Error, OSError):
+                continue
+        self.samples.append((time.perf_counter(), snap))
+
+    def run_until(self, proc: subprocess.Popen) -> dict[str, float]:
+        """Sample until ``proc`` exits; the cores each role used while the trainer trained (its CPU rising by more than
+        half a core a second, less the first and last two seconds), plus what was left idle."""
+        while proc.poll() is None:
+            self.sample(proc.pid)
+            time.sleep(self.interval_s)
+
+        def trainer(snap: dict[int, tuple[str, float]]) -> float:
+            return sum(cpu for role, cpu in snap.values() if role == "trainer")
+
+        busy = [i for i in range(1, len(self.samples))
+                if trainer(self.samples[i][1]) - trainer(self.samples[i - 1][1])
+                > 0.5 * (self.samples[i][0] - self.samples[i - 1][0])]  # fmt: skip
+        if len(busy) < 6:
+            return {}
+        (t0, first), (t1, last) = self.samples[busy[0] + 2], self.samples[busy[-1] - 2]
+        used: dict[str, float] = {role: 0.0 for role, _ in ROLES} | {"other processes": 0.0}
+        for pid, (role, cpu) in last.items():
+            if pid in first:
+                used[role] += (cpu - first[pid][1]) / (t1 - t0)
+        used["idle"] = max(0.0, (os.cpu_count() or 1) - sum(used.values()))
+        return used
+
+
 def ray_trial(config: str, overrides: list[str], warm_reports: int) -> Speed:
     """A real trial through the sweep CLI; its speed from report ``warm_reports`` (0: the first) to the last."""
     with tempfile.TemporaryDirectory(prefix="aoray-peer-") as out:
         cmd = [sys.executable, "-m", "anyorder_ray.sweep", "--config", config, "--name", "peer",
                f"train.output_dir={out}", *overrides]  # fmt: skip
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-            raise SystemExit(f"the Ray trial failed (exit {proc.returncode})")
+        with tempfile.TemporaryFile("w+") as stdout:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True)
+            cores = CpuSampler().run_until(proc)
+            if proc.returncode != 0:
+                stdout.seek(0)
+                sys.stderr.write(stdout.read()[-6000:])
+                raise SystemExit(f"the Ray trial failed (exit {proc.returncode})")
+        if cores:
+            print("[ray] cores in use while the trainer trained (of " + f"{os.cpu_count()}): "
+                  + ", ".join(f"{role} {c:.2f}" for role, c in cores.items()), flush=True)  # fmt: skip
         (log,) = list(Path(out, "peer", "train").glob("train-*/metrics.jsonl"))
         reports = [json.loads(line) for line in log.read_text().splitlines() if "train/step" in line]
     if len(reports) < warm_reports + 2:
@@ -189,6 +268,7 @@ def ray_trial(config: str, overrides: list[str], warm_reports: int) -> Speed:
         last["train/total_tokens"] - first["train/total_tokens"],
         last["train/total_flops"] - first["train/total_flops"],
         delta["train/elapsed_s"] - delta["train/eval_wait_s"],
+        cores,
     )
 
 
@@ -243,7 +323,9 @@ def main(argv: list[str]) -> list[Result]:
         Result("peer_plain_tokens_per_s", by["plain"].tokens_per_s),
         Result("peer_hf_tokens_per_s", by["hf"].tokens_per_s),
         Result("matmul_peak_gflops", peak / 1e9),
-    ]
+        *[Result(f"peer_ray_cores_{role.split()[0].lower()}", by["ray"].cores[role])
+          for role in ("trainer", "idle") if role in by["ray"].cores],
+    ]  # fmt: skip
 
 
 if __name__ == "__main__":
