@@ -56,12 +56,12 @@ FUSED_DEVICES = ("cpu", "cuda")
 
 
 def fused_adamw(params: list[torch.Tensor]) -> bool | None:
-    """Whether ``make_optimizer`` uses torch's fused AdamW kernel: for plain fp32/bf16 tensors on CPU or CUDA, else
-    torch's default (foreach; e.g. fsdp2's DTensor parameters).
+    """Whether ``make_optimizer`` uses torch's fused AdamW kernel: yes for plain fp32/bf16 tensors on CPU or CUDA;
+    otherwise None, torch's own choice (e.g. for fsdp2's DTensor parameters).
 
-    The fused kernel updates every parameter in one pass instead of a chain of foreach ops; it is the optimizer the
-    Hugging Face ``Trainer`` uses by default. Measured on the default sweep's model, 2 cores, in-process: +2-3% training
-    tokens/s (``bench/peer_loops.py`` compares the loops with it). Returns None (torch's choice) rather than False.
+    The fused kernel updates every parameter in one pass. Without it torch's AdamW on CPU loops over the parameters
+    one at a time (its foreach kernels are GPU-only). The Hugging Face ``Trainer`` uses the fused kernel by default.
+    ``bench/step_variants.py`` measures the difference on the default sweep's model (``unfused_adamw``).
     """
     plain = all(type(p) is torch.nn.Parameter or type(p) is torch.Tensor for p in params)
     ok = plain and all(p.device.type in FUSED_DEVICES and p.dtype in (torch.float32, torch.bfloat16) for p in params)
