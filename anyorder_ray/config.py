@@ -401,8 +401,8 @@ class TrainConfig:
     enable_mixed_precision: bool = False
     """fsdp2 on GPU: bf16 parameters in compute, fp32 master weights and gradient reduction. Ignored on CPU and by
     ddp: on the 2-core development CPU (with AMX) a bf16 matmul is ~6x faster than fp32 at these shapes, but
-    ``torch.autocast("cpu", torch.bfloat16)`` trained the default width-128 model at 0.58x fp32's tokens/s (the
-    casts and elementwise work outweigh the matmuls; measured 2026-12-04)."""
+    ``torch.autocast("cpu", torch.bfloat16)`` trains the default width-128 model at 0.59x fp32's tokens/s (the
+    casts and elementwise work outweigh the matmuls; ``bench/step_variants.py``, docs/BENCHMARKS.md)."""
     enable_gradient_checkpointing: bool = False
     data_parallel_mode: Literal["ddp", "fsdp2"] = "ddp"
     """``ddp``: every worker holds the whole model; ``fsdp2``: parameters, gradients and optimizer state sharded over
