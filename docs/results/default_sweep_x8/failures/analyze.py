@@ -36,7 +36,8 @@ def ball_in_first_view(seed: int) -> bool:
 
 
 def main(path: str) -> None:
-    rows = list(csv.DictReader(open(path)))
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
     failed: dict[str, set[int]] = defaultdict(set)
     for arm in sorted({r["arm"] for r in rows}):
         mine = [r for r in rows if r["arm"] == arm]
