@@ -11,12 +11,14 @@ figure::
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,6 +53,20 @@ def expert_data(env: EnvConfig, seeds: Iterable[int]) -> tuple[list[Trajectory],
     from envs import collect_expert_trajectories, make_world
 
     return collect_expert_trajectories(make_world(env), seeds)
+
+
+def trial_reports(directory: Path) -> list[dict]:
+    """The reports of a finished trial: ``directory`` is the trial's own (holding ``metrics.jsonl``) or a sweep's
+    output directory with one trial."""
+    if (directory / "metrics.jsonl").is_file():
+        found = [directory / "metrics.jsonl"]
+    else:
+        found = sorted(directory.glob("train/train-*/metrics.jsonl"))
+    if len(found) != 1:
+        raise SystemExit(
+            f"{directory}: expected a trial directory or a sweep directory with one trial, found {len(found)}"
+        )
+    return [json.loads(line) for line in found[0].read_text().splitlines()]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 import yaml
-from _common import Result, load_average, print_results
+from _common import Result, load_average, print_results, trial_reports
 
 from anyorder_ray.config import load_config
 
@@ -51,20 +50,6 @@ def run(config: str, arm: str, out: Path, name: str, loaded: bool) -> tuple[list
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"the {name} run failed (exit {proc.returncode})")
     return trial_reports(out / name), seconds
-
-
-def trial_reports(directory: Path) -> list[dict]:
-    """The reports of a finished trial: ``directory`` is the trial's own (holding ``metrics.jsonl``) or a sweep's
-    output directory with one trial."""
-    if (directory / "metrics.jsonl").is_file():
-        found = [directory / "metrics.jsonl"]
-    else:
-        found = sorted(directory.glob("train/train-*/metrics.jsonl"))
-    if len(found) != 1:
-        raise SystemExit(
-            f"{directory}: expected a trial directory or a sweep directory with one trial, found {len(found)}"
-        )
-    return [json.loads(line) for line in found[0].read_text().splitlines()]
 
 
 def main(argv: list[str]) -> list[Result]:

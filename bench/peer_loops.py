@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -47,7 +46,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 import yaml
-from _common import Result, expert_data, load_average, measure_matmul_flops, print_results
+from _common import Result, expert_data, load_average, measure_matmul_flops, print_results, trial_reports
 
 from anyorder_ray.config import ExperimentConfig, load_config
 from anyorder_ray.data.batching import BatchMaker, LocalSource
@@ -253,8 +252,7 @@ def ray_trial(config: str, overrides: list[str], warm_reports: int) -> Speed:
         if cores:
             print("[ray] cores in use while the trainer trained (of " + f"{os.cpu_count()}): "
                   + ", ".join(f"{role} {c:.2f}" for role, c in cores.items()), flush=True)  # fmt: skip
-        (log,) = list(Path(out, "peer", "train").glob("train-*/metrics.jsonl"))
-        reports = [json.loads(line) for line in log.read_text().splitlines() if "train/step" in line]
+        reports = [r for r in trial_reports(Path(out, "peer")) if "train/step" in r]
     if len(reports) < warm_reports + 2:
         raise SystemExit(f"the Ray trial made {len(reports)} reports: nothing to measure after report {warm_reports}")
     first, last = reports[warm_reports], reports[-1]

@@ -50,18 +50,16 @@ def child(variant: str, steps: int, demos: int) -> None:
     import contextlib
 
     import torch
+    from _common import expert_data
     from peer_loops import plain_loop
 
+    import anyorder_ray.training.optim as optim
     from anyorder_ray.config import load_config
     from anyorder_ray.data.seeds import rollout_seed_range
 
     spec = VARIANTS[variant]
     if spec.get("unfused"):
-        import anyorder_ray.training.optim as optim
-
         optim.fused_adamw = lambda params: None  # make_optimizer passes fused=None: torch's default
-    from _common import expert_data
-
     cfg = load_config(str(HERE.parent / "tune_configs/sweep.yaml"), []).trial({"arm": "causal", "seed": 0})
     torch.set_num_threads(cfg.train.torch_threads)
     seeds = rollout_seed_range(cfg.rollout, 0)
