@@ -183,6 +183,18 @@ class WaitForOnPolicyData:
 
 
 @dataclass(frozen=True)
+class SlowSteps:
+    """Test hook (the train loop's ``after_step``): rank 0 sleeps ``seconds`` after every step, so the rollout actors
+    get that far ahead of training (what a trial under ``rollout.sync`` trains on must not depend on it)."""
+
+    seconds: float
+
+    def __call__(self, step: int, rank: int) -> None:
+        if rank == 0:
+            time.sleep(self.seconds)
+
+
+@dataclass(frozen=True)
 class KillActorOnce:
     """Fault injection from inside training: after step ``step`` rank 0 kills ``actor`` for good
     (``ray.kill(no_restart=True)``: as if its restarts were used up) and waits until its running task ``runs[0]`` has

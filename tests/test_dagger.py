@@ -147,6 +147,8 @@ def test_dagger_config_errors_name_every_bad_key(tmp_path):
     assert "beta_start must be in [0, 1]" in msg and "weights_every_steps must be >= 1" in msg
     cfg = load_config(ROOT / "tune_configs" / "smoke.yaml", ["data.regime=dagger", "data.num_demos=16"])
     assert isinstance(cfg, ExperimentConfig) and cfg.data.start_size() == 16  # trains once the demo set is there
+    with pytest.raises(ConfigError, match="rollout.sync paces the dagger regime's on-policy batches"):
+        load_config(ROOT / "tune_configs" / "smoke.yaml", ["rollout.sync=true"])  # the fixed regime has none
 
 
 # -- provenance through the buffer ---------------------------------------------------------------------------------
@@ -170,6 +172,19 @@ def test_the_buffer_counts_provenance_and_keeps_the_demo_budget():
     assert metrics["rollout/onpolicy_fraction"] == 0.5
     assert (metrics["rollout/policy_version"], metrics["rollout/beta"]) == (8, 0.5)
     assert state.snapshot() == [("e0", 0, 8), ("e1", 0, 2), ("p4", 0, 5), ("p8", 0, 5)]
+
+
+def test_the_buffer_knows_which_actors_played_each_version():
+    """``rollout.sync``'s bookkeeping: the trainer waits until every actor's batch of a version is acknowledged, and a
+    restarted actor asks for the newest version it played; expert batches and repeats do not count."""
+    state = BufferState(capacity=100, expert_quota=4)
+    state.add("e", 4, worker=1, next_seed=4)
+    state.add("p4", 3, worker=1, next_seed=8, provenance=_on_policy(4))
+    state.add("p4b", 2, worker=0, next_seed=3, provenance=_on_policy(4))
+    state.add("p8", 3, worker=1, next_seed=12, provenance=_on_policy(8))
+    state.add("again", 3, worker=1, next_seed=12, provenance=_on_policy(12))  # a restarted actor's redo: dropped
+    assert (state.played(4), state.played(8), state.played(12), state.played(0)) == ({0, 1}, {1}, set(), set())
+    assert (state.last_played(0), state.last_played(1), state.last_played(2)) == (4, 8, 0)
 
 
 @pytest.mark.parametrize("eviction", ["fifo", "onpolicy_first"])
@@ -394,3 +409,44 @@ def test_a_tiny_dagger_trial_trains_on_relabelled_on_policy_data(ray_local, tmp_
     sources = [r.provenance.on_policy for r in records if r.trajectories]
     assert sources == sorted(sources)  # the demo set first (training starts on it), then on-policy data only
     assert sum(len(r.trajectories) for r in records if not r.provenance.on_policy) == 8  # the demo budget
+
+
+@pytest.mark.slow
+def test_a_synced_dagger_trial_trains_on_the_same_data_however_far_ahead_its_actor_runs(ray_local, tmp_path):
+    """``rollout.sync``: the rollout actor plays exactly one batch under each version and the trainer takes it in at the
+    next publication, so a trial whose trainer sleeps half a second after every step (its actor far ahead; without
+    sync it would play several batches per version and training would pick up more of them) reports the same losses
+    as one that does not, from the same on-policy data."""
+    import json
+
+    from helpers import SlowSteps
+
+    from anyorder_ray.roles.train_loop import METRICS_LOG
+    from anyorder_ray.roles.trial import start_actors
+
+    cfg = _dagger_cfg("train.max_steps=20", "train.report_every=4", "train.checkpoint_every=0",
+                      "rollout.weights_every_steps=4", "train.cpus_per_worker=1", "rollout.sync=true")  # fmt: skip
+    runs = {}
+    for name, hook in (("quick", None), ("slow", SlowSteps(0.5))):
+        journal = Location.parse(tmp_path / name / "trajectories")
+        actors = start_actors(cfg, journal=journal)
+        try:
+            loop = actors.loop_config(cfg, Location.parse(tmp_path / name / "run" / METRICS_LOG))
+            loop["after_step"] = hook
+            result = fit_one_worker(loop, tmp_path / name / "run")
+        finally:
+            actors.stop()
+        assert result.error is None
+        log = [json.loads(line) for line in (tmp_path / name / "run" / METRICS_LOG).read_text().splitlines()]
+        records = [r for r in BufferJournal(journal).records() if r.provenance.on_policy]
+        runs[name] = (log, records)
+    for log, records in runs.values():
+        assert [r["train/step"] for r in log] == [4, 8, 12, 16, 20] and log[-1]["train/sync_wait_s"] >= 0
+        # One batch per version, every version but the last (published at step 16, never waited for) taken in.
+        versions = [r.provenance.policy_version for r in records]
+        assert versions in ([4, 8, 12], [4, 8, 12, 16])
+    (quick_log, quick_records), (slow_log, slow_records) = runs["quick"], runs["slow"]
+    assert [r["train/loss"] for r in quick_log] == [r["train/loss"] for r in slow_log]
+    assert [r["train/total_tokens"] for r in quick_log] == [r["train/total_tokens"] for r in slow_log]
+    played = lambda records: [t for r in records[:3] for t in r.trajectories]  # noqa: E731 (units, provenance: all)
+    assert played(quick_records) == played(slow_records) and played(quick_records)

@@ -17,6 +17,11 @@ loaded is reported to the board too, which tells the trainer when the actors rej
 versions in a row (the trial then fails: ``roles.train_loop.BufferSource``). A restarted actor starts from the board's
 latest version.
 
+``rollout.sync``: the actor plays exactly one batch under each version it loads and then idles (polling the board
+every ``rollout.idle_poll_s``) until the next; the trainer waits at its next publication for that batch
+(``BufferSource.wait_for_version``), so a trial's data does not depend on how fast the actors ran. A restarted actor
+asks the buffer which version its last acknowledged batch had, so it does not play that version again.
+
 Compute: the policy's forwards are counted (``training.budget.forward_flops``, the trainer's accounting) and sent with
 each batch to the buffer, which sums them into ``rollout/inference_flops`` (journaled with the batch, so a restarted
 buffer keeps the count; the forwards of a batch that never reached the buffer, its actor died first, are not counted).
@@ -148,6 +153,8 @@ class RolloutWorker:
         resume = ray.get(self._buffer.resume_seed.remote(worker))
         self._next_seed = resume if resume is not None else self._seeds.start
         self._policy: ActingPolicy | None = None
+        # rollout.sync: the newest version this actor's on-policy batch is in the buffer for (a restart asks it).
+        self._played = ray.get(self._buffer.last_played.remote(worker)) if policy is not None and rollout.sync else 0
         self._worlds = [self._world]
         if policy is not None:
             # Only a dagger actor loads torch, transformers and the model (``roles.acting``): an expert-only actor
@@ -181,6 +188,12 @@ class RolloutWorker:
             policy = self._policy
             if policy is not None:
                 policy.refresh()
+            if policy is not None and 0 < policy.version <= self._played:
+                # rollout.sync: this version's batch is in; the trainer publishes the next once it took it in.
+                keep_going = ray.get(self._buffer.wants_more.remote())
+                if keep_going:
+                    time.sleep(self._cfg.idle_poll_s)
+                continue
             if policy is not None and policy.version > 0:
                 beta = self._cfg.beta(policy.version, policy.planned_steps)
                 from anyorder_ray.evaluation.dagger import dagger_episodes
@@ -204,6 +217,8 @@ class RolloutWorker:
             batch_flops = policy.take_flops() if policy is not None else 0.0
             keep_going = ray.get(self._buffer.add.remote(trajs, self._worker, hi, branches, batch_flops))
             self._next_seed = hi
+            if self._cfg.sync and policy is not None and policy.version > 0:
+                self._played = policy.version
             flops += batch_flops
             episodes += attempted
             kept += len(trajs)

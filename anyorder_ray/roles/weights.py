@@ -112,6 +112,7 @@ class PolicyBoard:
         self._rejected = 0
         self._loaded_serial = 0  # the newest publication of this board an actor loaded
         self._rejected_serials: set[int] = set()  # publications of this board an actor rejected
+        self._rejecters: dict[int, set[int]] = {}  # per version: the actors that rejected it
         self._last_reason = ""
 
     def publish(self, weights: Any, version: int, planned_steps: int | None = None) -> tuple[str, int]:
@@ -137,10 +138,15 @@ class PolicyBoard:
         (``rollout/weights_rejected``) and logged."""
         self._rejected += 1
         self._last_reason = f"actor {worker}, version {version}: {reason}"
+        self._rejecters.setdefault(int(version), set()).add(int(worker))
         instance, serial = stamp if stamp is not None else self.stamp()
         if instance == self._instance:  # a call retried onto a restarted board names a publication it never made
             self._rejected_serials.add(serial)
         logger.warning("rollout actor %d rejected policy version %d: %s", worker, version, reason)
+
+    def rejecters(self, version: int) -> set[int]:
+        """The actors that rejected ``version`` (``rollout.sync``: the trainer does not wait for their batch of it)."""
+        return set(self._rejecters.get(version, ()))
 
     def loaded(self, worker: int, stamp: tuple[str, int]) -> None:
         """An actor acts with publication ``stamp`` now: the versions rejected before it no longer count in a row."""

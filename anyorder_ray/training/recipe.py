@@ -79,7 +79,7 @@ __all__ = [
 # Wall-clock metrics in every ``train/...`` report: they vary with machine load, everything else a report says is
 # a function of the config and seed (an interrupted and resumed trial reports the same values).
 TIMING_METRICS = frozenset({"train/tokens_per_s", "train/elapsed_s", "train/eval_wait_s", "train/batch_time_s",
-                            "train/step_time_s", "train/report_time_s"})  # fmt: skip
+                            "train/step_time_s", "train/report_time_s", "train/sync_wait_s"})  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -280,6 +280,11 @@ class TrainingRecipe:
         after_step: called with ``(step, rank)`` after every step (tests inject faults with it).
         publisher: the dagger regime's weight channel to the rollout actors: the weights go there every
             ``rollout.weights_every_steps`` steps (never waited for).
+
+    Data: the fixed regime's view is its whole data set from the first step; the streaming and dagger regimes refresh
+    the view every 20 steps with whatever the actors added. Dagger with ``rollout.sync`` refreshes only at a
+    publication, right after the source's ``wait_for_version`` saw every actor's batch of the previous version (the
+    trial's ``BufferSource`` has it), so each step's data is a function of the config and seed.
     """
 
     def __init__(
@@ -309,6 +314,11 @@ class TrainingRecipe:
         self.batch_time_s = 0.0
         self.step_time_s = 0.0
         self.report_time_s = 0.0
+        self.sync_wait_s = 0.0
+        self.sync = cfg.data.regime == "dagger" and cfg.rollout.sync
+        if self.sync and not hasattr(source, "wait_for_version"):
+            raise ValueError(f"rollout.sync needs a source that waits for the rollout actors' batches (the trial's "
+                             f"BufferSource), got {type(source).__name__}")  # fmt: skip
 
     # -- setup -------------------------------------------------------------------------------------------
 
@@ -408,6 +418,17 @@ class TrainingRecipe:
                       flush=True)  # fmt: skip
             lr_schedule(self.scheduler).extend(total)
 
+    def _take_in_previous_version(self) -> None:
+        """``rollout.sync``, at a publication (every rank): wait for every actor's batch of the version published
+        ``weights_every_steps`` ago, if there was one, and bring the view up to date with it. Nothing newer can be in
+        the buffer: the next version is published after this."""
+        previous = self.step - self.cfg.rollout.weights_every_steps
+        if previous < 1:
+            return
+        rollout = self.cfg.rollout
+        self.sync_wait_s += self.source.wait_for_version(previous, rollout.num_actors, rollout.sync_timeout_s)
+        self.source.refresh()
+
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg
         if cfg.train.data_parallel_mode == "fsdp2":  # sharded from the start: no rank builds the full model
@@ -457,7 +478,7 @@ class TrainingRecipe:
         self._t_start = window.t0
         self.budget.start()
         while self.step < self.budget.total:
-            if not full and self.step % 20 == 0:
+            if not full and not self.sync and self.step % 20 == 0:
                 self.source.refresh()
                 full = cfg.data.regime == "fixed" and self.source.view.demos >= cfg.data.num_demos
             self.batches.set_stage(self._stage(self.step))
@@ -476,7 +497,10 @@ class TrainingRecipe:
             if self._replans and self.step % cfg.rollout.weights_every_steps == 0:
                 self._replan()  # before the publication below, which carries the plan (DAgger's beta anneals on it)
             last = self.step == self.budget.total  # every rank agrees: the budget's total is rank 0's, broadcast
-            if self.publisher is not None and self.step % cfg.rollout.weights_every_steps == 0 and not last:
+            publication = self.step % cfg.rollout.weights_every_steps == 0 and not last
+            if self.sync and publication:
+                self._take_in_previous_version()
+            if self.publisher is not None and publication:
                 self.publisher.publish(self.model, self.step, self.budget.total)
             eval_now = cfg.eval.enabled and self.step % cfg.eval.every_steps == 0 and not last
             if eval_now and not by_checkpoint and self.evaluator is not None:
@@ -526,6 +550,7 @@ class TrainingRecipe:
             "train/batch_time_s": self.batch_time_s,
             "train/step_time_s": self.step_time_s,
             "train/report_time_s": self.report_time_s,
+            "train/sync_wait_s": self.sync_wait_s,
             "train/target_tokens": window.targets / window.steps,
             "train/padding_waste": 1.0 - window.tokens / max(window.padded, 1),
             "train/total_tokens": int(total_tokens),
