@@ -193,13 +193,15 @@ class RolloutConfig:
     """Dagger: weight versions in a row the rollout actors may reject (a ``WeightsRejected`` config mismatch, a failed
     fetch) before the trial fails with the last rejection's reason; any version an actor loads resets the count."""
     sync: bool = False
-    """Dagger: each weight version gets exactly one batch (``episodes_per_batch`` episodes) from every actor, and the
-    trainer takes it in at the next publication, waiting for it there if the actors are slower (``rollout/sync_wait_s``
-    says how long). What a trial trains on then depends on the config and seed only, not on machine load, so its
-    results reproduce on a busy machine. With ``false`` (the default) actors never block training: each plays as many
-    batches as it can under the newest weights and training picks them up every 20 steps, so what it sees depends
-    on how fast the actors ran. Reproducible with one actor (the default); several actors' batches of one version
-    enter the buffer in arrival order."""
+    """Dagger: each weight version gets exactly ``sync_batches`` batches (of ``episodes_per_batch`` episodes) from
+    every actor, and the trainer takes them in at the next publication, waiting for them there if the actors are
+    slower (``train/sync_wait_s`` says how long). What a trial trains on then depends on the config and seed only, not
+    on machine load, so its results reproduce on a busy machine. With ``false`` (the default) actors never block
+    training: each plays as many batches as it can under the newest weights and training picks them up every 20
+    steps, so what it sees depends on how fast the actors ran. Reproducible with one actor (the default); several
+    actors' batches of one version enter the buffer in arrival order."""
+    sync_batches: int = 1
+    """Dagger with ``sync``: batches each actor plays under each weight version."""
     sync_timeout_s: float = 1800.0
     """Dagger with ``sync``: how long the trainer waits for a version's batches before the trial fails (naming the
     actors that did not deliver); a dead actor fails it at once."""
@@ -215,6 +217,7 @@ class RolloutConfig:
         _check(p, self.batch_envs >= 1, f"batch_envs must be >= 1, got {self.batch_envs}")
         _check(p, self.idle_poll_s > 0, f"idle_poll_s must be > 0, got {self.idle_poll_s}")
         _check(p, self.sync_timeout_s > 0, f"sync_timeout_s must be > 0, got {self.sync_timeout_s}")
+        _check(p, self.sync_batches >= 1, f"sync_batches must be >= 1, got {self.sync_batches}")
         n = self.max_rejected_versions
         _check(p, n >= 1, f"max_rejected_versions must be >= 1, got {n}")
         _check(p, self.num_cpus_per_actor > 0, "num_cpus_per_actor must be > 0")

@@ -175,16 +175,17 @@ def test_the_buffer_counts_provenance_and_keeps_the_demo_budget():
 
 
 def test_the_buffer_knows_which_actors_played_each_version():
-    """``rollout.sync``'s bookkeeping: the trainer waits until every actor's batch of a version is acknowledged, and a
-    restarted actor asks for the newest version it played; expert batches and repeats do not count."""
+    """``rollout.sync``'s bookkeeping: the trainer waits until every actor's batches of a version are acknowledged, and
+    a restarted actor asks how many of which version it played; expert batches and repeats do not count."""
     state = BufferState(capacity=100, expert_quota=4)
     state.add("e", 4, worker=1, next_seed=4)
     state.add("p4", 3, worker=1, next_seed=8, provenance=_on_policy(4))
     state.add("p4b", 2, worker=0, next_seed=3, provenance=_on_policy(4))
     state.add("p8", 3, worker=1, next_seed=12, provenance=_on_policy(8))
     state.add("again", 3, worker=1, next_seed=12, provenance=_on_policy(12))  # a restarted actor's redo: dropped
-    assert (state.played(4), state.played(8), state.played(12), state.played(0)) == ({0, 1}, {1}, set(), set())
-    assert (state.last_played(0), state.last_played(1), state.last_played(2)) == (4, 8, 0)
+    state.add("p8b", 3, worker=1, next_seed=15, provenance=_on_policy(8))
+    assert (state.played(4), state.played(8), state.played(12), state.played(0)) == ({0: 1, 1: 1}, {1: 2}, {}, {})
+    assert (state.last_played(0), state.last_played(1), state.last_played(2)) == ((4, 1), (8, 2), (0, 0))
 
 
 @pytest.mark.parametrize("eviction", ["fifo", "onpolicy_first"])
@@ -413,11 +414,11 @@ def test_a_tiny_dagger_trial_trains_on_relabelled_on_policy_data(ray_local, tmp_
 
 @pytest.mark.slow
 def test_a_synced_dagger_trial_trains_on_the_same_data_however_far_ahead_its_actor_runs(ray_local, tmp_path):
-    """``rollout.sync``: the rollout actor plays exactly one batch under each version and the trainer takes it in at the
-    next publication, so a trial whose trainer sleeps half a second after every step (its actor far ahead; without
-    sync it would play several batches per version and training would pick up more of them) reports the same losses
-    as one that does not, from the same on-policy data. (Without sync the two differ from step 24 on: the refresh at
-    step 20 finds more on-policy batches in the slow run.)"""
+    """``rollout.sync``: the rollout actor plays exactly two batches under each version (``sync_batches``) and the
+    trainer takes them in at the next publication, so a trial whose trainer sleeps half a second after every step (its
+    actor far ahead; without sync it would play more batches per version and training would pick up more of them)
+    reports the same losses as one that does not, from the same on-policy data. (Without sync the two differ from
+    step 24 on: the refresh at step 20 finds more on-policy batches in the slow run.)"""
     import json
 
     from helpers import SlowSteps
@@ -427,7 +428,7 @@ def test_a_synced_dagger_trial_trains_on_the_same_data_however_far_ahead_its_act
 
     cfg = _dagger_cfg("train.max_steps=28", "train.report_every=4", "train.checkpoint_every=0",
                       "rollout.weights_every_steps=4", "train.cpus_per_worker=1", "rollout.sync=true",
-                      "data.bucket_pool_batches=1")  # fmt: skip
+                      "rollout.sync_batches=2", "data.bucket_pool_batches=1")  # fmt: skip
     # bucket_pool_batches=1: every step draws from the view as it is then.
     runs = {}
     for name, hook in (("quick", None), ("slow", SlowSteps(0.5))):
@@ -445,11 +446,11 @@ def test_a_synced_dagger_trial_trains_on_the_same_data_however_far_ahead_its_act
         runs[name] = (log, records)
     for log, records in runs.values():
         assert [r["train/step"] for r in log] == [4, 8, 12, 16, 20, 24, 28] and log[-1]["train/sync_wait_s"] >= 0
-        # One batch per version, every version but the last (published at step 24, never waited for) taken in.
+        # Two batches per version, every version but the last (published at step 24, never waited for) taken in.
         versions = [r.provenance.policy_version for r in records]
-        assert versions in ([4, 8, 12, 16, 20], [4, 8, 12, 16, 20, 24])
+        assert versions[:10] == [4, 4, 8, 8, 12, 12, 16, 16, 20, 20] and versions[10:] in ([], [24], [24, 24])
     (quick_log, quick_records), (slow_log, slow_records) = runs["quick"], runs["slow"]
     assert [r["train/loss"] for r in quick_log] == [r["train/loss"] for r in slow_log]
     assert [r["train/total_tokens"] for r in quick_log] == [r["train/total_tokens"] for r in slow_log]
-    played = lambda records: [t for r in records[:5] for t in r.trajectories]  # noqa: E731 (units, provenance: all)
+    played = lambda records: [t for r in records[:10] for t in r.trajectories]  # noqa: E731 (units, provenance: all)
     assert played(quick_records) == played(slow_records) and played(quick_records)

@@ -169,7 +169,7 @@ class BufferState:
         self._next_seed: dict[int, int] = {}
         self._demo_stop: dict[int, int] = {}  # per worker: 1 + its last accepted demo's seed
         self._demo_next_seed: dict[int, int] = {}  # per worker: next_seed of its last expert batch
-        self._played: dict[int, set[int]] = {}  # per policy version: workers with an on-policy batch of it
+        self._played: dict[int, dict[int, int]] = {}  # per policy version: on-policy batches of it per worker
         self._last_played: dict[int, int] = {}  # per worker: the newest policy version of its on-policy batches
         self._stopped = False
 
@@ -216,7 +216,8 @@ class BufferState:
                 self._demo_stop[worker] = max(int(seeds[kept - 1]) + 1, self._demo_stop.get(worker, 0))
         if provenance.on_policy:
             version = provenance.policy_version
-            self._played.setdefault(version, set()).add(worker)
+            played = self._played.setdefault(version, {})
+            played[worker] = played.get(worker, 0) + 1
             self._last_played[worker] = max(version, self._last_played.get(worker, 0))
         if count > 0:
             self._entries.append(_Entry(ref, count, 0, provenance.source))
@@ -285,14 +286,15 @@ class BufferState:
             return None
         return DemoSpan(self._demo_stop.get(worker, 0), self._demo_next_seed[worker])
 
-    def played(self, version: int) -> set[int]:
-        """The producers that have an on-policy batch of policy ``version`` acknowledged (``rollout.sync``)."""
-        return set(self._played.get(version, ()))
+    def played(self, version: int) -> dict[int, int]:
+        """On-policy batches of policy ``version`` acknowledged, per producer (``rollout.sync``)."""
+        return dict(self._played.get(version, {}))
 
-    def last_played(self, worker: int) -> int:
-        """The newest policy version of ``worker``'s acknowledged on-policy batches (0: none): a restarted producer
-        under ``rollout.sync`` does not play that version twice."""
-        return self._last_played.get(worker, 0)
+    def last_played(self, worker: int) -> tuple[int, int]:
+        """``(the newest policy version of worker's acknowledged on-policy batches, how many of them)``, ``(0, 0)``
+        for none: a restarted producer under ``rollout.sync`` goes on from there instead of playing them again."""
+        version = self._last_played.get(worker, 0)
+        return version, self._played.get(version, {}).get(worker, 0)
 
     def _victim(self) -> int:
         """Index of the entry to trim next: the oldest (fifo), or the oldest on-policy one (``onpolicy_first``)."""
@@ -468,10 +470,10 @@ class TrajectoryBuffer:
     def demo_span(self, worker: int) -> DemoSpan | None:
         return self._state.demo_span(worker)
 
-    def played(self, version: int) -> set[int]:
+    def played(self, version: int) -> dict[int, int]:
         return self._state.played(version)
 
-    def last_played(self, worker: int) -> int:
+    def last_played(self, worker: int) -> tuple[int, int]:
         return self._state.last_played(worker)
 
     # References nested in return values reach the caller as references, not resolved batches.

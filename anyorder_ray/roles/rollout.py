@@ -17,10 +17,10 @@ loaded is reported to the board too, which tells the trainer when the actors rej
 versions in a row (the trial then fails: ``roles.train_loop.BufferSource``). A restarted actor starts from the board's
 latest version.
 
-``rollout.sync``: the actor plays exactly one batch under each version it loads and then idles (polling the board
-every ``rollout.idle_poll_s``) until the next; the trainer waits at its next publication for that batch
+``rollout.sync``: the actor plays exactly ``rollout.sync_batches`` batches under each version it loads and then idles
+(polling the board every ``rollout.idle_poll_s``) until the next; the trainer waits at its next publication for them
 (``BufferSource.wait_for_version``), so a trial's data does not depend on how fast the actors ran. A restarted actor
-asks the buffer which version its last acknowledged batch had, so it does not play that version again.
+asks the buffer how many batches of which version it had acknowledged, so it plays none of them again.
 
 Compute: the policy's forwards are counted (``training.budget.forward_flops``, the trainer's accounting) and sent with
 each batch to the buffer, which sums them into ``rollout/inference_flops`` (journaled with the batch, so a restarted
@@ -153,8 +153,10 @@ class RolloutWorker:
         resume = ray.get(self._buffer.resume_seed.remote(worker))
         self._next_seed = resume if resume is not None else self._seeds.start
         self._policy: ActingPolicy | None = None
-        # rollout.sync: the newest version this actor's on-policy batch is in the buffer for (a restart asks it).
-        self._played = ray.get(self._buffer.last_played.remote(worker)) if policy is not None and rollout.sync else 0
+        # rollout.sync: (the newest version of this actor's acknowledged on-policy batches, how many); a restart asks.
+        self._played: tuple[int, int] = (0, 0)
+        if policy is not None and rollout.sync:
+            self._played = tuple(ray.get(self._buffer.last_played.remote(worker)))
         self._worlds = [self._world]
         if policy is not None:
             # Only a dagger actor loads torch, transformers and the model (``roles.acting``): an expert-only actor
@@ -188,8 +190,8 @@ class RolloutWorker:
             policy = self._policy
             if policy is not None:
                 policy.refresh()
-            if policy is not None and 0 < policy.version <= self._played:
-                # rollout.sync: this version's batch is in; the trainer publishes the next once it took it in.
+            if policy is not None and self._version_done(policy.version):
+                # rollout.sync: this version's batches are in; the trainer publishes the next once it took them in.
                 keep_going = ray.get(self._buffer.wants_more.remote())
                 if keep_going:
                     time.sleep(self._cfg.idle_poll_s)
@@ -218,7 +220,8 @@ class RolloutWorker:
             keep_going = ray.get(self._buffer.add.remote(trajs, self._worker, hi, branches, batch_flops))
             self._next_seed = hi
             if self._cfg.sync and policy is not None and policy.version > 0:
-                self._played = policy.version
+                version, count = self._played
+                self._played = (version, count + 1) if version == policy.version else (policy.version, 1)
             flops += batch_flops
             episodes += attempted
             kept += len(trajs)
@@ -227,6 +230,14 @@ class RolloutWorker:
         return RolloutReport(self._worker, episodes, kept, failed, time.perf_counter() - start, self._next_seed,
                              onpolicy, self.policy_version(), inference_flops=flops,
                              branches=branched)  # fmt: skip
+
+    def _version_done(self, version: int) -> bool:
+        """``rollout.sync``: whether this actor has played its ``sync_batches`` batches under ``version`` (0: no
+        weights, never done; an older version than the last played: done, it never plays again)."""
+        if not self._cfg.sync or version == 0:
+            return False
+        played, count = self._played
+        return version < played or (version == played and count >= self._cfg.sync_batches)
 
     def _branch(self, demos: list[Trajectory]) -> list[Trajectory]:
         """The early-experience branches of ``demos`` (none without a ``BranchPlan``)."""

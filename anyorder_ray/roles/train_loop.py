@@ -278,15 +278,18 @@ class BufferSource:
                 last_log = now
             time.sleep(poll_s)
 
-    def wait_for_version(self, version: int, actors: int, timeout_s: float = 1800.0, poll_s: float = 0.05) -> float:
-        """``rollout.sync``: block until each of the ``actors`` rollout actors has its on-policy batch of policy
-        ``version`` acknowledged by the buffer, or rejected that version (the board says so: a version that cannot be
-        loaded is skipped, not waited for); returns the seconds waited. A producer that failed raises
+    def wait_for_version(
+        self, version: int, actors: int, batches: int = 1, timeout_s: float = 1800.0, poll_s: float = 0.05
+    ) -> float:
+        """``rollout.sync``: block until each of the ``actors`` rollout actors has ``batches`` on-policy batches of
+        policy ``version`` acknowledged by the buffer, or rejected that version (the board says so: a version that
+        cannot be loaded is skipped, not waited for); returns the seconds waited. A producer that failed raises
         ``RolloutFailed``; progress is logged every ~10 s. The caller refreshes afterwards."""
         everyone = set(range(actors))
         start = last_log = time.monotonic()
         while True:
-            done = ray.get(self._buffer.played.remote(version))
+            played = ray.get(self._buffer.played.remote(version))
+            done = {worker for worker, count in played.items() if count >= batches}
             if self._board is not None:
                 done |= ray.get(self._board.rejecters.remote(version))
             if everyone <= done:
@@ -296,11 +299,12 @@ class BufferSource:
             missing = sorted(everyone - done)
             if now - start > timeout_s:
                 raise TimeoutError(
-                    f"rollout.sync: no batch of policy version {version} from rollout actor(s) {missing} after "
+                    f"rollout.sync: not all {batches} batch(es) of policy version {version} from rollout actor(s) "
+                    f"{missing} after "
                     f"{timeout_s:.0f} s (rollout.sync_timeout_s); are they running, with enough CPUs?"
                 )
             if now - last_log > 10:
-                print(f"[train] rollout.sync: waiting for policy version {version}'s batch from actor(s) {missing}",
+                print(f"[train] rollout.sync: waiting for policy version {version}'s batches from actor(s) {missing}",
                       flush=True)  # fmt: skip
                 last_log = now
             time.sleep(poll_s)

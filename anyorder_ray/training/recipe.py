@@ -419,14 +419,15 @@ class TrainingRecipe:
             lr_schedule(self.scheduler).extend(total)
 
     def _take_in_previous_version(self) -> None:
-        """``rollout.sync``, at a publication (every rank): wait for every actor's batch of the version published
+        """``rollout.sync``, at a publication (every rank): wait for every actor's batches of the version published
         ``weights_every_steps`` ago, if there was one, and bring the view up to date with it. Nothing newer can be in
         the buffer: the next version is published after this."""
         previous = self.step - self.cfg.rollout.weights_every_steps
         if previous < 1:
             return
         rollout = self.cfg.rollout
-        self.sync_wait_s += self.source.wait_for_version(previous, rollout.num_actors, rollout.sync_timeout_s)
+        self.sync_wait_s += self.source.wait_for_version(previous, rollout.num_actors, rollout.sync_batches,
+                                                         rollout.sync_timeout_s)  # fmt: skip
         self.source.refresh()
 
     def _build_model(self) -> torch.nn.Module:
