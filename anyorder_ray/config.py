@@ -184,6 +184,11 @@ class RolloutConfig:
     planned steps (the budget's step count, published with the weights)."""
     weights_every_steps: int = 25
     """Dagger: training steps between two weight versions the trainer publishes to the rollout actors."""
+    weights_versions: int | None = None
+    """Dagger: publish this many weight versions over the trial's planned steps instead (every
+    ``round(planned / weights_versions)`` steps, fixed from the plan made before the first step), so arms whose steps
+    cost different FLOPs at one compute budget get as many versions, and with ``sync`` as much on-policy data.
+    Needs a step plan (a compute budget or ``max_steps``, not ``time_budget_s``)."""
     batch_envs: int = 8
     """Dagger: worlds each actor plays in lockstep (one batched policy forward per step for all of them)."""
     idle_poll_s: float = 0.5
@@ -214,6 +219,8 @@ class RolloutConfig:
         _check(p, self.beta_anneal_steps is None or self.beta_anneal_steps >= 1, "beta_anneal_steps must be >= 1 "
                f"(or null: the trial's planned steps), got {self.beta_anneal_steps}")  # fmt: skip
         _check(p, self.weights_every_steps >= 1, f"weights_every_steps must be >= 1, got {self.weights_every_steps}")
+        n = self.weights_versions
+        _check(p, n is None or n >= 1, f"weights_versions must be >= 1 (or null: weights_every_steps), got {n}")
         _check(p, self.batch_envs >= 1, f"batch_envs must be >= 1, got {self.batch_envs}")
         _check(p, self.idle_poll_s > 0, f"idle_poll_s must be > 0, got {self.idle_poll_s}")
         _check(p, self.sync_timeout_s > 0, f"sync_timeout_s must be > 0, got {self.sync_timeout_s}")
@@ -616,6 +623,9 @@ class ExperimentConfig:
             with_branches = [arm.label() for arm in self.arms() if arm.branches > 0]
             _check(p, not with_branches, f"arms {with_branches} train on branches (masking.branches > 0) but "
                    "data.branches_per_state is 0: set it >= 1 (alternatives per state)")  # fmt: skip
+        _check(p, self.rollout.weights_versions is None or self.train.time_budget_s is None, "rollout.weights_versions "
+               "spreads the versions over the planned steps, but train.time_budget_s plans none: use a compute "
+               "budget (train.flop_budget or token_budget) or max_steps, or rollout.weights_every_steps")  # fmt: skip
         _check(p, not self.rollout.sync or self.data.regime == "dagger", "rollout.sync paces the dagger regime's "
                f"on-policy batches, but data.regime is {self.data.regime!r}: set data.regime dagger or rollout.sync "
                "false")  # fmt: skip

@@ -149,6 +149,9 @@ def test_dagger_config_errors_name_every_bad_key(tmp_path):
     assert isinstance(cfg, ExperimentConfig) and cfg.data.start_size() == 16  # trains once the demo set is there
     with pytest.raises(ConfigError, match="rollout.sync paces the dagger regime's on-policy batches"):
         load_config(ROOT / "tune_configs" / "smoke.yaml", ["rollout.sync=true"])  # the fixed regime has none
+    with pytest.raises(ConfigError, match="train.time_budget_s plans none"):
+        load_config(ROOT / "tune_configs" / "smoke.yaml", ["data.regime=dagger", "rollout.weights_versions=10",
+                                                            "train.time_budget_s=60"])  # fmt: skip
 
 
 # -- provenance through the buffer ---------------------------------------------------------------------------------
@@ -427,9 +430,10 @@ def test_a_synced_dagger_trial_trains_on_the_same_data_however_far_ahead_its_act
     from anyorder_ray.roles.trial import start_actors
 
     cfg = _dagger_cfg("train.max_steps=28", "train.report_every=4", "train.checkpoint_every=0",
-                      "rollout.weights_every_steps=4", "train.cpus_per_worker=1", "rollout.sync=true",
+                      "rollout.weights_versions=7", "train.cpus_per_worker=1", "rollout.sync=true",
                       "rollout.sync_batches=2", "data.bucket_pool_batches=1")  # fmt: skip
-    # bucket_pool_batches=1: every step draws from the view as it is then.
+    # 7 versions over 28 planned steps: one every 4 steps. bucket_pool_batches=1: every step draws from the view as it
+    # is then.
     runs = {}
     for name, hook in (("quick", None), ("slow", SlowSteps(0.5))):
         journal = Location.parse(tmp_path / name / "trajectories")

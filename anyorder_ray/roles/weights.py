@@ -13,11 +13,12 @@ single tensor, so a version that cannot be loaded raises ``WeightsRejected`` and
 half-loaded, never silently used.
 
 ``PolicyBoard`` is the trial's notice board for DAgger: rank 0 publishes a version (the training step) every
-``rollout.weights_every_steps`` steps without waiting, rollout actors look at it before each batch and fetch only what
-is new. It holds the latest version only; the object belongs to rank 0 (a version published by a training worker that
-died is lost with it: actors that fail to fetch it count a rejection and keep their weights). Actors tell it what they
-loaded and what they rejected, so it knows how many versions in a row no actor could load (``rejected_in_a_row``, the
-trainer's check against ``rollout.max_rejected_versions``; a restarted board counts afresh).
+``rollout.weights_every_steps`` steps (or ``weights_versions`` times per trial) without waiting, rollout actors look at
+it before each batch and fetch only what is new. It holds the latest version only; the object belongs to rank 0 (a
+version published by a training worker that died is lost with it: actors that fail to fetch it count a rejection and
+keep their weights). Actors tell it what they loaded and what they rejected, so it knows how many versions in a row no
+actor could load (``rejected_in_a_row``, the trainer's check against ``rollout.max_rejected_versions``; a restarted
+board counts afresh).
 """
 
 from __future__ import annotations

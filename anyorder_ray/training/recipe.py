@@ -279,7 +279,8 @@ class TrainingRecipe:
             ``resumed_from_step`` line after a restart).
         after_step: called with ``(step, rank)`` after every step (tests inject faults with it).
         publisher: the dagger regime's weight channel to the rollout actors: the weights go there every
-            ``rollout.weights_every_steps`` steps (never waited for).
+            ``publish_every`` steps (``rollout.weights_every_steps``, or the planned steps over
+            ``rollout.weights_versions``), never waited for.
 
     Data: the fixed regime's view is its whole data set from the first step; the streaming and dagger regimes refresh
     the view every 20 steps with whatever the actors added. Dagger with ``rollout.sync`` refreshes only at a
@@ -315,6 +316,7 @@ class TrainingRecipe:
         self.step_time_s = 0.0
         self.report_time_s = 0.0
         self.sync_wait_s = 0.0
+        self.published = 0  # the step of the last publication (its version) since this worker started; 0: none
         self.sync = cfg.data.regime == "dagger" and cfg.rollout.sync
         if self.sync and not hasattr(source, "wait_for_version"):
             raise ValueError(f"rollout.sync needs a source that waits for the rollout actors' batches (the trial's "
@@ -363,6 +365,10 @@ class TrainingRecipe:
         self._replans = cfg.data.regime == "dagger" and cfg.train.compute_budget() is not None
         if self._replans:
             self._replan_mark = (self.step, self._spent())
+        versions = cfg.rollout.weights_versions
+        self.publish_every = cfg.rollout.weights_every_steps
+        if versions is not None:  # the plan as it stands now (fresh: before any step), the same on every rank
+            self.publish_every = max(1, round(self.budget.total / versions))
 
     def _stage(self, step: int) -> str | None:
         """Mode ``iwm``'s stage at ``step`` (None for other modes): a function of the step and the planned total, which
@@ -419,10 +425,11 @@ class TrainingRecipe:
             lr_schedule(self.scheduler).extend(total)
 
     def _take_in_previous_version(self) -> None:
-        """``rollout.sync``, at a publication (every rank): wait for every actor's batches of the version published
-        ``weights_every_steps`` ago, if there was one, and bring the view up to date with it. Nothing newer can be in
-        the buffer: the next version is published after this."""
-        previous = self.step - self.cfg.rollout.weights_every_steps
+        """``rollout.sync``, at a publication (every rank): wait for every actor's batches of the version this worker
+        published last, if any (a worker that resumed from a checkpoint waits from its first publication on), and
+        bring the view up to date with them. Nothing newer can be in the buffer: the next version is published after
+        this."""
+        previous = self.published
         if previous < 1:
             return
         rollout = self.cfg.rollout
@@ -495,14 +502,16 @@ class TrainingRecipe:
             self.total_tokens += stats.tokens
             self.total_flops += step_cost(self.model_config, micro)[1]
             window.add(stats)
-            if self._replans and self.step % cfg.rollout.weights_every_steps == 0:
+            if self._replans and self.step % self.publish_every == 0:
                 self._replan()  # before the publication below, which carries the plan (DAgger's beta anneals on it)
             last = self.step == self.budget.total  # every rank agrees: the budget's total is rank 0's, broadcast
-            publication = self.step % cfg.rollout.weights_every_steps == 0 and not last
+            publication = self.step % self.publish_every == 0 and not last
             if self.sync and publication:
                 self._take_in_previous_version()
-            if self.publisher is not None and publication:
-                self.publisher.publish(self.model, self.step, self.budget.total)
+            if publication:
+                if self.publisher is not None:
+                    self.publisher.publish(self.model, self.step, self.budget.total)
+                self.published = self.step
             eval_now = cfg.eval.enabled and self.step % cfg.eval.every_steps == 0 and not last
             if eval_now and not by_checkpoint and self.evaluator is not None:
                 self.evaluator.submit(self.model, self.step)  # every rank: a sharded model gathers first
