@@ -1,7 +1,7 @@
 """``torch.compile`` on the training step: compile time and steady-state speed against eager, same run.
 
 Both sides run the trainer's own step (``BatchMaker.bucketed`` + ``train_step``) on the default sweep's model and
-data (``tune_configs/sweep.yaml``: its encoding, window, batch and loss weighting), from the same seed. The compiled
+data (``tune_configs/imitation.yaml``: its encoding, window, batch and loss weighting), from the same seed. The compiled
 side wraps the model as the trainer does for ``model.compile: true`` (``torch.compile(model, dynamic=True)``:
 bucketed batches change length every step, so static shapes would recompile for each new length).
 
@@ -13,7 +13,7 @@ Run: ``python bench/compile_speed.py`` (full, ~2 minutes) or ``--quick``: a path
 ``tune_configs/smoke.yaml`` (its 2-layer model and short windows) with a few steps per side, so that its time is the
 compile itself (each step of the default sweep's model costs seconds on a loaded 2-core machine; the test suite runs
 ``--quick``). Its figures are not the default's: quote the full run, or the figures of docs/BENCHMARKS.md with
-``--quick --config tune_configs/sweep.yaml --warm 20 --steps 20`` (the former ``--quick``).
+``--quick --config tune_configs/imitation.yaml --warm 20 --steps 20`` (the former ``--quick``).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def step_times(cfg: ExperimentConfig, data: list, steps: int, compiled: bool) ->
 def main(argv: list[str]) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke model, few steps: a path check")
-    parser.add_argument("--config", default=None, help="default tune_configs/sweep.yaml (quick: smoke.yaml)")
+    parser.add_argument("--config", default=None, help="default tune_configs/imitation.yaml (quick: smoke.yaml)")
     parser.add_argument("--warm", type=int, default=None, help="steps counted as compile/warm-up (default 20, quick 4)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps after them (default 80, quick 4)")
     args = parser.parse_args(argv)

@@ -1,11 +1,11 @@
 """Eval throughput: episodes/s of the batched eval loop vs one environment at a time, same seeds and model.
 
 Both sides are ``anyorder_ray.evaluation.episodes.run_episodes`` (what the eval actor runs) with the ``ActionScorer`` of
-the default sweep (``tune_configs/sweep.yaml``: its tiny model, ``history_steps`` and ``max_seq_len``), on the same
-held-out eval seeds: ``batch_envs=64`` (every lockstep step of all live episodes is one batched forward) vs
-``batch_envs=1``. The model is trained briefly first (``--train-steps`` steps of the trainer's ``BatchMaker`` +
-``train_step`` on bot trajectories, causal mode: the quickest to act sensibly) so episodes end when the policy
-reaches the goal instead of all running to the step limit; ``--checkpoint`` evaluates a saved model instead.
+the imitation sweep (``tune_configs/imitation.yaml``, the default sweep's model too: its tiny model, ``history_steps``
+and ``max_seq_len``), on the same held-out eval seeds: ``batch_envs=64`` (every lockstep step of all live episodes is
+one batched forward) vs ``batch_envs=1``. The model is trained briefly first (``--train-steps`` steps of the trainer's
+``BatchMaker`` + ``train_step`` on bot trajectories, causal mode: the quickest to act sensibly) so episodes end when the
+policy reaches the goal instead of all running to the step limit; ``--checkpoint`` evaluates a saved model instead.
 Torch threads default to the eval actor's own setting in the sweep (1 thread for its 0.5 CPU).
 
 What bounds the ratio (printed by the script and tabulated in docs/BENCHMARKS.md): batching removes the fixed
@@ -166,7 +166,7 @@ def timed_episodes(
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer training steps and episodes (< 1 minute)")
-    parser.add_argument("--config", default="tune_configs/sweep.yaml")
+    parser.add_argument("--config", default="tune_configs/imitation.yaml")
     parser.add_argument("--checkpoint", default=None, help="a saved model folder to evaluate instead of training")
     parser.add_argument("--train-steps", type=int, default=None, help="default 200 (quick 40)")
     parser.add_argument("--episodes", type=int, default=None, help="default 256 (quick 32)")

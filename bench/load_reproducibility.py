@@ -4,9 +4,11 @@ core busy, must train the same steps and score the same success, to the episode.
 Both runs go through ``python -m anyorder_ray.sweep`` with the config as shipped (its compute budget, data, model,
 evaluation), restricted to one arm and one seed. From each trial's ``metrics.jsonl`` it compares the planned and
 trained step count, every reported training loss and the final evaluation (successes of the final episodes and the
-held-out NLLs), and prints how long each run took (the only thing the load should change).
+held-out NLLs), and prints how long each run took (the only thing the load should change). The default sweep is DAgger
+with ``rollout.sync``: its rollout actor plays a fixed number of batches under each weight version, which the trainer
+takes in at fixed steps, so its on-policy data does not depend on the load either.
 
-    python bench/load_reproducibility.py                      # the default sweep's causal arm (~2 x 6 minutes)
+    python bench/load_reproducibility.py                      # the default sweep's causal arm (~2 x 11 minutes)
     python bench/load_reproducibility.py --quick              # tune_configs/smoke.yaml (~2 x 1 minute)
     python bench/load_reproducibility.py --compare QUIET OTHER...   # finished trials (or one-trial sweep directories)
 """

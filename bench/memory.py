@@ -219,7 +219,7 @@ def measure_worker_peak(config: str, steps: int, demos: int, timeout_s: float = 
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer trajectories and steps (< 1 minute)")
-    parser.add_argument("--config", default="tune_configs/sweep.yaml")
+    parser.add_argument("--config", default="tune_configs/imitation.yaml")
     parser.add_argument("--trajectories", type=int, default=None, help="for bytes/trajectory (default 2048, quick 256)")
     parser.add_argument("--episodes-per-batch", type=int, default=RolloutConfig().episodes_per_batch)
     parser.add_argument("--steps", type=int, default=None, help="training steps of the worker (default 50, quick 15)")

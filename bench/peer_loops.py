@@ -22,6 +22,10 @@ for all three loops) over the fp32 matmul peak measured in the same run (the hig
 loop and the HF ``Trainer`` compute the logits at every position, as such loops do; the project's trainer only at the
 targets. Ratios are from this one run, so load shifts all arms alike.
 
+The config is the imitation sweep's (``tune_configs/imitation.yaml``): the default sweep's model, data and evaluation
+on its 1000 demos, so the three loops see the same data. The default sweep's DAgger actor, which acts with the policy
+on the same 2 cores, is measured by ``bench/dagger_throughput.py``.
+
     python bench/peer_loops.py            # ~5 minutes on 2 cores
     python bench/peer_loops.py --quick    # ~1 minute: 15 steps per loop on 200 demos, checks the three loops run
 """
@@ -273,7 +277,7 @@ def ray_trial(config: str, overrides: list[str], warm_reports: int) -> Speed:
 def main(argv: list[str]) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps: checks the three loops run")
-    parser.add_argument("--config", default="tune_configs/sweep.yaml")
+    parser.add_argument("--config", default="tune_configs/imitation.yaml")
     parser.add_argument("--arm", default="causal", help="the sweep arm (label) all three train")
     parser.add_argument("--steps", type=int, default=None, help="steps per loop (default 300, quick 3 report windows)")
     args = parser.parse_args(argv)

@@ -60,7 +60,7 @@ def child(variant: str, steps: int, demos: int) -> None:
     spec = VARIANTS[variant]
     if spec.get("unfused"):
         optim.fused_adamw = lambda params: None  # make_optimizer passes fused=None: torch's default
-    cfg = load_config(str(HERE.parent / "tune_configs/sweep.yaml"), []).trial({"arm": "causal", "seed": 0})
+    cfg = load_config(str(HERE.parent / "tune_configs/imitation.yaml"), []).trial({"arm": "causal", "seed": 0})
     torch.set_num_threads(cfg.train.torch_threads)
     seeds = rollout_seed_range(cfg.rollout, 0)
     data, _ = expert_data(cfg.env, range(seeds.start, seeds.start + demos))

@@ -3,10 +3,10 @@
 What is timed is exactly what ``anyorder_ray.roles.train_loop.train_loop_per_worker`` runs per step, minus Ray:
 ``BatchMaker.bucketed`` (crop a window, draw a fresh mask, encode, bucket a pool of 8 micro-batches by length, collate)
 and ``train_step`` (forward, masked CE, backward, gradient clipping, AdamW + LR schedule). Model, tokenizer, data and
-optimizer settings come from the default sweep (``tune_configs/sweep.yaml``) through ``anyorder_ray.models.factory`` and
-``anyorder_ray.training.optim``; the data are real bot trajectories sampled uniformly with replacement, as
-``BufferSource.sample`` does over a cached buffer. Measured for the ``causal`` and ``any_order`` modes (the masked
-fraction changes the loss and labels, not the forward/backward cost).
+optimizer settings come from the imitation sweep (``tune_configs/imitation.yaml``, the default sweep's model and data)
+through ``anyorder_ray.models.factory`` and ``anyorder_ray.training.optim``; the data are real bot trajectories sampled
+uniformly with replacement, as ``BufferSource.sample`` does over a cached buffer. Measured for the ``causal`` and
+``any_order`` modes (the masked fraction changes the loss and labels, not the forward/backward cost).
 
 Model FLOPs of a training step (``_common.model_flops_per_token``, the same count as ``bench/model_throughput.py``):
     3 x forward (one forward, two for backward) x [2 x active matmul params per token  +  4 x L x n_q x d per layer]
@@ -137,7 +137,7 @@ def measure_mode(cfg: ExperimentConfig, mode: str, data: list[Trajectory], steps
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer demos and steps (< 1 minute)")
-    parser.add_argument("--config", default="tune_configs/sweep.yaml")
+    parser.add_argument("--config", default="tune_configs/imitation.yaml")
     parser.add_argument("--steps", type=int, default=None, help="measured steps per mode (default 96, quick 16)")
     parser.add_argument("--modes", nargs="+", default=["causal", "any_order"])
     args = parser.parse_args(argv)

@@ -66,16 +66,26 @@ def test_single_experiment_yamls_run_the_arm_they_are_named_after(name, mode, p)
         assert cfg.arms()[0].mask_prob == pytest.approx(p)
 
 
-def test_default_sweep_runs_the_baselines_and_the_two_any_order_arms_at_equal_compute():
+def test_default_sweep_runs_causal_and_the_best_any_order_arm_under_dagger_reproducibly_at_equal_compute():
     cfg = load_config(ROOT / "tune_configs" / "sweep.yaml")
+    assert [arm.label() for arm in cfg.arms()] == ["causal", "cut_focus+block+unit+obs0.5"]
+    assert cfg.train.compute_budget() == ("flops", 2.4e13) and cfg.train.time_budget_s is None  # compute, not seconds
+    assert cfg.data.regime == "dagger" and cfg.rollout.sync  # the environment in the loop, independent of the load
+    assert not cfg.eval.concurrent  # evaluations do not share the trainer's cores
+    imitation = load_config(ROOT / "tune_configs" / "imitation.yaml")
+    assert imitation.data.regime == "fixed" and imitation.model == cfg.model and imitation.env == cfg.env
+    assert imitation.train.flop_budget * 4 == cfg.train.flop_budget
+
+
+def test_imitation_sweep_runs_the_baselines_and_the_two_any_order_arms_at_equal_compute():
+    cfg = load_config(ROOT / "tune_configs" / "imitation.yaml")
     labels = [arm.label() for arm in cfg.arms()]
     assert labels == ["causal", "prefix", "any_order@0.3+unit", "cut_focus+block+unit"]
     assert cfg.train.compute_budget()[0] == "flops" and cfg.train.time_budget_s is None  # equal compute, not seconds
-    assert not cfg.eval.concurrent  # evaluations do not share the trainer's cores
     ablation = load_config(ROOT / "tune_configs" / "ablation.yaml")
     assert {"any_order@0.15", "any_order@0.3", "any_order@0.5"} <= {arm.label() for arm in ablation.arms()}
     assert set(labels) <= {arm.label() for arm in ablation.arms()}
-    assert ablation.train == cfg.train and ablation.model == cfg.model  # the same budget and model as the default
+    assert ablation.train == cfg.train and ablation.model == cfg.model  # the same budget and model
 
 
 def test_any_order_study_reproduces_its_published_experiment():
