@@ -300,8 +300,7 @@ class BufferSource:
             if now - start > timeout_s:
                 raise TimeoutError(
                     f"rollout.sync: not all {batches} batch(es) of policy version {version} from rollout actor(s) "
-                    f"{missing} after "
-                    f"{timeout_s:.0f} s (rollout.sync_timeout_s); are they running, with enough CPUs?"
+                    f"{missing} after {timeout_s:.0f} s (rollout.sync_timeout_s); are they running, with enough CPUs?"
                 )
             if now - last_log > 10:
                 print(f"[train] rollout.sync: waiting for policy version {version}'s batches from actor(s) {missing}",
