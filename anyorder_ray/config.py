@@ -185,10 +185,11 @@ class RolloutConfig:
     weights_every_steps: int = 25
     """Dagger: training steps between two weight versions the trainer publishes to the rollout actors."""
     weights_versions: int | None = None
-    """Dagger: publish this many weight versions over the trial's planned steps instead (every
-    ``round(planned / weights_versions)`` steps, fixed from the plan made before the first step), so arms whose steps
-    cost different FLOPs at one compute budget get as many versions, and with ``sync`` as much on-policy data.
-    Needs a step plan (a compute budget or ``max_steps``, not ``time_budget_s``)."""
+    """Dagger: publish about this many weight versions over the trial's planned steps instead: every
+    ``round(planned / weights_versions)`` steps, fixed from the plan made before the first step (a dagger trial plans
+    its budget again at every publication; where that adds steps it adds versions), so arms whose steps cost different
+    FLOPs at one compute budget get about as many versions, and with ``sync`` as much on-policy data. Needs a step plan
+    (a compute budget or ``max_steps``, not ``time_budget_s``)."""
     batch_envs: int = 8
     """Dagger: worlds each actor plays in lockstep (one batched policy forward per step for all of them)."""
     idle_poll_s: float = 0.5
