@@ -416,6 +416,35 @@ def test_a_tiny_dagger_trial_trains_on_relabelled_on_policy_data(ray_local, tmp_
 
 
 @pytest.mark.slow
+def test_the_synced_wait_ends_when_every_actor_played_or_rejected_the_version_and_times_out_naming_the_rest(ray_local):
+    """``BufferSource.wait_for_version`` on the trial's real buffer and board actors: it returns once every actor has
+    its batches of the version acknowledged or has rejected the version, and otherwise fails after its timeout,
+    naming the actors it still waits for."""
+    from anyorder_ray.roles.train_loop import BufferSource
+    from anyorder_ray.roles.trial import make_board, make_buffer
+
+    ray = ray_local
+    cfg = _dagger_cfg()
+    buffer, _ = make_buffer(cfg)
+    board, _ = make_board(cfg)
+    try:
+        source = BufferSource(buffer, board=board)
+        demo = Trajectory.from_steps("m", "l", 0, ["o0", "o1"], ["left"], success=True)
+        played = [demo.with_provenance(_on_policy(4))]
+        ray.get(buffer.add.remote(played, 0, 1))
+        with pytest.raises(TimeoutError, match=r"version 4 from rollout actor\(s\) \[0\] .*sync_timeout_s"):
+            source.wait_for_version(4, actors=1, batches=2, timeout_s=0.3)  # one of its two batches only
+        ray.get(buffer.add.remote(played, 0, 2))
+        ray.get(board.reject.remote(1, 4, "does not fit"))  # actor 1 rejected version 4: not waited for
+        assert source.wait_for_version(4, actors=2, batches=2, timeout_s=30) >= 0
+        with pytest.raises(TimeoutError, match=r"version 8 from rollout actor\(s\) \[0, 1\]"):
+            source.wait_for_version(8, actors=2, timeout_s=0.3)
+    finally:
+        ray.kill(buffer, no_restart=True)
+        ray.kill(board, no_restart=True)
+
+
+@pytest.mark.slow
 def test_a_synced_dagger_trial_trains_on_the_same_data_however_far_ahead_its_actor_runs(ray_local, tmp_path):
     """``rollout.sync``: the rollout actor plays exactly two batches under each version (``sync_batches``) and the
     trainer takes them in at the next publication, so a trial whose trainer sleeps half a second after every step (its

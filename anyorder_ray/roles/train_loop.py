@@ -251,7 +251,7 @@ class BufferSource:
         batches); progress logged every ~10 s; a producer that failed raises ``RolloutFailed``. Returns the
         trajectories in view."""
         producers = self._producers
-        start = last_log = time.monotonic()
+        clock = _Patience(timeout_s)
         while True:
             self.refresh(check=False)
             if self.view.demos >= min_demos:
@@ -266,16 +266,9 @@ class BufferSource:
                     f"all rollout actors finished but the buffer holds only {self.view.demos} of the {min_demos} "
                     "expert demos training needs (seed range exhausted, or the expert fails on this level?)"
                 )
-            now = time.monotonic()
-            if now - start > timeout_s:
-                raise TimeoutError(
-                    f"buffer holds {self.view.demos} expert demos after {timeout_s:.0f} s, training needs "
-                    f"{min_demos}; are the rollout actors running (enough CPUs for them)?"
-                )
-            if now - last_log > 10:
-                print(f"[train] waiting for data: {self.view.demos}/{min_demos} expert demos in the buffer",
-                      flush=True)  # fmt: skip
-                last_log = now
+            clock.check(f"buffer holds {self.view.demos} expert demos after {timeout_s:.0f} s, training needs "
+                        f"{min_demos}; are the rollout actors running (enough CPUs for them)?",
+                        f"waiting for data: {self.view.demos}/{min_demos} expert demos in the buffer")  # fmt: skip
             time.sleep(poll_s)
 
     def wait_for_version(
@@ -286,30 +279,44 @@ class BufferSource:
         cannot be loaded is skipped, not waited for); returns the seconds waited. A producer that failed raises
         ``RolloutFailed``; progress is logged every ~10 s. The caller refreshes afterwards."""
         everyone = set(range(actors))
-        start = last_log = time.monotonic()
+        clock = _Patience(timeout_s)
         while True:
             played = ray.get(self._buffer.played.remote(version))
             done = {worker for worker, count in played.items() if count >= batches}
             if self._board is not None:
                 done |= ray.get(self._board.rejecters.remote(version))
             if everyone <= done:
-                return time.monotonic() - start
+                return clock.elapsed()
             self.check_producers()
-            now = time.monotonic()
             missing = sorted(everyone - done)
-            if now - start > timeout_s:
-                raise TimeoutError(
-                    f"rollout.sync: not all {batches} batch(es) of policy version {version} from rollout actor(s) "
-                    f"{missing} after {timeout_s:.0f} s (rollout.sync_timeout_s); are they running, with enough CPUs?"
-                )
-            if now - last_log > 10:
-                print(f"[train] rollout.sync: waiting for policy version {version}'s batches from actor(s) {missing}",
-                      flush=True)  # fmt: skip
-                last_log = now
+            clock.check(f"rollout.sync: not all {batches} batch(es) of policy version {version} from rollout actor(s) "
+                        f"{missing} after {timeout_s:.0f} s (rollout.sync_timeout_s); are they running, with enough "
+                        "CPUs?", f"rollout.sync: waiting for policy version {version}'s batches from actor(s) "
+                        f"{missing}")  # fmt: skip
             time.sleep(poll_s)
 
     def sample(self, n: int, branch_share: float = 0.0) -> list[Trajectory]:
         return self.view.sample(n, branch_share)
+
+
+class _Patience:
+    """The clock of a polling wait: ``check`` raises ``TimeoutError`` once ``timeout_s`` have passed and prints its
+    progress line every ~10 s."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.start = self.last_log = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def check(self, timeout_message: str, progress: str) -> None:
+        now = time.monotonic()
+        if now - self.start > self.timeout_s:
+            raise TimeoutError(timeout_message)
+        if now - self.last_log > 10:
+            print(f"[train] {progress}", flush=True)
+            self.last_log = now
 
 
 def _first_trajectories(snapshot: list[tuple[Any, int, int]], limit: int) -> list[tuple[Any, int, int]]:
