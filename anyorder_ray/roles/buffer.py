@@ -170,7 +170,6 @@ class BufferState:
         self._demo_stop: dict[int, int] = {}  # per worker: 1 + its last accepted demo's seed
         self._demo_next_seed: dict[int, int] = {}  # per worker: next_seed of its last expert batch
         self._played: dict[int, dict[int, int]] = {}  # per policy version: on-policy batches of it per worker
-        self._last_played: dict[int, int] = {}  # per worker: the newest policy version of its on-policy batches
         self._stopped = False
 
     # -- producers ---------------------------------------------------------------------------------
@@ -218,7 +217,6 @@ class BufferState:
             version = provenance.policy_version
             played = self._played.setdefault(version, {})
             played[worker] = played.get(worker, 0) + 1
-            self._last_played[worker] = max(version, self._last_played.get(worker, 0))
         if count > 0:
             self._entries.append(_Entry(ref, count, 0, provenance.source))
             self._size += count
@@ -293,7 +291,7 @@ class BufferState:
     def last_played(self, worker: int) -> tuple[int, int]:
         """``(the newest policy version of worker's acknowledged on-policy batches, how many of them)``, ``(0, 0)``
         for none: a restarted producer under ``rollout.sync`` goes on from there instead of playing them again."""
-        version = self._last_played.get(worker, 0)
+        version = max((v for v, by_worker in self._played.items() if worker in by_worker), default=0)
         return version, self._played.get(version, {}).get(worker, 0)
 
     def _victim(self) -> int:

@@ -40,12 +40,13 @@ class LRSchedule:
         self.set_total(total)
 
     def set_total(self, total: int) -> None:
-        self.total = int(total)
+        """Plan ``total`` steps (``planned_total`` keeps it through later ``extend`` calls and checkpoints)."""
+        self.total = self.planned_total = int(total)
         self.warmup = int(self.warmup_ratio * self.total)
 
     def extend(self, total: int) -> None:
-        """Move the horizon to ``total`` steps with the warmup as it is (a plan made again mid-run must not send a run
-        that finished its warmup back into it)."""
+        """Move the horizon to ``total`` steps with the warmup and ``planned_total`` as they are (a plan made again
+        mid-run must not send a run that finished its warmup back into it)."""
         self.total = int(total)
 
     def __call__(self, step: int) -> float:

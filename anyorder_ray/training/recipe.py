@@ -367,8 +367,8 @@ class TrainingRecipe:
             self._replan_mark = (self.step, self._spent())
         versions = cfg.rollout.weights_versions
         self.publish_every = cfg.rollout.weights_every_steps
-        if versions is not None:  # the plan as it stands now (fresh: before any step), the same on every rank
-            self.publish_every = max(1, round(self.budget.total / versions))
+        if versions is not None:  # the plan before the first step (checkpointed with the schedule), one on all ranks
+            self.publish_every = max(1, round(schedule.planned_total / versions))
 
     def _stage(self, step: int) -> str | None:
         """Mode ``iwm``'s stage at ``step`` (None for other modes): a function of the step and the planned total, which
