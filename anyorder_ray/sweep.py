@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="run directory name (default: <sweep.name>-<timestamp>)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_steps=100")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may come between the overrides, as in `evaluate`
 
 
 def init_ray(num_cpus: int | None = None) -> None:

@@ -61,6 +61,12 @@ def test_config_errors_exit_2_before_anything_is_written(tmp_path, capsys, overr
     assert not out.exists()  # no half-created run directory (nor its parent)
 
 
+def test_options_may_come_between_the_overrides():
+    args = sweep.parse_args(["train.output_dir=/x", "--name", "n", "sweep.seeds=[1]", "--num-cpus", "2", "a.b=c"])
+    assert (args.name, args.num_cpus) == ("n", 2)
+    assert args.overrides == ["train.output_dir=/x", "sweep.seeds=[1]", "a.b=c"]
+
+
 def test_missing_config_file_is_named(tmp_path, capsys):
     missing = tmp_path / "nope.yaml"
     assert sweep.main(["--config", str(missing)]) == 2
