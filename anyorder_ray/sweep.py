@@ -10,8 +10,9 @@
 With ``RAY_ADDRESS`` set it connects to that cluster; otherwise it starts a local Ray with bounded CPUs
 and object store. The run directory (printed at start and end; a local folder or a storage URI, see
 ``anyorder_ray.storage``) holds Tune's per-trial logs (TensorBoard events, progress.csv), the trainers'
-checkpoints and metrics logs, ``results.csv``, ``results.md`` and the plots. The storage is checked for
-writing before anything starts.
+checkpoints and metrics logs, ``results.csv``, ``results.md``, the plots and ``environment.jsonl`` (the commit,
+libraries and CPU of every start and resume: results reproduce to the episode where these match). The storage is
+checked for writing before anything starts.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from anyorder_ray.config import ConfigError, ExperimentConfig, default_config_path, load_config, validate_env
+from anyorder_ray.results import provenance
 from anyorder_ray.results.plots import write_plots
+from anyorder_ray.results.provenance import environment_record
 from anyorder_ray.results.tables import results_rows, write_summary, write_tables
 from anyorder_ray.storage import Location, StorageError, as_location, check_writable, default_job_root, in_ray_job
 from envs import prepare_env
@@ -417,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume is None:
             created = True
             _write_config(cfg, run.child(RUN_CONFIG_FILE))
+        record = environment_record("resume" if args.resume is not None else "start")
+        run.child(provenance.FILE).append_text(json.dumps(record) + "\n")
     except (ConfigError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         if created:  # a run directory without its experiment.yaml could be neither resumed nor reused
@@ -430,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[sweep] if interrupted, continue with: python -m anyorder_ray.sweep --resume '{run}'", flush=True)
     print(f"[sweep] level {cfg.env.level}; arms: {arms}; seeds {list(cfg.sweep.seeds)}", flush=True)
     print(f"[sweep] TensorBoard: tensorboard --logdir {run.child('tune')}", flush=True)
+    print(
+        f"[sweep] made with: {record['cpu']} ({record['torch_cpu_capability']}), torch "
+        f"{record['packages']['torch']}, commit {record['commit'] or 'unknown'}; {provenance.FILE}",
+        flush=True,
+    )
     start = time.time()
     # Built once here, not by each trial's actors side by side (TextWorld's game pools; on a cluster this fills the
     # driver node's cache only).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import signal
 import stat
 import subprocess
@@ -312,3 +313,25 @@ def test_rows_read_back_from_results_csv_pool_runs_as_one(tmp_path):
         writer.writeheader()
         writer.writerows(lines)
     assert all(math.isnan(r["total_flops"]) and r["world_model_exact"] == 0.25 for r in read_rows(old))
+
+
+def test_the_environment_record_names_this_checkout_the_libraries_and_the_cpu():
+    import importlib.metadata
+    import json
+
+    import torch
+
+    from anyorder_ray.results.provenance import environment_record
+
+    record = environment_record("resume")
+    assert record["event"] == "resume"
+    assert record["packages"]["torch"] == importlib.metadata.version("torch")
+    assert record["packages"]["ray"] == importlib.metadata.version("ray")
+    assert record["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert record["cpu"] and record["cpu_count"] == os.cpu_count()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI clones one); an unpacked source tree has no commit to name
+        assert record["commit"] == head.stdout.strip() and isinstance(record["uncommitted_changes"], bool)
+    else:
+        assert record["commit"] is None and record["uncommitted_changes"] is None
+    assert json.loads(json.dumps(record)) == record  # one JSON line per start

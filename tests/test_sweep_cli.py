@@ -443,3 +443,6 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
         assert (_trial_dir(tune_dir, trial) / "result.json").read_bytes() == result
     for trial in set(states) - set(finished):
         assert _reported_final((_trial_dir(tune_dir, trial) / "result.json").read_bytes())
+    # What each start was made with: the first run's record and the resume's, in that order.
+    records = [json.loads(line) for line in (run_dir / "environment.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in records] == ["start", "resume"]

@@ -94,7 +94,7 @@ def test_smoke_sweep_on_s3_storage_and_resumed_from_its_uri(s3_server):
     body = s3_server.client().get_object(Bucket=bucket, Key="team/runs/s3/results.csv")["Body"].read().decode()
     (row,) = list(csv.DictReader(body.splitlines()))
     assert row["status"] == "ok" and row["arm"] == "any_order@0.5" and float(row["train_steps"]) == 12
-    for name in ("experiment.yaml", "results.md", "summary.md", "success_vs_step.png"):
+    for name in ("experiment.yaml", "environment.jsonl", "results.md", "summary.md", "success_vs_step.png"):
         assert f"team/runs/s3/{name}" in keys
     (trial,) = {k.split("/")[4] for k in keys if k.startswith("team/runs/s3/train/train-")}
     trial_keys = [k for k in keys if k.startswith(f"team/runs/s3/train/{trial}/")]
