@@ -32,7 +32,6 @@ from typing import Any
 from anyorder_ray.config import ConfigError, ExperimentConfig, default_config_path, load_config, validate_env
 from anyorder_ray.results import provenance
 from anyorder_ray.results.plots import write_plots
-from anyorder_ray.results.provenance import environment_record
 from anyorder_ray.results.tables import results_rows, write_summary, write_tables
 from anyorder_ray.storage import Location, StorageError, as_location, check_writable, default_job_root, in_ray_job
 from envs import prepare_env
@@ -420,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume is None:
             created = True
             _write_config(cfg, run.child(RUN_CONFIG_FILE))
-        record = environment_record("resume" if args.resume is not None else "start")
+        record = provenance.environment_record("resume" if args.resume is not None else "start")
         run.child(provenance.FILE).append_text(json.dumps(record) + "\n")
     except (ConfigError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

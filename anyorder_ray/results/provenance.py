@@ -31,15 +31,16 @@ def environment_record(event: str = "start") -> dict[str, Any]:
     """One record of this process's environment; ``event`` says why it was taken (``start``, ``resume``)."""
     import torch
 
+    cpuinfo = _cpuinfo()
     return {
         "event": event,
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": _cpu_model(cpuinfo),
         "cpu_count": os.cpu_count(),
-        "isa": _isa_flags(),
+        "isa": _isa_flags(cpuinfo),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cuda": torch.version.cuda,
         "packages": {name: _version(name) for name in PACKAGES},
@@ -61,15 +62,15 @@ def _cpuinfo() -> list[str]:
         return []
 
 
-def _cpu_model() -> str:
-    for line in _cpuinfo():
+def _cpu_model(cpuinfo: list[str]) -> str:
+    for line in cpuinfo:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
-def _isa_flags() -> list[str]:
-    for line in _cpuinfo():
+def _isa_flags(cpuinfo: list[str]) -> list[str]:
+    for line in cpuinfo:
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
             return [flag for flag in ISA_FLAGS if flag in flags]
