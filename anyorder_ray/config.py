@@ -536,6 +536,10 @@ class EvalConfig:
     """Evaluation seeds start here: disjoint from every rollout seed."""
     history_steps: int | None = None
     """Past steps the policy sees; None derives it from data.window_steps - 1."""
+    temperature: float = 0.0
+    """How the evaluated policy picks its actions in live episodes: 0 is greedy (the argmax over the candidates);
+    > 0 samples from the softmax of the candidates' scores divided by it (1: the policy's own distribution over the
+    candidates), from a generator seeded by each episode's seed."""
     max_restarts: int = 3
 
     def actors(self) -> int:
@@ -555,6 +559,7 @@ class EvalConfig:
         _check(p, self.offexpert_transitions >= 0 and self.onpolicy_transitions >= 0,
                "offexpert_transitions and onpolicy_transitions must be >= 0")  # fmt: skip
         _check(p, self.batch_envs >= 1, "batch_envs must be >= 1")
+        _check(p, self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _check(p, self.seed_start >= 10**9, "seed_start must be >= 1e9 so eval seeds never meet rollout seeds")
         _raise("eval", p)
 

@@ -7,12 +7,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from torch import nn
 
 from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
 from envs.base import World
 
-__all__ = ["EpisodeResult", "EpisodeStats", "run_episodes"]
+__all__ = ["EpisodeResult", "EpisodeStats", "run_episodes", "sample_action"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,16 @@ class _Slot:
     history: deque
     actions: list[str]
     observations: list[str]
+    rng: np.random.Generator | None
+
+
+def sample_action(
+    candidates: Sequence[str], scores: Sequence[float], temperature: float, rng: np.random.Generator
+) -> str:
+    """One draw from ``softmax(scores / temperature)`` over ``candidates`` (Gumbel-max: the argmax of ``score /
+    temperature`` plus one Gumbel noise per candidate)."""
+    keys = np.asarray(scores, dtype=np.float64) / temperature + rng.gumbel(size=len(candidates))
+    return candidates[int(np.argmax(keys))]
 
 
 def run_episodes(
@@ -69,8 +80,13 @@ def run_episodes(
     seeds: Sequence[int],
     *,
     batch_envs: int,
+    temperature: float = 0.0,
 ) -> EpisodeStats:
-    """Play one episode per seed with ``scorer.act``, ``batch_envs`` worlds in lockstep.
+    """Play one episode per seed, ``batch_envs`` worlds in lockstep.
+
+    ``temperature`` 0 plays the policy's greedy action (``scorer.act``: the argmax, ties to the first candidate);
+    ``temperature > 0`` samples each action from ``softmax(score / temperature)`` over the candidates, with a generator
+    seeded by the episode's seed, so an episode is the same whatever ``batch_envs`` and the other seeds are.
 
     At every step each live world's ``valid_actions()`` are its query's candidates (a fixed-action world such as
     BabyAI gives its whole action set; TextWorld the commands its current state admits).
@@ -82,6 +98,8 @@ def run_episodes(
     """
     if batch_envs < 1:
         raise ValueError(f"batch_envs must be >= 1, got {batch_envs}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
     seeds = [int(s) for s in seeds]
     start = time.perf_counter()
     results: list[EpisodeResult | None] = [None] * len(seeds)
@@ -97,7 +115,8 @@ def run_episodes(
             slots[k] = None
             return
         obs, mission = worlds[k].reset(seeds[next_seed])
-        slots[k] = _Slot(next_seed, seeds[next_seed], mission, obs, deque(maxlen=keep), [], [obs])
+        rng = np.random.default_rng(seeds[next_seed]) if temperature > 0 else None
+        slots[k] = _Slot(next_seed, seeds[next_seed], mission, obs, deque(maxlen=keep), [], [obs], rng)
         next_seed += 1
 
     for k in range(len(worlds)):
@@ -107,7 +126,13 @@ def run_episodes(
         if not live:
             break
         queries = [PolicyQuery(slots[k].mission, tuple(slots[k].history), slots[k].obs) for k in live]
-        actions = scorer.act(model, queries, [worlds[k].valid_actions() for k in live])
+        candidates = [worlds[k].valid_actions() for k in live]
+        if temperature > 0:
+            scores = scorer.score(model, queries, candidates)
+            actions = [sample_action(c, s.tolist(), temperature, slots[k].rng)
+                       for k, c, s in zip(live, candidates, scores, strict=True)]  # fmt: skip
+        else:
+            actions = scorer.act(model, queries, candidates)
         for k, action in zip(live, actions, strict=True):
             slot, world = slots[k], worlds[k]
             res = world.step(action)

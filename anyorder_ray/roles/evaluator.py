@@ -146,6 +146,7 @@ class EvalWorker:
             lambda: make_world(self._env, expert=False),
             eval_episode_seeds(self._cfg, n),
             batch_envs=self._cfg.batch_envs,
+            temperature=self._cfg.temperature,
         )
         query = (self._history_steps, self._max_length, self._nll_batch_size, self._layout)
         nll = heldout_nll(self._model, self._encoder, self._heldout, *query)
