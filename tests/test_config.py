@@ -235,6 +235,10 @@ def test_evaluation_is_switched_by_a_boolean_and_weights_come_from_a_known_place
         load_config(None, ["eval.num_actors=1"])
     with pytest.raises(ConfigError, match="weights"):
         load_config(None, ["eval.weights=disk"])
+    assert load_config(None).eval.temperature == 0.0  # greedy unless a config says otherwise
+    assert load_config(None, ["eval.temperature=0.5"]).eval.temperature == 0.5
+    with pytest.raises(ConfigError, match="temperature must be >= 0"):
+        load_config(None, ["eval.temperature=-1"])
 
 
 def test_branch_and_iwm_keys_are_validated_all_at_once_and_labelled(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 from helpers import babyai, expert_trajectories, world_tokenizer
@@ -19,7 +20,7 @@ from anyorder_ray.data.encoding import IGNORE_INDEX, UnitEncoder
 from anyorder_ray.data.masking import UnitRole
 from anyorder_ray.data.seeds import eval_episode_seeds, heldout_trajectory_seeds, rollout_seed_range
 from anyorder_ray.data.tokenization import SPECIAL_TOKENS
-from anyorder_ray.evaluation.episodes import EpisodeStats, run_episodes
+from anyorder_ray.evaluation.episodes import EpisodeStats, run_episodes, sample_action
 from anyorder_ray.evaluation.nll import NLLStats, heldout_nll, nll_queries
 from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
 from anyorder_ray.evaluation.stats import eval_metrics, wilson_interval
@@ -259,6 +260,34 @@ def test_batched_episodes_equal_unbatched(tokenizer, encoder):
     assert len({r.actions for r in batched.results}) > 1  # the policy really depends on what it sees
     # ... and within episodes (a hash may by chance repeat one action over a short episode, so most, not all).
     assert sum(len(set(r.actions)) > 1 for r in batched.results) >= len(seeds) - 2
+
+
+def test_sampled_episodes_are_seeded_per_episode_and_leave_greedy_at_low_temperature(tokenizer, encoder):
+    """``temperature > 0`` samples: an episode depends on its seed only (not on the batching or on being played
+    again), it really leaves the greedy path, and towards temperature 0 it is the greedy episode."""
+    model = ContentHashPolicy(tokenizer.mask_token_id, len(tokenizer), _ids(tokenizer, ACTION_NAMES))
+    scorer = ActionScorer(encoder, ACTION_NAMES, 2, 256)
+    seeds = list(eval_episode_seeds(EvalConfig(), 10))
+    greedy = run_episodes(model, scorer, worlds(12), seeds, batch_envs=4)
+    sampled = run_episodes(model, scorer, worlds(12), seeds, batch_envs=4, temperature=1.0)
+    assert sampled.results == run_episodes(model, scorer, worlds(12), seeds, batch_envs=1, temperature=1.0).results
+    assert sampled.results == run_episodes(model, scorer, worlds(12), seeds, batch_envs=3, temperature=1.0).results
+    # The hashed action has logit 4 against 0: about 0.9 of each step's mass, so 10 episodes of 12 steps leave it.
+    assert sum(g.actions != s.actions for g, s in zip(greedy.results, sampled.results, strict=True)) >= 5
+    assert run_episodes(model, scorer, worlds(12), seeds, batch_envs=4, temperature=1e-6).results == greedy.results
+    with pytest.raises(ValueError, match="temperature"):
+        run_episodes(model, scorer, worlds(12), seeds, batch_envs=4, temperature=-1.0)
+
+
+def test_sample_action_draws_from_the_tempered_softmax_of_the_scores():
+    names = ("a", "b", "c")
+    probs = np.array([0.7, 0.2, 0.1])
+    rng = np.random.default_rng(0)
+    for temperature in (1.0, 0.5):
+        draws = [sample_action(names, np.log(probs).tolist(), temperature, rng) for _ in range(20_000)]
+        freq = np.array([draws.count(n) for n in names]) / len(draws)
+        expected = probs ** (1 / temperature) / (probs ** (1 / temperature)).sum()
+        assert np.abs(freq - expected).max() < 0.015, (temperature, freq, expected)
 
 
 @pytest.mark.parametrize("action", ["done", "left"])
