@@ -335,3 +335,51 @@ def test_the_environment_record_names_this_checkout_the_libraries_and_the_cpu():
     else:
         assert record["commit"] is None and record["uncommitted_changes"] is None
     assert json.loads(json.dumps(record)) == record  # one JSON line per start
+
+
+def _episodes_csv(folder: Path, rows: list[tuple[str, str, int, int]]) -> Path:
+    """An evaluation folder whose episodes.csv (the columns ``python -m anyorder_ray.evaluate`` writes) holds ``rows``
+    of (trial, arm, episode seed, success)."""
+    from anyorder_ray.evaluate import EPISODE_COLUMNS
+
+    folder.mkdir(parents=True)
+    with (folder / "episodes.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=EPISODE_COLUMNS)
+        writer.writeheader()
+        for trial, arm, seed, success in rows:
+            writer.writerow({"trial": trial, "arm": arm, "seed": 0, "episode_seed": seed, "success": success,
+                             "length": 3, "reward": 0.9 * success, "actions": "left | forward"})  # fmt: skip
+    return folder
+
+
+def test_two_evaluations_are_compared_episode_by_episode(tmp_path, capsys):
+    from anyorder_ray.results.compare import compare, main, mcnemar_p, read_episodes
+
+    # McNemar's exact test: the doubled binomial tail of the discordant pairs at 1/2.
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0
+    assert mcnemar_p(1, 18) == pytest.approx(2 * (1 + 19) / 2**19)
+    assert mcnemar_p(0, 27) == mcnemar_p(27, 0) == pytest.approx(2 / 2**27)
+    # Arm x: A solves 6 of 10, B 9 (B alone on 4 episodes, A alone on 1); arm y: identical sides, 2 of 4.
+    a_x, b_x = [1, 1, 1, 1, 1, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1, 1, 1, 1, 0]
+    a = _episodes_csv(tmp_path / "a", [("t0", "x", s, k) for s, k in enumerate(a_x)]
+                      + [("t1", "y", s, s % 2) for s in range(4)])  # fmt: skip
+    b_rows = [("t0", "x", s, k) for s, k in enumerate(b_x)]
+    b_first, b_second = (
+        _episodes_csv(tmp_path / "b1", b_rows),
+        _episodes_csv(tmp_path / "b2", [("t1", "y", s, s % 2) for s in range(4)]),
+    )  # a side may span several evaluation folders
+    rows = compare(read_episodes([a]), read_episodes([b_first, b_second]))
+    assert [r["arm"] for r in rows] == ["x", "y"]
+    x, y = rows
+    assert (x["episodes"], x["success_a"], x["success_b"], x["only_a"], x["only_b"]) == (10, 0.6, 0.9, 1, 4)
+    assert x["diff"] == pytest.approx(0.3) and x["p"] == pytest.approx(mcnemar_p(1, 4))
+    assert (y["diff"], y["only_a"], y["only_b"], y["p"]) == (0.0, 0, 0, 1.0)
+    assert main(["--a", str(a), "--b", str(b_first), str(b_second)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "RESULT arm=x episodes=10 success_a=0.600 success_b=0.900 b_minus_a=+0.300 only_a=1 only_b=4 " \
+                     f"mcnemar_p={mcnemar_p(1, 4):.2g}"  # fmt: skip
+    # Sides that played different episodes are refused, never compared on their overlap.
+    assert main(["--a", str(a), "--b", str(b_first)]) == 2
+    assert "different (trial, episode seed) pairs" in capsys.readouterr().err
+    assert main(["--a", str(tmp_path), "--b", str(b_first)]) == 2
+    assert "no episodes.csv" in capsys.readouterr().err
