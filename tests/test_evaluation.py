@@ -16,6 +16,7 @@ EXPECTED = {
     "eval/world_model_exact", "eval/offexpert_world_model_nll", "eval/offexpert_world_model_nll_per_obs",
     "eval/offexpert_world_model_exact", "eval/offexpert_transitions", "eval/onpolicy_world_model_nll",
     "eval/onpolicy_world_model_nll_per_obs", "eval/onpolicy_world_model_exact", "eval/onpolicy_transitions",
+    "eval/temperature",
 }  # fmt: skip
 
 

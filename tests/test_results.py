@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from helpers import HANG_GUARD_S
 
-from anyorder_ray.config import ExperimentConfig, config_from_dict
+from anyorder_ray.config import EvalConfig, ExperimentConfig, config_from_dict
 from anyorder_ray.fileio import atomic_directory, atomic_write
 from anyorder_ray.results.plots import write_plots
 from anyorder_ray.results.tables import (
@@ -383,3 +383,32 @@ def test_two_evaluations_are_compared_episode_by_episode(tmp_path, capsys):
     assert "different (trial, episode seed) pairs" in capsys.readouterr().err
     assert main(["--a", str(tmp_path), "--b", str(b_first)]) == 2
     assert "no episodes.csv" in capsys.readouterr().err
+
+
+def test_the_tables_say_how_the_episodes_picked_their_actions(tmp_path):
+    """``decoding`` comes from the evaluation's ``eval/temperature`` (the trial's config when it has none); the
+    Markdown shows it only when some row was not greedy; CSVs from before the column read as greedy; an arm whose
+    seeds were played both ways says so in the summary."""
+    causal, focus = {"mode": "causal"}, {"mode": "cut_focus", "layout": "block", "loss_norm": "unit"}
+    greedy = [make_row("a", _trial(causal, 0), _final(0.9), "ok"), make_row("b", _trial(focus, 0), _final(0.8), "ok")]
+    assert [r["decoding"] for r in greedy] == ["greedy", "greedy"]
+    assert "decoding" not in write_tables(greedy, tmp_path) and "decoding" not in write_summary(greedy, tmp_path)
+    sampled_cfg = dataclasses.replace(_trial(causal, 1), eval=EvalConfig(temperature=0.5))
+    from_cfg = make_row("c", sampled_cfg, _final(0.95), "ok")
+    reported = make_row("d", _trial(causal, 2), _final(0.97, **{"eval/temperature": 1.0}), "ok")
+    assert (from_cfg["decoding"], reported["decoding"]) == ("sampled T=0.5", "sampled T=1")
+    rows = [*greedy, from_cfg, reported]
+    md = write_tables(rows, tmp_path)
+    assert "| episodes | decoding | world-model NLL |" in md and "| 200 | sampled T=1 |" in md
+    assert [r["decoding"] for r in read_rows(tmp_path / "results.csv")] == [r["decoding"] for r in rows]
+    summary = {r["arm"]: r for r in arm_summary(rows)}
+    assert summary["causal"]["decoding"] == "greedy / sampled T=0.5 / sampled T=1"
+    assert "| greedy / sampled T=0.5 / sampled T=1 |" in write_summary(rows, tmp_path)
+    with (tmp_path / "results.csv").open() as f:
+        lines = list(csv.DictReader(f))
+    old = tmp_path / "old.csv"
+    with old.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[k for k in lines[0] if k != "decoding"], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(lines)
+    assert {r["decoding"] for r in read_rows(old)} == {"greedy"}

@@ -281,3 +281,11 @@ def test_eval_worker_reports_expert_offexpert_and_onpolicy_world_model_metrics(t
     assert m["eval/offexpert_world_model_nll"] > 0 and m["eval/onpolicy_world_model_nll"] > 0
     assert m == {**worker.evaluate(model.state_dict(), step=2), "eval/seconds": m["eval/seconds"],
                  "eval/episodes_per_s": m["eval/episodes_per_s"]}  # fmt: skip
+    # The report says how the actions were picked: greedy here; a sampling worker plays other episodes.
+    assert m["eval/temperature"] == 0.0
+    greedy = worker.last_episodes().results
+    sampler = EvalWorker(env, replace(eval_cfg, temperature=1.0), TINY, history_steps=HISTORY,
+                         max_length=MAX_LEN)  # fmt: skip
+    assert sampler.evaluate(model.state_dict(), step=2)["eval/temperature"] == 1.0
+    assert [e.seed for e in sampler.last_episodes().results] == [e.seed for e in greedy]
+    assert [e.actions for e in sampler.last_episodes().results] != [e.actions for e in greedy]

@@ -11,6 +11,11 @@ Markdown tables show it where a row has it (runs from before it was reported hav
 The world-model metrics of issue 13 (exact match, the off-expert and on-policy sets) are NaN in the rows of runs
 made before them; the Markdown tables show their columns only when some row has them, so such runs' tables read
 as they did.
+
+``decoding`` is how the evaluated policy picked its actions in the live episodes: ``greedy`` (the argmax) or
+``sampled T=<temperature>`` (``eval.temperature``), from the evaluation's own ``eval/temperature``. Rows of runs from
+before the option read as ``greedy`` (every evaluation was). The Markdown tables show the column only when some row
+was not greedy, and an arm whose seeds were played both ways says so in the summary.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ COLUMNS = (
     "success_low",
     "success_high",
     "episodes",
+    "decoding",
     "world_model_nll",
     "world_model_nll_per_obs",
     "world_model_exact",
@@ -86,6 +92,11 @@ def _count(metrics: dict, key: str) -> int | None:
     return int(round(v)) if isinstance(v, int | float) and not math.isnan(v) else None
 
 
+def decoding_label(temperature: float) -> str:
+    """``greedy`` for temperature 0, else ``sampled T=<temperature>``."""
+    return "greedy" if temperature == 0 else f"sampled T={temperature:g}"
+
+
 def make_row(trial: str, cfg: ExperimentConfig, metrics: dict, status: str) -> dict[str, Any]:
     """One table row of the trial whose resolved config is ``cfg`` (``ExperimentConfig.trial(params)``)."""
     arm = cfg.masking
@@ -99,6 +110,7 @@ def make_row(trial: str, cfg: ExperimentConfig, metrics: dict, status: str) -> d
         "success_low": _num(metrics, "eval/success_low"),
         "success_high": _num(metrics, "eval/success_high"),
         "episodes": _count(metrics, "eval/episodes"),
+        "decoding": decoding_label(float(metrics.get("eval/temperature", cfg.eval.temperature))),
         "world_model_nll": _num(metrics, "eval/world_model_nll"),
         "world_model_nll_per_obs": _num(metrics, "eval/world_model_nll_per_obs"),
         **{key: _num(metrics, f"eval/{key}") for key in WORLD_MODEL_EXTRA},
@@ -161,18 +173,25 @@ def _has_total(rows: list[dict[str, Any]]) -> bool:
 _TABLE_EXTRA = tuple(k for k in WORLD_MODEL_EXTRA if not k.endswith("_per_obs"))  # token means, as world-model NLL
 
 
+def _sampled(rows: list[dict[str, Any]]) -> bool:
+    """Whether any row's episodes were played other than greedily (then the tables show the ``decoding`` column)."""
+    return any(r.get("decoding", "greedy") != "greedy" for r in rows)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The results table; the newer world-model columns (``WORLD_MODEL_EXTRA``, per token) and the total compute only
-    where present."""
+    """The results table; the newer world-model columns (``WORLD_MODEL_EXTRA``, per token), the total compute and the
+    decoding only where present."""
     extra = _present(rows, _TABLE_EXTRA)
     total = _has_total(rows)
-    cols = ["arm", "seed", "success [95% CI]", "episodes", "world-model NLL", *(_EXTRA_HEADERS[k] for k in extra),
-            "action NLL", "steps", "budget", "FLOPs used", *(["total FLOPs"] if total else []), "train tokens",
-            "wall s", "status"]  # fmt: skip
+    decoding = ["decoding"] if _sampled(rows) else []
+    cols = ["arm", "seed", "success [95% CI]", "episodes", *decoding, "world-model NLL",
+            *(_EXTRA_HEADERS[k] for k in extra), "action NLL", "steps", "budget", "FLOPs used",
+            *(["total FLOPs"] if total else []), "train tokens", "wall s", "status"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         ci = f"{_fmt(r['success'])} [{_fmt(r['success_low'])}, {_fmt(r['success_high'])}]"
-        vals = [r["arm"], r["seed"], ci, r["episodes"], r["world_model_nll"], *(r.get(k) for k in extra),
+        vals = [r["arm"], r["seed"], ci, r["episodes"], *(r[k] for k in decoding), r["world_model_nll"],
+                *(r.get(k) for k in extra),
                 r["action_nll"], r["train_steps"], r["budget"], r["train_flops"],
                 *([r["total_flops"]] if total else []), r["train_tokens"], r["wall_s"], r["status"]]  # fmt: skip
         lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
@@ -202,6 +221,7 @@ SUMMARY_COLUMNS = (
     "success_high",
     "seed_success_min",
     "seed_success_max",
+    "decoding",
     "vs_reference",
     "p_value",
     "world_model_nll_per_obs",
@@ -218,7 +238,7 @@ _SUMMARY_EXTRA = tuple(k for k in WORLD_MODEL_EXTRA if k == "world_model_exact" 
 """Per observation, as the summary's world-model NLL."""
 
 
-_TEXT_COLUMNS = frozenset({"trial", "arm", "mode", "budget", "checkpoint", "status"})
+_TEXT_COLUMNS = frozenset({"trial", "arm", "mode", "decoding", "budget", "checkpoint", "status"})
 _COUNT_COLUMNS = frozenset({"episodes", "train_steps", "train_tokens"})  # ``_count``: an int, or None when unreported
 
 
@@ -233,7 +253,9 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {}
         for key in COLUMNS:
             value = r.get(key)
-            if key in _TEXT_COLUMNS:
+            if key == "decoding":
+                row[key] = value or "greedy"  # every evaluation before the column existed was greedy
+            elif key in _TEXT_COLUMNS:
                 row[key] = value or ""
             elif key == "seed":
                 row[key] = int(value)
@@ -274,6 +296,7 @@ def arm_summary(rows: list[dict[str, Any]], reference: str = "causal") -> list[d
             "success_high": high,
             "seed_success_min": min(r["success"] for r in rs),
             "seed_success_max": max(r["success"] for r in rs),
+            "decoding": " / ".join(sorted({r.get("decoding", "greedy") for r in rs})),
             "vs_reference": diff,
             "p_value": p_value,
             "world_model_nll_per_obs": mean_of([r["world_model_nll_per_obs"] for r in rs]),
@@ -293,7 +316,8 @@ def summary_markdown(summary: list[dict[str, Any]], reference: str = "causal") -
     """The per-arm table; the newer world-model columns (per observation) and the total compute only where present."""
     extra = _present(summary, _SUMMARY_EXTRA)
     total = _has_total(summary)
-    cols = ["arm", "seeds", "success [95% CI] (pooled episodes)", "seed range", f"vs {reference} (p)",
+    decoding = ["decoding"] if _sampled(summary) else []
+    cols = ["arm", "seeds", "success [95% CI] (pooled episodes)", "seed range", *decoding, f"vs {reference} (p)",
             "world-model NLL / obs", *(_EXTRA_HEADERS[k] for k in extra), "action NLL", "steps", "budget",
             "FLOPs used", *(["total FLOPs"] if total else []), "wall s"]  # fmt: skip
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -301,7 +325,8 @@ def summary_markdown(summary: list[dict[str, Any]], reference: str = "causal") -
         ci = f"{_fmt(r['success'])} [{_fmt(r['success_low'])}, {_fmt(r['success_high'])}] of {r['episodes']}"
         spread = f"{_fmt(r['seed_success_min'])}–{_fmt(r['seed_success_max'])}"
         vs = "–" if math.isnan(r["vs_reference"]) else f"{r['vs_reference']:+.3f} ({r['p_value']:.2g})"
-        vals = [r["arm"], r["seeds"], ci, spread, vs, r["world_model_nll_per_obs"], *(r[k] for k in extra),
+        vals = [r["arm"], r["seeds"], ci, spread, *(r[k] for k in decoding), vs, r["world_model_nll_per_obs"],
+                *(r[k] for k in extra),
                 r["action_nll"], r["train_steps"], r["budget"], r["train_flops"],
                 *([r["total_flops"]] if total else []), r["wall_s"]]  # fmt: skip
         lines.append("| " + " | ".join(v if isinstance(v, str) else _fmt(v) for v in vals) + " |")

@@ -156,8 +156,10 @@ class EvalWorker:
         onpolicy = transition_nll(self._model, self._encoder, mine, *query)
         self._last_step = int(step)
         self._last_episodes = episodes
-        return eval_metrics(episodes, nll, step, time.perf_counter() - start, offexpert if self._offexpert else None,
-                            onpolicy if mine else None)  # fmt: skip
+        metrics = eval_metrics(episodes, nll, step, time.perf_counter() - start,
+                               offexpert if self._offexpert else None, onpolicy if mine else None)  # fmt: skip
+        metrics["eval/temperature"] = float(self._cfg.temperature)  # how the episodes' actions were picked
+        return metrics
 
 
 def make_eval_actor(
