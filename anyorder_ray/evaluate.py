@@ -5,12 +5,12 @@
     python -m anyorder_ray.evaluate runs/gotolocal env.level=GoTo eval.final_episodes=500
 
 Every trial's last checkpoint is played by the evaluator the trials use (``EvalWorker``: the arm's scorer and layout,
-greedy episodes in lockstep, world-model and action NLL on the expert's held-out trajectories, world-model NLL and
-exact match there, on off-expert branches of them and on the episodes' own transitions), on
-``eval.final_episodes`` episodes from ``eval.seed_start`` of the world the ``env.*`` overrides describe. Without
-``env.*`` overrides that is the run's own evaluation world (``envs.evaluation_env``); with them it is exactly the
-``env`` section they give (``env.split=train`` plays the training games). Only ``env.*`` and ``eval.*`` keys can be
-overridden: the model, tokenizer and arm of each trial are the run's.
+episodes in lockstep (greedy, or sampled with ``eval.temperature``), world-model and action NLL on the expert's
+held-out trajectories, world-model NLL and exact match there, on off-expert branches of them and on the episodes' own
+transitions), on ``eval.final_episodes`` episodes from ``eval.seed_start`` of the world the ``env.*`` overrides
+describe. Without ``env.*`` overrides that is the run's own evaluation world (``envs.evaluation_env``); with them it is
+exactly the ``env`` section they give (``env.split=train`` plays the training games). Only ``env.*`` and ``eval.*``
+keys can be overridden: the model, tokenizer and arm of each trial are the run's.
 
 The tables land in ``<run>/evaluations/<name>/`` (``--name``; default from the overrides): ``results.csv`` /
 ``results.md`` with one row per trial (the sweep's columns; steps, budget and FLOPs are the training run's),
