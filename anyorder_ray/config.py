@@ -164,7 +164,8 @@ class RolloutConfig:
     Dagger: each actor looks for newer weights before every batch (a small call to the trial's weight board, never a
     wait); until the first weights exist it runs the expert only (and once the demo budget is full, idles until they
     do). A batch under weights of training step ``v`` executes the expert's action with probability
-    ``beta(v, planned_steps)`` at each step and the policy's greedy action otherwise; the expert labels every state.
+    ``beta(v, planned_steps)`` at each step and the policy's action otherwise (greedy, or sampled with
+    ``temperature``); the expert labels every state.
     """
 
     num_actors: int = 1
@@ -195,6 +196,10 @@ class RolloutConfig:
     idle_poll_s: float = 0.5
     """Dagger: seconds an actor sleeps between looks at the weight board while it has nothing to do (demo budget
     full, no weights yet)."""
+    temperature: float = 0.0
+    """Dagger: how the policy picks the actions it executes: 0 greedy (the argmax); > 0 sampled from
+    ``softmax(score / temperature)`` over the candidates, from a generator per episode (seeded by the actor and the
+    episode seed). Set it to ``eval.temperature`` to collect the states the evaluated policy visits."""
     max_rejected_versions: int = 3
     """Dagger: weight versions in a row the rollout actors may reject (a ``WeightsRejected`` config mismatch, a failed
     fetch) before the trial fails with the last rejection's reason; any version an actor loads resets the count."""
@@ -230,6 +235,7 @@ class RolloutConfig:
         _check(p, n >= 1, f"max_rejected_versions must be >= 1, got {n}")
         _check(p, self.num_cpus_per_actor > 0, "num_cpus_per_actor must be > 0")
         _check(p, self.episodes_per_batch >= 1, "episodes_per_batch must be >= 1")
+        _check(p, self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _check(p, 0 <= self.seed_start < 10**9 - 10**8, "seed_start must be in [0, 9e8) (eval seeds start at 1e9)")
         _raise("rollout", p)
 

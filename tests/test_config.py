@@ -239,6 +239,10 @@ def test_evaluation_is_switched_by_a_boolean_and_weights_come_from_a_known_place
     assert load_config(None, ["eval.temperature=0.5"]).eval.temperature == 0.5
     with pytest.raises(ConfigError, match="temperature must be >= 0"):
         load_config(None, ["eval.temperature=-1"])
+    assert load_config(None).rollout.temperature == 0.0  # dagger actors act greedily unless told
+    assert load_config(None, ["rollout.temperature=1.0"]).rollout.temperature == 1.0
+    with pytest.raises(ConfigError, match="rollout.temperature = -0.5|temperature must be >= 0, got -0.5"):
+        load_config(None, ["rollout.temperature=-0.5"])
 
 
 def test_branch_and_iwm_keys_are_validated_all_at_once_and_labelled(tmp_path):

@@ -14,6 +14,7 @@ from helpers import fit_one_worker, held_trajectories, wait_for
 from anyorder_ray.config import ConfigError, ExperimentConfig, RolloutConfig, load_config
 from anyorder_ray.data.encoding import UnitEncoder
 from anyorder_ray.evaluation.dagger import dagger_episodes
+from anyorder_ray.evaluation.episodes import choose_actions
 from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
 from anyorder_ray.models.factory import build_model, build_model_config, build_tokenizer
 from anyorder_ray.roles.buffer import BufferJournal, BufferState, JournalRecord, batch_provenance
@@ -41,9 +42,10 @@ def policy(one_torch_thread):
     return cfg, model, scorer
 
 
-def _act(policy):
+def _act(policy, temperature: float = 0.0):
+    """The rollout actor's choice (``ActingPolicy.act``): greedy, or sampled from each episode's generator."""
     _, model, scorer = policy
-    return lambda queries, candidates: scorer.act(model, queries, candidates)
+    return lambda queries, candidates, rngs: choose_actions(scorer, model, queries, candidates, temperature, rngs)
 
 
 def _worlds(n: int) -> list:
@@ -118,6 +120,24 @@ def test_mixed_episodes_are_reproducible_and_do_not_depend_on_the_lockstep_batch
     assert [t.meta["executed"] for t in other] != [t.meta["executed"] for t in one]
     mixed = [t.provenance.policy_actions / t.num_actions for t in one]
     assert 0 < sum(mixed) / len(mixed) < 1  # both the expert and the policy drove
+
+
+def test_sampled_policy_actions_are_seeded_per_episode(policy):
+    """``rollout.temperature > 0``: the policy's actions are draws from each episode's own generator, so the episodes
+    still do not depend on the lockstep batch; they leave the greedy policy's path, and the coin flips that hand the
+    wheel to the policy stay the greedy run's (the draws come from a second generator)."""
+    args = {"beta": 0.0, "version": 3, "history_steps": 1, "rng_seed": 1}
+    greedy, _ = dagger_episodes(_worlds(3), SEEDS, _act(policy), **args)
+    one, _ = dagger_episodes(_worlds(1), SEEDS, _act(policy, 1.0), **args)
+    three, stats = dagger_episodes(_worlds(3), SEEDS, _act(policy, 1.0), **args)
+    assert one == three and stats.policy_actions == stats.steps  # beta 0: every executed action is the policy's
+    assert [t.meta["executed"] for t in three] != [t.meta["executed"] for t in greedy]
+    cold, _ = dagger_episodes(_worlds(3), SEEDS, _act(policy, 1e-6), **args)
+    assert cold == greedy
+    # With beta 0.5 too: were the draws taken from the coin's generator, the coins (and the episodes) would differ.
+    half = {**args, "beta": 0.5}
+    assert dagger_episodes(_worlds(3), SEEDS, _act(policy, 1e-6), **half)[0] == dagger_episodes(
+        _worlds(3), SEEDS, _act(policy), **half)[0]  # fmt: skip
 
 
 # -- the beta schedule and the config ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """DAgger episodes: the policy and the expert share the wheel, the expert labels every state visited.
 
 At each step of an episode the expert's action for the current state is asked first (the label); then, with
-probability ``beta``, the expert's action is executed, otherwise the policy's (its argmax, from the same
-``ActionScorer`` the eval actor uses). The stored data are the states actually visited with the expert's labels as
+probability ``beta``, the expert's action is executed, otherwise the policy's (from the same ``ActionScorer`` the eval
+actor uses: its argmax, or a draw from its distribution, as the ``policy`` callable decides with the generator it is
+given). The stored data are the states actually visited with the expert's labels as
 their actions, so imitation on them teaches the expert's answer in the states the policy leads to (Ross et al. 2011).
 
 Every stored ``obs_t, act_t, obs_t+1`` is a transition of the world, because world-model targets (prefix, any-order,
@@ -15,7 +16,8 @@ steps executed the policy's choice; ``meta`` holds the executed actions (``execu
 episode (``segment``) and the episode's length (``episode_steps``); ``success`` is the episode's, on its last segment.
 
 Each episode draws its coin flips from its own generator, seeded by ``(rng_seed, episode seed)``, one draw per step
-whatever the outcome, so an episode does not depend on the other episodes of its lockstep batch: with ``beta = 1`` it is
+whatever the outcome, and hands the policy a second generator of its own (seeded by ``(rng_seed, episode seed, 1)``) for
+sampled actions, so an episode does not depend on the other episodes of its lockstep batch: with ``beta = 1`` it is
 exactly the expert's episode, with ``beta = 0`` every executed action is the policy's.
 
 Episodes run in lockstep over the given worlds: one batched policy call per step for the live episodes whose coin
@@ -36,8 +38,9 @@ from envs.trajectory import Provenance, Trajectory
 
 __all__ = ["DaggerStats", "Policy", "dagger_episodes"]
 
-Policy = Callable[[Sequence[PolicyQuery], Sequence[Sequence[str]]], list[str]]
-"""Chooses one action per query among its candidates, e.g. ``lambda q, c: scorer.act(model, q, c)``."""
+Policy = Callable[[Sequence[PolicyQuery], Sequence[Sequence[str]], Sequence[np.random.Generator]], list[str]]
+"""Chooses one action per query among its candidates, given each query's episode generator for sampled choices, e.g.
+``lambda q, c, rngs: scorer.act(model, q, c)`` (greedy: no draw); ``evaluation.episodes.choose_actions`` either way."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,9 @@ class _Slot:
     seed: int
     mission: str
     rng: np.random.Generator
+    """The coin flips (expert or policy), one per step."""
+    act_rng: np.random.Generator
+    """What the policy draws sampled actions from."""
     observations: list[str]
     labels: list[str]
     executed: list[str]
@@ -109,7 +115,8 @@ def dagger_episodes(
             slots[k] = None
             return
         obs, mission = worlds[k].reset(seed)
-        slots[k] = _Slot(seed, mission, np.random.default_rng([rng_seed, seed]), [obs], [], [])
+        rngs = np.random.default_rng([rng_seed, seed]), np.random.default_rng([rng_seed, seed, 1])
+        slots[k] = _Slot(seed, mission, *rngs, [obs], [], [])
 
     def finish(k: int) -> None:
         slot, world = slots[k], worlds[k]
@@ -140,7 +147,8 @@ def dagger_episodes(
                 past = list(zip(s.observations[:-1], s.executed, strict=True))
                 history = tuple(past[len(past) - history_steps :]) if history_steps else ()
                 queries.append(PolicyQuery(s.mission, history, s.observations[-1]))
-            actions = policy(queries, [worlds[k].valid_actions() for k in by_policy])
+            actions = policy(queries, [worlds[k].valid_actions() for k in by_policy],
+                             [slots[k].act_rng for k in by_policy])  # fmt: skip
             chosen.update(zip(by_policy, actions, strict=True))
         for k in live:
             s, world = slots[k], worlds[k]

@@ -13,7 +13,7 @@ from torch import nn
 from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
 from envs.base import World
 
-__all__ = ["EpisodeResult", "EpisodeStats", "run_episodes", "sample_action"]
+__all__ = ["EpisodeResult", "EpisodeStats", "choose_actions", "run_episodes", "sample_action"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +73,22 @@ def sample_action(
     return candidates[int(np.argmax(keys))]
 
 
+def choose_actions(
+    scorer: ActionScorer,
+    model: nn.Module,
+    queries: Sequence[PolicyQuery],
+    candidates: Sequence[Sequence[str]],
+    temperature: float,
+    rngs: Sequence[np.random.Generator | None],
+) -> list[str]:
+    """The policy's action for each query among its candidates: the argmax (``scorer.act``) at temperature 0, else a
+    draw of ``sample_action`` from each query's own generator (``rngs``, one per query)."""
+    if temperature == 0:
+        return scorer.act(model, queries, candidates)
+    scores = scorer.score(model, queries, candidates)
+    return [sample_action(c, s.tolist(), temperature, rng) for c, s, rng in zip(candidates, scores, rngs, strict=True)]
+
+
 def run_episodes(
     model: nn.Module,
     scorer: ActionScorer,
@@ -127,12 +143,7 @@ def run_episodes(
             break
         queries = [PolicyQuery(slots[k].mission, tuple(slots[k].history), slots[k].obs) for k in live]
         candidates = [worlds[k].valid_actions() for k in live]
-        if temperature > 0:
-            scores = scorer.score(model, queries, candidates)
-            actions = [sample_action(c, s.tolist(), temperature, slots[k].rng)
-                       for k, c, s in zip(live, candidates, scores, strict=True)]  # fmt: skip
-        else:
-            actions = scorer.act(model, queries, candidates)
+        actions = choose_actions(scorer, model, queries, candidates, temperature, [slots[k].rng for k in live])
         for k, action in zip(live, actions, strict=True):
             slot, world = slots[k], worlds[k]
             res = world.step(action)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import ray
 import torch
 
 from anyorder_ray.data.encoding import UnitEncoder
+from anyorder_ray.evaluation.episodes import choose_actions
 from anyorder_ray.evaluation.proposer import PolicyProposer
 from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
 from anyorder_ray.models.factory import build_model, build_model_config, build_tokenizer
@@ -27,7 +29,11 @@ logger = logging.getLogger(__name__)
 class ActingPolicy:
     """The model a dagger actor acts with: a skeleton built once, the board's newest loadable version in it."""
 
-    def __init__(self, source: PolicySource, env: EnvConfig, action_names: tuple[str, ...], worker: int) -> None:
+    def __init__(
+        self, source: PolicySource, env: EnvConfig, action_names: tuple[str, ...], worker: int, temperature: float = 0.0
+    ) -> None:
+        """``temperature``: 0 acts greedily; > 0 samples each action (``rollout.temperature``)."""
+        self.temperature = float(temperature)
         tokenizer = build_tokenizer(source.model, env)
         self._model = build_model(source.model, tokenizer, load_weights=False).float().eval()
         self._model_config = build_model_config(source.model, tokenizer)
@@ -71,5 +77,8 @@ class ActingPolicy:
         ``take_flops`` like the acting ones)."""
         return PolicyProposer(self.scorer, self._model, temperature)
 
-    def act(self, queries: list[PolicyQuery], candidates: list[tuple[str, ...]]) -> list[str]:
-        return self.scorer.act(self._model, queries, candidates)
+    def act(
+        self, queries: list[PolicyQuery], candidates: list[tuple[str, ...]], rngs: list[np.random.Generator]
+    ) -> list[str]:
+        """The action of each query: the argmax, or with ``temperature > 0`` a draw from its episode's generator."""
+        return choose_actions(self.scorer, self._model, queries, candidates, self.temperature, rngs)

@@ -166,7 +166,7 @@ class RolloutWorker:
             from anyorder_ray.roles.acting import ActingPolicy
 
             torch.set_num_threads(max(1, round(rollout.num_cpus_per_actor)))
-            self._policy = ActingPolicy(policy, env, self._world.action_names, worker)
+            self._policy = ActingPolicy(policy, env, self._world.action_names, worker, rollout.temperature)
             self._worlds += [make_world(env, expert=True) for _ in range(rollout.batch_envs - 1)]
             self._history_steps = policy.history_steps
 
