@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from anyorder_ray.evaluation.proposer import gumbel_top_k
 from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
 from envs.base import World
 
@@ -67,10 +68,9 @@ class _Slot:
 def sample_action(
     candidates: Sequence[str], scores: Sequence[float], temperature: float, rng: np.random.Generator
 ) -> str:
-    """One draw from ``softmax(scores / temperature)`` over ``candidates`` (Gumbel-max: the argmax of ``score /
-    temperature`` plus one Gumbel noise per candidate)."""
-    keys = np.asarray(scores, dtype=np.float64) / temperature + rng.gumbel(size=len(candidates))
-    return candidates[int(np.argmax(keys))]
+    """One draw from ``softmax(scores / temperature)`` over ``candidates`` (``gumbel_top_k`` with ``k = 1``: the
+    argmax of ``score / temperature`` plus one Gumbel noise per candidate)."""
+    return gumbel_top_k(candidates, scores, temperature, 1, rng)[0]
 
 
 def choose_actions(

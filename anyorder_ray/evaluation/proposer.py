@@ -27,7 +27,18 @@ from torch import nn
 from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
 from envs.trajectory import Trajectory
 
-__all__ = ["PolicyProposer"]
+__all__ = ["PolicyProposer", "gumbel_top_k"]
+
+
+def gumbel_top_k(
+    candidates: Sequence[str], scores: Sequence[float], temperature: float, k: int, rng: np.random.Generator
+) -> list[str]:
+    """``k`` distinct candidates drawn without replacement with probabilities ``softmax(scores / temperature)``
+    (Plackett-Luce, in draw order): ``scores / temperature`` plus one Gumbel noise per candidate from ``rng``, the ``k``
+    largest (ties: the first). With ``k = 1`` it is one draw from the tempered softmax."""
+    keys = np.asarray(scores, dtype=np.float64) / temperature + rng.gumbel(size=len(candidates))
+    order = np.argsort(-keys, kind="stable")[:k]
+    return [candidates[int(i)] for i in order]
 
 
 class PolicyProposer:
@@ -78,6 +89,4 @@ class PolicyProposer:
     ) -> list[str]:
         if not candidates:
             return []
-        keys = self.scores(trajectory, t, candidates) / self.temperature + rng.gumbel(size=len(candidates))
-        order = np.argsort(-keys, kind="stable")[:k]
-        return [candidates[int(i)] for i in order]
+        return gumbel_top_k(candidates, self.scores(trajectory, t, candidates), self.temperature, k, rng)
