@@ -272,6 +272,7 @@ def test_sampled_episodes_are_seeded_per_episode_and_leave_greedy_at_low_tempera
     sampled = run_episodes(model, scorer, worlds(12), seeds, batch_envs=4, temperature=1.0)
     assert sampled.results == run_episodes(model, scorer, worlds(12), seeds, batch_envs=1, temperature=1.0).results
     assert sampled.results == run_episodes(model, scorer, worlds(12), seeds, batch_envs=3, temperature=1.0).results
+    assert (greedy.temperature, sampled.temperature) == (0.0, 1.0)  # the stats say how the episodes were played
     # The hashed action has logit 4 against 0: about 0.9 of each step's mass, so 10 episodes of 12 steps leave it.
     assert sum(g.actions != s.actions for g, s in zip(greedy.results, sampled.results, strict=True)) >= 5
     assert run_episodes(model, scorer, worlds(12), seeds, batch_envs=4, temperature=1e-6).results == greedy.results
@@ -409,6 +410,9 @@ def test_eval_metrics_names_and_values():
     assert all(k.startswith("eval/") for k in m)
     assert m["eval/success_rate"] == 0.75 and m["eval/step"] == 40 and m["eval/action_nll"] == 0.25
     assert m["eval/success_low"] < 0.75 < m["eval/success_high"]
+    assert m["eval/temperature"] == 0.0  # how the episodes were played: greedy unless the stats say otherwise
+    sampled = EpisodeStats(successes=3, episodes=4, mean_length=5.5, results=(), seconds=2.0, temperature=0.5)
+    assert eval_metrics(sampled, nll, step=40, seconds=3.0)["eval/temperature"] == 0.5
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,8 @@ class EpisodeStats:
     mean_length: float
     results: tuple[EpisodeResult, ...]
     seconds: float
+    temperature: float = 0.0
+    """How the actions were picked (``run_episodes``' ``temperature``: 0 greedy, > 0 sampled)."""
 
     @property
     def success_rate(self) -> float:
@@ -166,4 +168,5 @@ def run_episodes(
         mean_length=sum(r.length for r in done) / n if n else 0.0,
         results=done,
         seconds=time.perf_counter() - start,
+        temperature=float(temperature),
     )

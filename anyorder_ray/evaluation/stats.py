@@ -58,6 +58,7 @@ def eval_metrics(
         "eval/episodes": episodes.episodes,
         "eval/mean_episode_length": episodes.mean_length,
         "eval/episodes_per_s": episodes.episodes_per_s,
+        "eval/temperature": episodes.temperature,
         "eval/world_model_nll": _get(nll, "world_model_nll"),
         "eval/world_model_nll_per_obs": _get(nll, "world_model_nll_per_obs"),
         "eval/world_model_exact": _get(nll, "world_model_exact"),

@@ -156,10 +156,8 @@ class EvalWorker:
         onpolicy = transition_nll(self._model, self._encoder, mine, *query)
         self._last_step = int(step)
         self._last_episodes = episodes
-        metrics = eval_metrics(episodes, nll, step, time.perf_counter() - start,
-                               offexpert if self._offexpert else None, onpolicy if mine else None)  # fmt: skip
-        metrics["eval/temperature"] = float(self._cfg.temperature)  # how the episodes' actions were picked
-        return metrics
+        return eval_metrics(episodes, nll, step, time.perf_counter() - start, offexpert if self._offexpert else None,
+                            onpolicy if mine else None)  # fmt: skip
 
 
 def make_eval_actor(
