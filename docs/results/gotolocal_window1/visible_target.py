@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-
-from anyorder_ray.data.encoding import UnitEncoder  # noqa: E402
-from anyorder_ray.evaluate import finished_trials, last_checkpoint, resolve  # noqa: E402
-from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery  # noqa: E402
-from anyorder_ray.models.factory import build_model, build_tokenizer  # noqa: E402
-from anyorder_ray.training.checkpoint import load_weights_into  # noqa: E402
-from envs.babyai import ACTION_NAMES, BabyAIWorld  # noqa: E402
+from anyorder_ray.data.encoding import UnitEncoder
+from anyorder_ray.evaluate import finished_trials, last_checkpoint, resolve
+from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
+from anyorder_ray.models.factory import build_model, build_tokenizer
+from anyorder_ray.training.checkpoint import load_weights_into
+from envs.babyai import ACTION_NAMES, BabyAIWorld
 
 
 def target_in_view(world: BabyAIWorld) -> bool:
