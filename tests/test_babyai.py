@@ -469,3 +469,26 @@ def test_bot_states_hold_every_step_with_its_whole_history():
             if t:
                 assert query.history[-1] == (steps[t - 1][0].obs, steps[t - 1][1])
         assert steps[-1][2], "GoTo ends facing the target, so it is in view before the last action"
+
+
+def test_failures_with_target_seen_replays_only_the_failed_episodes(tmp_path):
+    vt = _visible_target_script()
+    world = BabyAIWorld("BabyAI-GoToLocal-v0", expert=False)
+    rows, expected_seen = [], 0
+    for seed in range(4):
+        world.reset(seed)
+        seen = vt.target_in_view(world)
+        actions = []
+        while not world.done:  # turning in place until the level's step cap: a timeout
+            world.step("left")
+            actions.append("left")
+            seen = seen or any(world.env.agent_sees(*o.cur_pos) for o in world.env.instrs.desc.obj_set)
+        expected_seen += int(seen)
+        rows.append(f"t,causal,0,{seed},0,{len(actions)},0.0,{' | '.join(actions)}")
+    rows.append("t,causal,0,99,1,3,0.9,forward | forward | left")  # a success is not replayed
+    path = tmp_path / "episodes.csv"
+    path.write_text("trial,arm,seed,episode_seed,success,length,reward,actions\n" + "\n".join(rows) + "\n")
+    counts = vt.failures_with_target_seen(path)
+    assert counts["failed"] == 4 and counts["timeouts"] == 4
+    assert counts["target_seen"] == expected_seen and expected_seen > 0
+    assert counts["target_seen_within_5"] == expected_seen  # four left turns show every direction

@@ -2,17 +2,23 @@
 each final checkpoint of finished runs, split by (target visible in the current view?, the bot's action).
 
     python docs/results/gotolocal_window1/visible_target.py RUN [RUN ...] [--episodes 300] [--seed-start 3000000000]
+    python docs/results/gotolocal_window1/visible_target.py --failures RUN/evaluations/NAME/episodes.csv
 
 Bot episodes of the run's level are played from ``--seed-start`` (a range no training, evaluation or validation seed
 uses); at every state the trial's own scorer (its history length and layout) scores the seven actions, and the table
 gives, per group, the bot action's mean NLL and how often it is the policy's argmax. The groups that separate the seeds
 which reach 90% from those that stall near 70%: turning (left / right) while the target is in view.
+
+``--failures`` replays the failed episodes of an evaluation (``python -m anyorder_ray.evaluate``'s ``episodes.csv``:
+episode seed and the actions taken) and counts those in which the mission's object was in view at some step, and
+within the first 5 steps.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import csv
 from pathlib import Path
 
 import torch
@@ -51,12 +57,41 @@ def bot_states(level: str, seeds: range) -> list[list[tuple[PolicyQuery, str, bo
     return out
 
 
+def failures_with_target_seen(episodes_csv: Path, level: str = "BabyAI-GoToLocal-v0") -> dict[str, int]:
+    """Replay the failed episodes of ``episodes_csv``: how many failed, how many of them ran out of steps (the level's
+    cap), had the target in view at some step, and had it in view within their first 5 steps."""
+    out = {"failed": 0, "timeouts": 0, "target_seen": 0, "target_seen_within_5": 0}
+    with episodes_csv.open(newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["success"] == "0"]
+    for r in rows:
+        world = BabyAIWorld(level, expert=False)
+        world.reset(int(r["episode_seed"]))
+        cap = world.env.max_steps
+        first = 0 if target_in_view(world) else None
+        actions = r["actions"].split(" | ") if r["actions"] else []
+        for t, action in enumerate(actions, start=1):
+            world.step(action)
+            if first is None and target_in_view(world):
+                first = t
+        out["failed"] += 1
+        out["timeouts"] += int(len(actions) == cap)
+        out["target_seen"] += int(first is not None)
+        out["target_seen_within_5"] += int(first is not None and first <= 5)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+")
+    p.add_argument("runs", nargs="*")
     p.add_argument("--episodes", type=int, default=300)
     p.add_argument("--seed-start", type=int, default=3_000_000_000)
+    p.add_argument("--failures", type=Path, help="an evaluation's episodes.csv: replay its failed episodes")
     args = p.parse_args()
+    if args.failures is not None:
+        print(" ".join(f"{k}={v}" for k, v in failures_with_target_seen(args.failures).items()))
+        return
+    if not args.runs:
+        p.error("give run directories, or --failures EPISODES_CSV")
     torch.set_num_threads(1)
     states = None
     print("| run | trial | seed | group | bot action | states | NLL | argmax = bot |")
