@@ -488,7 +488,12 @@ def test_failures_with_target_seen_replays_only_the_failed_episodes(tmp_path):
     rows.append("t,causal,0,99,1,3,0.9,forward | forward | left")  # a success is not replayed
     path = tmp_path / "episodes.csv"
     path.write_text("trial,arm,seed,episode_seed,success,length,reward,actions\n" + "\n".join(rows) + "\n")
-    counts = vt.failures_with_target_seen(path)
+    counts = vt.failures_with_target_seen(path, "BabyAI-GoToLocal-v0")
     assert counts["failed"] == 4 and counts["timeouts"] == 4
     assert counts["target_seen"] == expected_seen and expected_seen > 0
     assert counts["target_seen_within_5"] == expected_seen  # four left turns show every direction
+    # Without a level, the world is the one the evaluation.yaml beside the CSV names (python -m anyorder_ray.evaluate).
+    (tmp_path / "evaluation.yaml").write_text("env:\n  level: BabyAI-GoToLocal-v0\n  max_episode_steps: null\n")
+    assert vt.failures_with_target_seen(path) == counts
+    with pytest.raises(FileNotFoundError, match="evaluation.yaml"):
+        vt.failures_with_target_seen(tmp_path / "elsewhere" / "episodes.csv")

@@ -22,12 +22,13 @@ import csv
 from pathlib import Path
 
 import torch
+import yaml
 
 from anyorder_ray.data.encoding import UnitEncoder
 from anyorder_ray.evaluate import finished_trials, last_checkpoint, resolve
 from anyorder_ray.evaluation.scoring import ActionScorer, PolicyQuery
-from anyorder_ray.models.factory import build_model, build_tokenizer
-from anyorder_ray.training.checkpoint import load_weights_into
+from anyorder_ray.models.factory import build_model_config, build_tokenizer
+from anyorder_ray.roles.weights import load_policy_weights
 from envs.babyai import ACTION_NAMES, BabyAIWorld
 
 
@@ -57,14 +58,25 @@ def bot_states(level: str, seeds: range) -> list[list[tuple[PolicyQuery, str, bo
     return out
 
 
-def failures_with_target_seen(episodes_csv: Path, level: str = "BabyAI-GoToLocal-v0") -> dict[str, int]:
+def failures_with_target_seen(
+    episodes_csv: Path, level: str | None = None, max_steps: int | None = None
+) -> dict[str, int]:
     """Replay the failed episodes of ``episodes_csv``: how many failed, how many of them ran out of steps (the level's
-    cap), had the target in view at some step, and had it in view within their first 5 steps."""
+    cap), had the target in view at some step, and had it in view within their first 5 steps.
+
+    The world played is the one the ``evaluation.yaml`` beside the CSV names (its ``env.level`` and
+    ``env.max_episode_steps``), unless ``level`` is given."""
+    if level is None:
+        settings = episodes_csv.parent / "evaluation.yaml"
+        if not settings.is_file():
+            raise FileNotFoundError(f"{settings} (which names the level played) is missing: pass the level")
+        env = yaml.safe_load(settings.read_text(encoding="utf-8"))["env"]
+        level, max_steps = env["level"], env.get("max_episode_steps")
     out = {"failed": 0, "timeouts": 0, "target_seen": 0, "target_seen_within_5": 0}
     with episodes_csv.open(newline="", encoding="utf-8") as f:
         rows = [r for r in csv.DictReader(f) if r["success"] == "0"]
     for r in rows:
-        world = BabyAIWorld(level, expert=False)
+        world = BabyAIWorld(level, max_steps=max_steps, expert=False)
         world.reset(int(r["episode_seed"]))
         cap = world.env.max_steps
         first = 0 if target_in_view(world) else None
@@ -106,17 +118,13 @@ def main() -> None:
             if checkpoint is None:
                 continue
             tokenizer = build_tokenizer(trial.model, trial.env)
-            model = build_model(trial.model, tokenizer, load_weights=False)
-            with checkpoint.as_directory() as folder:
-                load_weights_into(model, folder)
-            model.eval()
+            config = build_model_config(trial.model, tokenizer)  # loaded as the eval actor loads a checkpoint
+            model = load_policy_weights(None, checkpoint, config, torch.device("cpu"), state_dicts=False)
             scorer = ActionScorer(UnitEncoder(tokenizer), ACTION_NAMES, trial.history_steps(), trial.data.max_seq_len,
                                   trial.masking.layout)  # fmt: skip
             sums: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0, 0])
             for steps in states:
-                queries = [q for q, _, _ in steps]
-                with torch.no_grad():
-                    scores = scorer.score(model, queries, [ACTION_NAMES] * len(queries))
+                scores = scorer.log_probs(model, [q for q, _, _ in steps])  # eval mode, no autograd
                 for (_, action, visible), s in zip(steps, scores, strict=True):
                     k = ACTION_NAMES.index(action)
                     group = "target in view" if visible else "target not in view"
