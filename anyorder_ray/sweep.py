@@ -378,7 +378,7 @@ def tables_only(where: str) -> int:
         print(f"[sweep] partial (no final evaluation yet; latest report shown): {'; '.join(partial)}", flush=True)
     missing = missing_trials(rows, cfg)
     if missing:
-        print(f"[sweep] not started: {'; '.join(missing)}", flush=True)
+        print(f"[sweep] not started (or nothing reported yet): {'; '.join(missing)}", flush=True)
     print(f"[sweep] results: {run.child('results.md')} (and results.csv, summary.*, plots beside it)", flush=True)
     return 0
 

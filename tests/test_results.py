@@ -41,7 +41,7 @@ class _TrialResult:
     """The four fields of a Tune ``Result`` that ``results_rows`` reads (this module stays free of Ray)."""
 
     metrics: dict
-    config: dict
+    config: dict | None
     error: Exception | None = None
     path: str = "/runs/x/tune/trial"
 
@@ -54,9 +54,10 @@ def test_a_trial_whose_final_evaluation_failed_is_an_error_row():
         _TrialResult({**base, "trial_id": "b", "eval/final": 1, "eval/failed": 1.0}, {"arm": "causal", "seed": 1}),
         _TrialResult({**base, "trial_id": "c"}, {"arm": "causal", "seed": 2}),  # stopped before its final report
         _TrialResult({**base, "trial_id": "d"}, {"arm": "causal", "seed": 3}, error=RuntimeError("worker died")),
+        _TrialResult({"trial_id": "e"}, None),  # pending when the sweep stopped: what Tune's ResultGrid gives
     ]
     status = {r["trial"]: r["status"] for r in results_rows(results, cfg)}
-    assert status == {"a": "ok", "b": "error", "c": "partial", "d": "error"}
+    assert status == {"a": "ok", "b": "error", "c": "partial", "d": "error"}  # no row for "e", not a default arm's
 
 
 def test_rows_name_the_arm_and_carry_the_final_metrics(tmp_path):

@@ -402,6 +402,7 @@ def test_resume_after_the_driver_is_killed_finishes_only_the_unfinished_trials(t
         interrupted = {r["trial"]: r for r in csv.DictReader(f)}
     assert set(interrupted) >= set(finished)
     for trial, row in interrupted.items():
+        assert row["arm"] in RESUME_ARMS, row  # no row for a trial still pending (Tune gives it no config)
         done_before = trial in finished
         assert row["status"] == ("ok" if done_before else "partial"), row
         assert done_before or ("partial (no final evaluation yet" in tables.stdout and row["arm"] in tables.stdout)

@@ -133,10 +133,14 @@ def trial_label(cfg: ExperimentConfig, params: dict) -> str:
 
 
 def results_rows(grid: Any, cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """One row per trial of ``grid``, a Tune ``ResultGrid`` of the sweep configured by ``cfg``."""
+    """One row per trial of ``grid``, a Tune ``ResultGrid`` of the sweep configured by ``cfg``. A trial that has
+    reported nothing and did not fail (pending when the sweep was stopped) has no row: Tune gives it no config, and a
+    row would carry the defaults' arm and seed (``--tables`` names it as not started)."""
     rows = []
     for result in grid:
         metrics = dict(result.metrics or {})
+        if result.error is None and not set(metrics) - {"trial_id"}:
+            continue
         trial = str(metrics.get("trial_id") or Path(result.path).name)
         failed = result.error is not None or metrics.get("eval/failed")  # the trial, or its final evaluation
         status = "error" if failed else "ok" if metrics.get("eval/final") else "partial"
