@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,18 @@ def test_the_iwm_study_compares_the_baselines_at_equal_compute_on_one_demo_set()
     assert cfg.train.compute_budget()[0] == "flops" and cfg.env.level == "BabyAI-GoToLocal-v0"
     dagger = load_config(ROOT / "tune_configs" / "dagger_gotolocal.yaml")
     assert cfg.train.flop_budget == dagger.train.flop_budget and cfg.data.num_demos == dagger.data.num_demos
+
+
+def test_the_scarce_demo_dagger_study_differs_from_its_imitation_run_in_the_regime_only():
+    cfg = load_config(ROOT / "tune_configs" / "dagger_gotolocal_scarce.yaml")
+    gotolocal = load_config(ROOT / "tune_configs" / "gotolocal.yaml")
+    assert cfg.data.regime == "dagger" and cfg.rollout.sync  # the data depend on the config and seed, not the load
+    assert cfg.rollout.temperature == cfg.eval.temperature == 1.0  # the policy acts as it is evaluated
+    assert cfg.data.num_demos * 8 == gotolocal.data.num_demos and cfg.data.window_steps == gotolocal.data.window_steps
+    assert cfg.train.compute_budget() == gotolocal.train.compute_budget() == ("flops", 2.4e13)
+    assert cfg.env == gotolocal.env and cfg.model == gotolocal.model and len(cfg.sweep.seeds) >= 3
+    imitation = load_config(
+        ROOT / "tune_configs" / "dagger_gotolocal_scarce.yaml", ["data.regime=fixed", "rollout.sync=false"]
+    )  # the README's imitation command
+    assert replace(imitation.data, regime="dagger") == cfg.data and imitation.train == cfg.train
+    assert imitation.arms() == cfg.arms() and imitation.eval == cfg.eval
