@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
+import json
 import math
 import os
 import signal
@@ -413,3 +415,28 @@ def test_the_tables_say_how_the_episodes_picked_their_actions(tmp_path):
         writer.writeheader()
         writer.writerows(lines)
     assert {r["decoding"] for r in read_rows(old)} == {"greedy"}
+
+
+def test_curves_prints_each_evaluation_of_each_trial_once_in_seed_order(tmp_path, capsys):
+    """docs/results/dagger_gotolocal/scarce_demos/curves.py: reports repeat an evaluation's metrics until the next one;
+    the script prints each evaluation once, the final one (more episodes at the same step) too."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "results" / "dagger_gotolocal" / "scarce_demos" / "curves.py"
+    spec = importlib.util.spec_from_file_location("curves", path)
+    curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curves)
+    run = tmp_path / "run"
+    reports = {"t1": [(500, 0.75, 32, 0.7), (500, 0.75, 32, 0.7), (1000, 0.5, 32, 1.1), (1000, 0.61, 200, 1.1)],
+               "t0": [(500, 0.25, 32, 2.0)]}  # fmt: skip
+    for trial, evals in reports.items():
+        (run / "train" / f"train-{trial}").mkdir(parents=True)
+        lines = [json.dumps({"train/step": 1})]  # a report before the first evaluation
+        lines += [json.dumps({"eval/step": s, "eval/success_rate": p, "eval/episodes": n, "eval/action_nll": nll})
+                  for s, p, n, nll in evals]  # fmt: skip
+        (run / "train" / f"train-{trial}" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (run / "results.csv").write_text("trial,arm,seed\nt1,causal,1\nt0,causal,0\n")
+    assert curves.main([str(run)]) == 0
+    rows = [line.split(" | ")[2:] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert rows == [["0", "500", "0.250", "32", "2.000 |"], ["1", "500", "0.750", "32", "0.700 |"],
+                    ["1", "1000", "0.500", "32", "1.100 |"], ["1", "1000", "0.610", "200", "1.100 |"]]  # fmt: skip
+    (run / "train" / "train-t0" / "metrics.jsonl").unlink()
+    assert curves.main([str(run)]) == 2  # a trial's reports missing: said, not skipped
