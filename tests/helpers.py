@@ -4,6 +4,7 @@ environment registry (as the library reaches them), and the fault-injection hook
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import ray
@@ -27,6 +29,15 @@ HANG_GUARD_S = 1800
 
 # Ray workers cannot import this module (tests/ is not a package on their path): ship it by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def results_script(*parts: str) -> ModuleType:
+    """The analysis script ``docs/results/<parts...>`` imported as a module (such scripts are not in a package)."""
+    path = Path(__file__).resolve().parents[1].joinpath("docs", "results", *parts)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def babyai(level: str = "BabyAI-GoToRedBallGrey-v0", **kwargs) -> EnvConfig:

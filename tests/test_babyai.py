@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import pickle
 import random
 import re
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
+from helpers import results_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -432,14 +431,8 @@ def test_silencing_uses_no_global_state() -> None:
 
 
 # docs/results/gotolocal_window1/visible_target.py: which GoToLocal states have the mission's object in view.
-VISIBLE_TARGET = Path(__file__).resolve().parents[1] / "docs" / "results" / "gotolocal_window1" / "visible_target.py"
-
-
 def _visible_target_script():
-    spec = importlib.util.spec_from_file_location("visible_target", VISIBLE_TARGET)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return results_script("gotolocal_window1", "visible_target.py")
 
 
 def test_target_in_view_agrees_with_minigrid_along_bot_episodes():

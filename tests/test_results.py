@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -15,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import HANG_GUARD_S
+from helpers import HANG_GUARD_S, results_script
 
 from anyorder_ray.config import EvalConfig, ExperimentConfig, config_from_dict
 from anyorder_ray.fileio import atomic_directory, atomic_write
@@ -420,10 +419,7 @@ def test_the_tables_say_how_the_episodes_picked_their_actions(tmp_path):
 def test_curves_prints_each_evaluation_of_each_trial_once_in_seed_order(tmp_path, capsys):
     """docs/results/dagger_gotolocal/scarce_demos/curves.py: reports repeat an evaluation's metrics until the next one;
     the script prints each evaluation once, the final one (more episodes at the same step) too."""
-    path = Path(__file__).resolve().parents[1] / "docs" / "results" / "dagger_gotolocal" / "scarce_demos" / "curves.py"
-    spec = importlib.util.spec_from_file_location("curves", path)
-    curves = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(curves)
+    curves = results_script("dagger_gotolocal", "scarce_demos", "curves.py")
     run = tmp_path / "run"
     reports = {"t1": [(500, 0.75, 32, 0.7), (500, 0.75, 32, 0.7), (1000, 0.5, 32, 1.1), (1000, 0.61, 200, 1.1)],
                "t0": [(500, 0.25, 32, 2.0)]}  # fmt: skip
