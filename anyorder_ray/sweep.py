@@ -345,9 +345,19 @@ def _load_saved_config(saved: Location) -> ExperimentConfig:
         return load_config(local)
 
 
-def write_results(grid: Any, cfg: ExperimentConfig, run: Location) -> list[dict[str, Any]]:
-    """The sweep's tables, summary and plots from ``grid`` (a Tune ``ResultGrid``) into ``run``; printed; its rows."""
-    rows = results_rows(grid, cfg)
+def trial_configs(analysis: Any) -> dict[str, dict]:
+    """Each trial's folder to its config, from a Tune ``ExperimentAnalysis``. A ``ResultGrid`` read back from disk
+    gives a trial that failed before its first report no config (``Result.config`` is read from the last report),
+    so its row would otherwise carry the defaults' arm and seed."""
+    return {str(trial.path): dict(trial.config) for trial in analysis.trials}
+
+
+def write_results(
+    grid: Any, cfg: ExperimentConfig, run: Location, configs: dict[str, dict] | None = None
+) -> list[dict[str, Any]]:
+    """The sweep's tables, summary and plots from ``grid`` (a Tune ``ResultGrid``; ``configs`` as ``trial_configs``,
+    for a grid read back from disk) into ``run``; printed; its rows."""
+    rows = results_rows(grid, cfg, configs)
     with run.staged() as out:  # a remote run folder gets the tables and plots uploaded when they are all written
         table_md = write_tables(rows, out)
         summary_md = write_summary(rows, out)
@@ -368,11 +378,11 @@ def tables_only(where: str) -> int:
         run, saved = find_run(where, f"--tables {where}")
         cfg = _load_saved_config(saved)
         tune_path, tune_fs = run.child("tune").ray_storage()
-        grid = ResultGrid(ExperimentAnalysis(tune_path, storage_filesystem=tune_fs))
+        analysis = ExperimentAnalysis(tune_path, storage_filesystem=tune_fs)
     except (ConfigError, StorageError, OSError, ValueError) as e:  # ValueError: Tune found no experiment state
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = write_results(grid, cfg, run)
+    rows = write_results(ResultGrid(analysis), cfg, run, trial_configs(analysis))
     partial = [f"{r['arm']} seed {r['seed']}" for r in rows if r["status"] == "partial"]
     if partial:
         print(f"[sweep] partial (no final evaluation yet; latest report shown): {'; '.join(partial)}", flush=True)
@@ -446,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     if prepared:
         print(f"[sweep] {len(prepared)} world files ready (training and evaluation pools)", flush=True)
     tuner = restore_tuner(cfg, run) if args.resume is not None else build_tuner(cfg, run)
-    grid = tuner.fit()
+    grid = tuner.fit()  # live, even a trial that failed before reporting has its config in its last result
     rows = write_results(grid, cfg, run)
     print(f"[sweep] finished {len(rows)} trial(s) in {time.time() - start:.0f} s", flush=True)
     print(f"[sweep] results: {run.child('results.md')} (and results.csv, summary.*, plots beside it)", flush=True)

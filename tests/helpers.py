@@ -179,6 +179,16 @@ def fit_one_worker(loop: dict, out: Path, max_failures: int = 0, callbacks: list
     ).fit()
 
 
+def fails_before_reporting_for_prefix(config: dict) -> None:
+    """A Tune trainable standing in for a sweep's trials (``--tables`` tests): the prefix arm fails before its first
+    report, the others report a final evaluation."""
+    from ray import tune
+
+    if config["arm"] == "prefix":
+        raise RuntimeError("this trial fails before it reports")
+    tune.report({"train/step": 3, "eval/success_rate": 0.5, "eval/episodes": 8, "eval/final": 1})
+
+
 @dataclass(frozen=True)
 class WaitForOnPolicyData:
     """Test hook (the train loop's ``after_step``): after step ``step`` rank 0 waits until ``buffer`` (the trial's

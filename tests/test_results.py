@@ -55,10 +55,17 @@ def test_a_trial_whose_final_evaluation_failed_is_an_error_row():
         _TrialResult({**base, "trial_id": "b", "eval/final": 1, "eval/failed": 1.0}, {"arm": "causal", "seed": 1}),
         _TrialResult({**base, "trial_id": "c"}, {"arm": "causal", "seed": 2}),  # stopped before its final report
         _TrialResult({**base, "trial_id": "d"}, {"arm": "causal", "seed": 3}, error=RuntimeError("worker died")),
-        _TrialResult({"trial_id": "e"}, None),  # pending when the sweep stopped: what Tune's ResultGrid gives
+        _TrialResult({"trial_id": "e"}, None, path="/runs/x/tune/e"),  # pending when the sweep stopped
+        # Failed before its first report: Tune's Result has no config, ExperimentAnalysis.trials has it.
+        _TrialResult({}, None, error=RuntimeError("no such checkpoint"), path="/runs/x/tune/f"),
     ]
-    status = {r["trial"]: r["status"] for r in results_rows(results, cfg)}
-    assert status == {"a": "ok", "b": "error", "c": "partial", "d": "error"}  # no row for "e", not a default arm's
+    configs = {"/runs/x/tune/e": {"arm": "causal", "seed": 4}, "/runs/x/tune/f": {"arm": "causal", "seed": 5}}
+    rows = results_rows(results, cfg, configs)
+    status = {r["trial"]: r["status"] for r in rows}
+    assert status == {"a": "ok", "b": "error", "c": "partial", "d": "error", "f": "error"}
+    assert {r["trial"]: r["seed"] for r in rows}["f"] == 5  # its own seed, not the defaults' 0
+    # Without the configs "f" has no row at all rather than one with the defaults' arm and seed; nor has "e".
+    assert {r["trial"] for r in results_rows(results, cfg)} == {"a", "b", "c", "d"}
 
 
 def test_rows_name_the_arm_and_carry_the_final_metrics(tmp_path):

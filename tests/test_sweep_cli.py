@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import HANG_GUARD_S, record_fault
+from helpers import HANG_GUARD_S, fails_before_reporting_for_prefix, record_fault
 
 from anyorder_ray import sweep
 from anyorder_ray.config import load_config
@@ -320,6 +320,30 @@ def test_a_local_ray_whose_raylet_never_registers_is_stopped_and_started_again(r
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "CPUS 2.0 STOPPED_RAYLET_GONE True" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "the local Ray did not start" in proc.stderr and "starting it again (2 of 3)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_tables_labels_a_trial_that_failed_before_reporting_with_its_own_arm(tmp_path, ray_local, capsys):
+    """Tune's ``ResultGrid`` gives a trial that never reported no config; ``--tables`` takes it from the experiment
+    state, so the failed trial's row is its own arm, not the defaults' (``any_order@0.5``, a real arm here)."""
+    from ray import tune
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    shutil.copy(SMOKE, tmp_path / sweep.RUN_CONFIG_FILE)
+    cfg = load_config(SMOKE)
+    tune.Tuner(
+        fails_before_reporting_for_prefix,
+        param_space={"arm": tune.grid_search([arm.label() for arm in cfg.arms()]), "seed": tune.grid_search([0])},
+        run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path), verbose=0),
+    ).fit()
+    read_back = ResultGrid(ExperimentAnalysis(str(tmp_path / "tune")))  # what --tables reads
+    assert sum(1 for result in read_back if result.config is None) == 1  # what made the defaults' arm appear
+
+    assert sweep.main(["--tables", str(tmp_path)]) == 0
+    with (tmp_path / "results.csv").open() as f:
+        rows = {r["arm"]: r["status"] for r in csv.DictReader(f)}
+    assert rows == {"causal": "ok", "prefix": "error", "any_order@0.5": "ok"}
+    assert "not started" not in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------- --resume, slow

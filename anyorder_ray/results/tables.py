@@ -24,6 +24,7 @@ import csv
 import io
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -132,19 +133,24 @@ def trial_label(cfg: ExperimentConfig, params: dict) -> str:
     return f"{trial.masking.label()} s{trial.train.seed}"
 
 
-def results_rows(grid: Any, cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """One row per trial of ``grid``, a Tune ``ResultGrid`` of the sweep configured by ``cfg``. A trial that has
-    reported nothing and did not fail (pending when the sweep was stopped) has no row: Tune gives it no config, and a
-    row would carry the defaults' arm and seed (``--tables`` names it as not started)."""
+def results_rows(grid: Any, cfg: ExperimentConfig, configs: Mapping[str, dict] | None = None) -> list[dict[str, Any]]:
+    """One row per trial of ``grid``, a Tune ``ResultGrid`` of the sweep configured by ``cfg``.
+
+    A ``Result`` carries its trial's config only inside its last report, so a trial that failed before reporting
+    has none there: ``configs`` (each trial's folder to its config, from ``ExperimentAnalysis.trials``) gives it.
+    A trial whose config is known from neither has no row rather than one with the defaults' arm and seed; that
+    is a trial pending when the sweep stopped (``--tables`` names it as not started)."""
+    configs = configs or {}
     rows = []
     for result in grid:
         metrics = dict(result.metrics or {})
-        if result.error is None and not set(metrics) - {"trial_id"}:
+        params = result.config or configs.get(str(result.path))
+        if params is None or (result.error is None and not set(metrics) - {"trial_id"}):
             continue
         trial = str(metrics.get("trial_id") or Path(result.path).name)
         failed = result.error is not None or metrics.get("eval/failed")  # the trial, or its final evaluation
         status = "error" if failed else "ok" if metrics.get("eval/final") else "partial"
-        rows.append(make_row(trial, cfg.trial(dict(result.config or {})), metrics, status))
+        rows.append(make_row(trial, cfg.trial(dict(params)), metrics, status))
     return sort_rows(rows)
 
 
