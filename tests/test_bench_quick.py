@@ -32,6 +32,7 @@ SCRIPTS = [
     "step_variants",
     "textworld_expert",
     "dagger_throughput",
+    "mfu_ceiling",
 ]
 NEEDS_EXTRA = {"textworld_expert": "textworld"}  # scripts that need an optional extra (skipped without it)
 
