@@ -269,8 +269,11 @@ class ModelConfig:
     scores: the naive reference, slower, same results to float rounding)."""
     overrides: dict = field(default_factory=dict)
     """Config fields to override on the preset, e.g. ``{num_hidden_layers: 2}``."""
-    compile: bool = False
-    """Wrap the model in ``torch.compile``."""
+    compile: bool | Literal["regional"] = False
+    """The trainer's model: ``false`` eager; ``true`` the whole model in ``torch.compile`` (its MoE dispatch breaks
+    the graph and recompiles per expert load: 0.96x in ``bench/compile_speed.py``); ``regional`` each decoder layer's
+    attention and norms and every dense SwiGLU compiled on their own, the MoE dispatch eager
+    (``modeling_llada2_moe.compile_regions``: 1.067x on the default model, ~25 s of compile per trial)."""
 
     def __post_init__(self) -> None:
         p: list[str] = []

@@ -31,22 +31,9 @@ from anyorder_ray.config import ExperimentConfig, load_config
 from anyorder_ray.data.batching import BatchMaker, LocalSource
 from anyorder_ray.data.encoding import UnitEncoder
 from anyorder_ray.models.factory import build_model, build_tokenizer
+from anyorder_ray.models.llada2_moe.modeling_llada2_moe import compile_regions
 from anyorder_ray.training.optim import make_optimizer
 from anyorder_ray.training.recipe import train_step
-
-
-def compile_regions(model: torch.nn.Module) -> None:
-    """Regional compile, in place: every decoder layer's attention and norms and every dense SwiGLU (the dense MLP,
-    each expert, the shared expert), each with dynamic shapes; the MoE's routing and dispatch stay eager (its split
-    sizes are data: a graph break), so nothing recompiles for a new expert load."""
-    from anyorder_ray.models.llada2_moe.modeling_llada2_moe import LLaDA2MoeMLP
-
-    for layer in model.model.layers:
-        for region in (layer.attention, layer.input_layernorm, layer.post_attention_layernorm):
-            region.compile(dynamic=True)
-    for module in model.modules():
-        if isinstance(module, LLaDA2MoeMLP):
-            module.compile(dynamic=True)
 
 
 def step_times(cfg: ExperimentConfig, data: list, steps: int, compiled: str | None) -> list[float]:
@@ -76,8 +63,8 @@ def main(argv: list[str]) -> list[Result]:
     parser.add_argument("--config", default=None, help="default tune_configs/imitation.yaml (quick: smoke.yaml)")
     parser.add_argument("--warm", type=int, default=None, help="steps counted as compile/warm-up (default 20, quick 4)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps after them (default 80, quick 4)")
-    parser.add_argument("--regional", action="store_true", help="compile the layers' regions (compile_regions), not "
-                        "the whole model")  # fmt: skip
+    parser.add_argument("--regional", action="store_true", help="compile the layers' regions (model.compile: "
+                        "regional), not the whole model")  # fmt: skip
     args = parser.parse_args(argv)
     config = args.config or f"tune_configs/{'smoke' if args.quick else 'sweep'}.yaml"
     cfg = load_config(config)

@@ -303,3 +303,11 @@ def test_the_scarce_demo_dagger_study_differs_from_its_imitation_run_in_the_regi
     )  # the README's imitation command
     assert replace(imitation.data, regime="dagger") == cfg.data and imitation.train == cfg.train
     assert imitation.arms() == cfg.arms() and imitation.eval == cfg.eval
+
+
+def test_model_compile_is_off_whole_or_regional():
+    assert load_config(None).model.compile is False
+    assert load_config(None, ["model.compile=true"]).model.compile is True
+    assert load_config(None, ["model.compile=regional"]).model.compile == "regional"
+    with pytest.raises(ConfigError, match="model.compile = 'layers' has the wrong type"):
+        load_config(None, ["model.compile=layers"])

@@ -33,6 +33,7 @@ from anyorder_ray.config import ExperimentConfig, MaskingConfig
 from anyorder_ray.data.batching import BatchMaker, TrajectoryView
 from anyorder_ray.data.encoding import IGNORE_INDEX, UnitEncoder, target_logits
 from anyorder_ray.models.factory import build_model, build_tokenizer
+from anyorder_ray.models.llada2_moe.modeling_llada2_moe import compile_regions
 from anyorder_ray.storage import Location, as_location
 from anyorder_ray.training.budget import (
     StepBudget,
@@ -335,7 +336,9 @@ class TrainingRecipe:
 
         self.tokenizer = build_tokenizer(cfg.model, cfg.env)
         self.model = self._build_model()
-        if cfg.model.compile:
+        if cfg.model.compile == "regional":
+            compile_regions(unwrap(self.model))
+        elif cfg.model.compile:
             self.model = torch.compile(self.model)
         self.model_config = unwrap(self.model).config
         self.optimizer, self.scheduler = make_optimizer(self.model, cfg.train)

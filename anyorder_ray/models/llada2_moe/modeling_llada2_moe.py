@@ -503,6 +503,21 @@ class LLaDA2MoeModelLM(LLaDA2MoePreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
+def compile_regions(model: LLaDA2MoeModelLM) -> LLaDA2MoeModelLM:
+    """Regional ``torch.compile``, in place: every decoder layer's attention and norms and every dense SwiGLU (the
+    dense MLP, each routed expert, the shared expert), each on its own with dynamic shapes (bucketed batches change
+    length every step; an expert's token count changes every call). The MoE's routing and dispatch stay eager: its
+    split sizes are data, which would break a whole-model graph and recompile it per expert load. Parameter names are
+    unchanged (``nn.Module.compile`` keeps the module), so checkpoints read and write as eager ones."""
+    for layer in model.model.layers:
+        for region in (layer.attention, layer.input_layernorm, layer.post_attention_layernorm):
+            region.compile(dynamic=True)
+    for module in model.modules():
+        if isinstance(module, LLaDA2MoeMLP):
+            module.compile(dynamic=True)
+    return model
+
+
 def load_llada2_model(
     folder: str | os.PathLike[str],
     dtype: torch.dtype | str | None = None,
