@@ -16,7 +16,9 @@ Printed, each a ratio measured in this one run:
 - ``mfu_without_other``: model FLOPs / the replayed matmuls' time / peak: the step's MFU if every other operator
   (attention, norms, RoPE, SiLU, softmax, the MoE's routing and dispatch copies, the loss, the optimizer) took no
   time at all. No work on overheads can lift MFU above it; only larger matmuls can;
-- ``time_share_matmul``: the replayed matmuls' time / the step time.
+- ``time_share_matmul``: the replayed matmuls' time / the step time;
+- ``matmul_in_step_efficiency``, ``mfu_without_other_in_step``, ``time_share_matmul_in_step``: the same three with the
+  matmuls' time as the profiled step spent it (their own operands: transposed in backward, in or out of cache).
 
 Config overrides as in the sweep (``model.overrides=...``) try other shapes; the default is the default sweep's causal
 arm (``tune_configs/sweep.yaml``).
@@ -149,13 +151,17 @@ def main(argv: list[str]) -> list[Result]:
         for micro in batches[:steps]:
             train_step(model, optimizer, scheduler, micro, cfg.train.max_grad_norm, device, weighting=cfg.masking)
     calls = matmul_calls(prof.key_averages(group_by_input_shape=True))
+    # The same calls as the step ran them (their own operands, transposed in backward, in or out of cache): a matmul
+    # kernel lasts ~1 ms here, so the profiler's few microseconds per call hardly count.
+    in_step_s = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6
     matmul_flops = sum(c.flops for c in calls)
     matmul_s = sum(c.replay_s(repeats=1 if args.quick else 3) for c in calls)
     peak = max(peak_before, measure_matmul_flops(0.5 if args.quick else 2.0))
 
     print(f"{steps} steps: {step_s:.2f} s ({tokens / step_s:,.0f} real tokens/s); model FLOPs {model_flops:.3g}; "
           f"{sum(c.calls for c in calls)} matmul calls of {len(calls)} shapes, {matmul_flops:.3g} FLOPs, replayed in "
-          f"{matmul_s:.2f} s ({matmul_s / step_s:.0%} of the step time)", flush=True)  # fmt: skip
+          f"{matmul_s:.2f} s ({matmul_s / step_s:.0%} of the step time); in the profiled step they took "
+          f"{in_step_s:.2f} s", flush=True)  # fmt: skip
     print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s; matmuls at the model's shapes "
           f"{matmul_flops / matmul_s / 1e9:.1f} GFLOP/s ({load_average()})", flush=True)  # fmt: skip
     print("\nThe largest matmul shapes by FLOPs (op, batch, m, k, n, calls, GFLOP/s replayed):")
@@ -168,6 +174,9 @@ def main(argv: list[str]) -> list[Result]:
         Result("matmul_kernel_efficiency", matmul_flops / matmul_s / peak),
         Result("mfu_without_other", model_flops / matmul_s / peak),
         Result("time_share_matmul", matmul_s / step_s),
+        Result("matmul_in_step_efficiency", matmul_flops / in_step_s / peak),
+        Result("mfu_without_other_in_step", model_flops / in_step_s / peak),
+        Result("time_share_matmul_in_step", in_step_s / step_s),
         Result("step_tokens_per_s", tokens / step_s),
         Result("matmul_peak_gflops", peak / 1e9),
     ]
