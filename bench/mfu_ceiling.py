@@ -1,12 +1,13 @@
-"""How close the trainer's step can get to the fp32 matmul peak: where its time goes, kernel by kind (issue 12's MFU).
+"""How close the trainer's step can get to the fp32 matmul peak: its matmuls' share and speed (issue 12's MFU).
 
 The trainer's own step (``training.recipe.train_step``: the LM head at the targets only, fused AdamW, clipping) on the
 config's model and expert demos, drawn and bucketed as rank 0 of a trial draws them, in this process (no Ray: the
 in-Ray figure is ``bench/peer_loops.py``'s). ``--steps`` steps are timed; the same steps run once more under
 ``torch.profiler`` to record every matmul kernel call (``aten::mm`` / ``addmm`` / ``bmm``: the linear layers, the
-experts, the LM head, forward and backward) with its shapes. The profiler's own per-operator cost would distort
-times, so those calls are then **replayed** outside it: each recorded shape, as many times as the steps called it, on
-fresh contiguous tensors (the step's transposed operands are not reproduced), timed.
+experts, the LM head, forward and backward) with its shapes and its time in the step (a matmul lasts about a
+millisecond here, so the profiler's few microseconds per operator hardly count for them). The calls are also
+**replayed** outside the profiler: each recorded shape, as many times as the steps called it, on fresh contiguous
+tensors (the step's transposed operands and cache state are not reproduced), timed.
 
 Printed, each a ratio measured in this one run:
 
@@ -15,7 +16,7 @@ Printed, each a ratio measured in this one run:
   the model's own shapes (inner dimensions of 64-512) against large square ones;
 - ``mfu_without_other``: model FLOPs / the replayed matmuls' time / peak: the step's MFU if every other operator
   (attention, norms, RoPE, SiLU, softmax, the MoE's routing and dispatch copies, the loss, the optimizer) took no
-  time at all. No work on overheads can lift MFU above it; only larger matmuls can;
+  time at all. No work on overheads can lift MFU above it; only faster or larger matmuls can;
 - ``time_share_matmul``: the replayed matmuls' time / the step time;
 - ``matmul_in_step_efficiency``, ``mfu_without_other_in_step``, ``time_share_matmul_in_step``: the same three with the
   matmuls' time as the profiled step spent it (their own operands: transposed in backward, in or out of cache).
