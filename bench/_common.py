@@ -16,10 +16,10 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,7 @@ from anyorder_ray.roles.process_setup import SETUP_HOOK, WITHOUT_DASHBOARD
 from anyorder_ray.training.budget import model_flops_per_token  # noqa: F401  (the benches' FLOP count: the budget's)
 
 if TYPE_CHECKING:
+    from anyorder_ray.config import ExperimentConfig
     from envs import CollectStats, EnvConfig, Trajectory
 
 # ---------------------------------------------------------------------------------------------------------
@@ -53,6 +54,30 @@ def expert_data(env: EnvConfig, seeds: Iterable[int]) -> tuple[list[Trajectory],
     from envs import collect_expert_trajectories, make_world
 
     return collect_expert_trajectories(make_world(env), seeds)
+
+
+def fixed_demos(cfg: ExperimentConfig, count: int) -> list[Trajectory]:
+    """The fixed regime's demos of ``cfg``'s world: the first ``count`` successes from rank 0's rollout seeds, in
+    seed order (5% spare seeds and 32 more, for the episodes the bot does not finish)."""
+    from anyorder_ray.data.seeds import rollout_seed_range
+
+    seeds = rollout_seed_range(cfg.rollout, 0)
+    data, _ = expert_data(cfg.env, range(seeds.start, seeds.start + int(count * 1.05) + 32))
+    return data[:count]
+
+
+def recipe_batches(cfg: ExperimentConfig, data: list[Trajectory], encoder: Any, pad_id: int) -> Callable[[], list]:
+    """The trainer's streams for rank 0 over ``data``, seeded as the recipe seeds them: each call draws one step's
+    ``BatchMaker.bucketed`` micro-batches."""
+    import numpy as np
+
+    from anyorder_ray.data.batching import BatchMaker, LocalSource
+
+    seed = cfg.train.seed * 1000
+    source = LocalSource(data, np.random.default_rng([seed, 0]))
+    maker = BatchMaker(cfg.data, cfg.masking, encoder, pad_id, seed)
+    accum, mbs = cfg.train.grad_accum_steps(), cfg.train.micro_batch_size
+    return lambda: [maker.bucketed(source, mbs) for _ in range(accum)]
 
 
 def trial_reports(directory: Path) -> list[dict]:

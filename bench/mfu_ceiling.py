@@ -39,14 +39,11 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the trainer's workers (set before torch loads OpenMP)
 
-import numpy as np  # noqa: E402
-import torch
-from _common import Result, expert_data, load_average, measure_matmul_flops, print_results
+import torch  # noqa: E402
+from _common import Result, fixed_demos, load_average, measure_matmul_flops, print_results, recipe_batches
 
 from anyorder_ray.config import load_config
-from anyorder_ray.data.batching import BatchMaker, LocalSource
 from anyorder_ray.data.encoding import UnitEncoder
-from anyorder_ray.data.seeds import rollout_seed_range
 from anyorder_ray.models.factory import build_model, build_tokenizer
 from anyorder_ray.training.budget import step_cost
 from anyorder_ray.training.optim import make_optimizer
@@ -115,20 +112,15 @@ def main(argv: list[str]) -> list[Result]:
     base = load_config(config, args.overrides)
     cfg = base.trial({"arm": args.arm, "seed": base.train.seed})
     torch.set_num_threads(cfg.train.torch_threads)
-    seeds = rollout_seed_range(cfg.rollout, 0)
-    demos = min(cfg.data.num_demos, 64 if args.quick else 1000)
-    data, _ = expert_data(cfg.env, range(seeds.start, seeds.start + int(demos * 1.05) + 32))
-    data = data[:demos]
+    data = fixed_demos(cfg, min(cfg.data.num_demos, 64 if args.quick else 1000))
 
     torch.manual_seed(cfg.train.seed)
     tokenizer = build_tokenizer(cfg.model, cfg.env)
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed).train()
     optimizer, scheduler = make_optimizer(model, dataclasses.replace(cfg.train, max_steps=3 * steps + 8))
-    source = LocalSource(data, np.random.default_rng([cfg.train.seed * 1000, 0]))
-    maker = BatchMaker(cfg.data, cfg.masking, UnitEncoder(tokenizer), tokenizer.pad_token_id, cfg.train.seed * 1000)
-    accum, mbs = cfg.train.grad_accum_steps(), cfg.train.micro_batch_size
+    draw = recipe_batches(cfg, data, UnitEncoder(tokenizer), tokenizer.pad_token_id)
     # Drawn up front: the timed and the profiled steps train on the same batches, and no batch making is timed.
-    batches = [[maker.bucketed(source, mbs) for _ in range(accum)] for _ in range(steps + 8)]
+    batches = [draw() for _ in range(steps + 8)]
     device = torch.device("cpu")
     print(f"{config} arm {args.arm} {' '.join(args.overrides)}: width {model.config.hidden_size}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, batch {cfg.train.global_batch_size}, "
@@ -156,7 +148,8 @@ def main(argv: list[str]) -> list[Result]:
     # kernel lasts ~1 ms here, so the profiler's few microseconds per call hardly count.
     in_step_s = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6
     matmul_flops = sum(c.flops for c in calls)
-    matmul_s = sum(c.replay_s(repeats=1 if args.quick else 3) for c in calls)
+    replayed = {c: c.replay_s(repeats=1 if args.quick else 3) for c in calls}
+    matmul_s = sum(replayed.values())
     peak = max(peak_before, measure_matmul_flops(0.5 if args.quick else 2.0))
 
     print(f"{steps} steps: {step_s:.2f} s ({tokens / step_s:,.0f} real tokens/s); model FLOPs {model_flops:.3g}; "
@@ -167,9 +160,7 @@ def main(argv: list[str]) -> list[Result]:
           f"{matmul_flops / matmul_s / 1e9:.1f} GFLOP/s ({load_average()})", flush=True)  # fmt: skip
     print("\nThe largest matmul shapes by FLOPs (op, batch, m, k, n, calls, GFLOP/s replayed):")
     for c in sorted(calls, key=lambda c: -c.flops)[:8]:
-        print(
-            f"  {c.op:12s} {c.batch:4d} {c.m:6d} {c.k:5d} {c.n:5d} {c.calls:5d}  {c.flops / c.replay_s(1) / 1e9:6.1f}"
-        )
+        print(f"  {c.op:12s} {c.batch:4d} {c.m:6d} {c.k:5d} {c.n:5d} {c.calls:5d}  {c.flops / replayed[c] / 1e9:6.1f}")
     return [
         Result("step_mfu", model_flops / step_s / peak, ">=", 0.5),
         Result("matmul_kernel_efficiency", matmul_flops / matmul_s / peak),

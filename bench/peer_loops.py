@@ -50,12 +50,18 @@ import psutil
 import torch
 import torch.nn.functional as F
 import yaml
-from _common import Result, expert_data, load_average, measure_matmul_flops, print_results, trial_reports
+from _common import (
+    Result,
+    fixed_demos,
+    load_average,
+    measure_matmul_flops,
+    print_results,
+    recipe_batches,
+    trial_reports,
+)
 
 from anyorder_ray.config import ExperimentConfig, load_config
-from anyorder_ray.data.batching import BatchMaker, LocalSource
 from anyorder_ray.data.encoding import IGNORE_INDEX, UnitEncoder
-from anyorder_ray.data.seeds import rollout_seed_range
 from anyorder_ray.models.factory import build_model, build_tokenizer
 from anyorder_ray.training.budget import step_cost
 from anyorder_ray.training.optim import make_optimizer
@@ -85,22 +91,13 @@ class Speed:
         return self.flops / self.seconds
 
 
-def _batches(cfg: ExperimentConfig, data, encoder, pad_id: int):
-    """The trainer's streams for rank 0: the source's draws and the batch maker, seeded as the recipe seeds them."""
-    seed = cfg.train.seed * 1000
-    source = LocalSource(data, np.random.default_rng([seed, 0]))
-    maker = BatchMaker(cfg.data, cfg.masking, encoder, pad_id, seed)
-    accum, mbs = cfg.train.grad_accum_steps(), cfg.train.micro_batch_size
-    return lambda: [maker.bucketed(source, mbs) for _ in range(accum)]
-
-
 def plain_loop(cfg: ExperimentConfig, data, steps: int, warm: int) -> Speed:
     torch.manual_seed(cfg.train.seed)
     np.random.seed(cfg.train.seed * 1000)
     tokenizer = build_tokenizer(cfg.model, cfg.env)
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed).train()
     optimizer, scheduler = make_optimizer(model, dataclasses.replace(cfg.train, max_steps=steps))
-    draw = _batches(cfg, data, UnitEncoder(tokenizer), tokenizer.pad_token_id)
+    draw = recipe_batches(cfg, data, UnitEncoder(tokenizer), tokenizer.pad_token_id)
     tokens = flops = 0.0
     for step in range(steps):
         if step == warm:
@@ -129,7 +126,7 @@ def hf_trainer(cfg: ExperimentConfig, data, steps: int, warm: int) -> Speed:
     torch.manual_seed(cfg.train.seed)
     tokenizer = build_tokenizer(cfg.model, cfg.env)
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
-    draw = _batches(cfg, data, UnitEncoder(tokenizer), tokenizer.pad_token_id)
+    draw = recipe_batches(cfg, data, UnitEncoder(tokenizer), tokenizer.pad_token_id)
     counted = {"tokens": 0.0, "flops": 0.0, "start": None, "end": None, "step": 0}
 
     class Micro(IterableDataset):
@@ -293,9 +290,7 @@ def main(argv: list[str]) -> list[Result]:
     if steps < 2 * report:
         parser.error(f"--steps {steps}: at least 2 report windows ({2 * report} steps), the first is warm-up")
     torch.set_num_threads(cfg.train.torch_threads)
-    seeds = rollout_seed_range(cfg.rollout, 0)
-    data, _ = expert_data(cfg.env, range(seeds.start, seeds.start + int(cfg.data.num_demos * 1.05) + 32))
-    data = data[: cfg.data.num_demos]  # the fixed regime's demos: the first num_demos successes, in seed order
+    data = fixed_demos(cfg, cfg.data.num_demos)
     print(f"{args.config} arm {args.arm}: {len(data)} demos, {steps} steps each, batch {cfg.train.global_batch_size}, "
           f"torch threads {torch.get_num_threads()}, {load_average()}", flush=True)  # fmt: skip
 
