@@ -283,7 +283,8 @@ def test_the_iwm_stage_is_a_function_of_the_step_and_the_planned_steps():
 def test_the_iwm_study_compares_the_baselines_at_equal_compute_on_one_demo_set():
     cfg = load_config(ROOT / "tune_configs" / "iwm_gotolocal.yaml")
     assert [arm.label() for arm in cfg.arms()] == ["causal", "prefix", "iwm+br0.5", "cut_focus@0.3+unit",
-                                                   "cut_focus@0.3+unit+br0.5"]  # fmt: skip
+                                                   "cut_focus@0.3+unit+br0.5", "cut_focus+block+unit",
+                                                   "cut_focus+block+unit+br0.5"]  # fmt: skip
     assert cfg.data.regime == "fixed" and cfg.data.num_demos == 500 and cfg.data.branches_per_state >= 1
     assert cfg.train.compute_budget()[0] == "flops" and cfg.env.level == "BabyAI-GoToLocal-v0"
     dagger = load_config(ROOT / "tune_configs" / "dagger_gotolocal.yaml")
