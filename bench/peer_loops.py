@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import subprocess
 import sys
@@ -278,6 +279,8 @@ def main(argv: list[str]) -> list[Result]:
     parser.add_argument("--arm", default="causal", help="the sweep arm (label) all three train")
     parser.add_argument("--steps", type=int, default=None, help="steps per loop (default 300, quick 3 report windows)")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("accelerate") is None:  # before minutes of the other two loops, not after
+        parser.error("the Hugging Face Trainer loop needs accelerate (the dev extra): pip install -e '.[dev]'")
     # --quick checks that the three loops run and measure, on a small trial: short report windows, fewer demos and a
     # small final evaluation (its numbers are not the bench's; the full run's are).
     quick = [f"train.report_every={QUICK_REPORT}", f"data.num_demos={QUICK_DEMOS}", "eval.episodes=8",
