@@ -143,10 +143,12 @@ def main(argv: list[str]) -> list[Result]:
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for micro in batches[:steps]:
             train_step(model, optimizer, scheduler, micro, cfg.train.max_grad_norm, device, weighting=cfg.masking)
-    calls = matmul_calls(prof.key_averages(group_by_input_shape=True))
+    events = prof.key_averages(group_by_input_shape=True)
+    calls = matmul_calls(events)
     # The same calls as the step ran them (their own operands, transposed in backward, in or out of cache): a matmul
-    # kernel lasts ~1 ms here, so the profiler's few microseconds per call hardly count.
-    in_step_s = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS) / 1e6
+    # kernel lasts ~1 ms here, so the profiler's few microseconds per call hardly count. Grouping by shape only
+    # partitions the events, so their sum is the step's whole matmul time.
+    in_step_s = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / 1e6
     matmul_flops = sum(c.flops for c in calls)
     replayed = {c: c.replay_s(repeats=1 if args.quick else 3) for c in calls}
     matmul_s = sum(replayed.values())
