@@ -312,3 +312,14 @@ def test_model_compile_is_off_whole_or_regional():
     assert load_config(None, ["model.compile=regional"]).model.compile == "regional"
     with pytest.raises(ConfigError, match="model.compile = 'layers' has the wrong type"):
         load_config(None, ["model.compile=layers"])
+
+
+def test_the_block_dagger_study_differs_from_its_imitation_runs_in_the_regime_and_rollout_only():
+    cfg = load_config(ROOT / "tune_configs" / "dagger_block_gotolocal.yaml")
+    imitation = load_config(ROOT / "tune_configs" / "iwm_gotolocal.yaml", ["train.flop_budget=1.2e13"])
+    assert cfg.data.regime == "dagger" and cfg.rollout.sync  # the data depend on the config and seed, not the load
+    assert cfg.rollout.temperature == cfg.eval.temperature == 0.0  # the policy acts as it is evaluated: greedily
+    assert replace(cfg.data, regime="fixed", eviction="fifo") == imitation.data
+    assert cfg.train == imitation.train and cfg.eval == imitation.eval and cfg.model == imitation.model
+    assert cfg.env == imitation.env and len(cfg.sweep.seeds) >= 3
+    assert {arm.label() for arm in cfg.arms()} <= {arm.label() for arm in imitation.arms()}
