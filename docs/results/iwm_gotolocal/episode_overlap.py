@@ -21,7 +21,7 @@ def main(path: str) -> None:
         for row in csv.DictReader(f):
             key = (row["arm"], row["seed"])
             actions[key].update(a.strip() for a in row["actions"].split("|"))
-            if row["success"] in ("1", "True", "true"):
+            if int(row["success"]):  # 0 or 1, as python -m anyorder_ray.evaluate writes it
                 solved[key].add(row["episode_seed"])
     for key in sorted(actions):
         total = sum(actions[key].values())

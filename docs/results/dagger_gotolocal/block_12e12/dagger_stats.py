@@ -25,12 +25,11 @@ def last_report(trial_dir: Path) -> dict:
 
 def rows(run: Path):
     with open(run / "results.csv", newline="") as f:
-        labels = {row["trial"]: (row["arm"], row["seed"]) for row in csv.DictReader(f)}
-    for trial_dir in sorted((run / "train").glob("train-*")):
-        arm, seed = labels.get(trial_dir.name.removeprefix("train-"), ("?", "?"))
-        m = last_report(trial_dir)
+        trials = sorted(csv.DictReader(f), key=lambda t: t["trial"])
+    for t in trials:  # a trial without reports fails here, by name, instead of leaving a row out
+        m = last_report(run / "train" / f"train-{t['trial']}")
         versions = f"{m['rollout/weights_published']} ({m['rollout/weights_rejected']})"
-        yield (run.name, arm, seed, m["train/step"], m["rollout/produced"], m["rollout/evicted"],
+        yield (run.name, t["arm"], t["seed"], m["train/step"], m["rollout/produced"], m["rollout/evicted"],
                f"{m['rollout/onpolicy_fraction']:.3f}", versions, f"{m['rollout/beta']:.3f}",
                f"{m['train/sync_wait_s']:.0f} / {m['train/elapsed_s']:.0f}",
                f"{m['rollout/inference_flops'] / m['train/total_flops']:.2f}")  # fmt: skip
