@@ -33,6 +33,7 @@ SCRIPTS = [
     "textworld_expert",
     "dagger_throughput",
     "mfu_ceiling",
+    "idle_actors",
 ]
 NEEDS_EXTRA = {"textworld_expert": "textworld"}  # scripts that need an optional extra (skipped without it)
 

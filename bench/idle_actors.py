@@ -1,0 +1,195 @@
+"""What idle Ray processes cost the training step on a small machine (issue 12: the in-Ray trainer's idle cores).
+
+A trial of the sweep runs the trainer beside about a dozen other Ray processes (Tune's trial actor, Ray Train's
+controller and helper actors, the buffer, the rollout and eval actors, Ray's own agents), most of them idle while the
+trainer trains. Every Ray worker's main thread still wakes every 10 ms to check for signals (a fixed period in Ray's
+core worker), and on 2 cores each wake-up can land on a core one of the trainer's two OpenMP threads needs: its partner
+then waits at the next barrier. This bench measures that cost directly. The same ``train_step`` loop (the project's
+step, the config's model and expert demos, bucketed as rank 0 draws them) runs:
+
+- ``in_process``: in this process, no Ray;
+- ``ray_worker``: in a Ray Train ``TorchTrainer`` worker (one worker, its controller alive beside it);
+- ``ray_worker_idle``: the same, with ``--idle`` idle Ray actors alive (``num_cpus=0``, never called while it trains).
+
+Each loop runs ``--rounds`` times, interleaved, and its figures are the sums over its rounds. Printed: real tokens/s
+of each loop, the cores its process used while it trained (CPU time / wall time; 2 threads on 2 cores can use at most
+2), the ratios ``ray_worker / in_process`` and ``ray_worker_idle / ray_worker`` from this one run, and the CPU each idle
+actor used meanwhile. The step and data are the same in every loop, so the ratios are the hosting's cost alone.
+
+    python bench/idle_actors.py            # ~5 minutes on 2 cores
+    python bench/idle_actors.py --quick    # ~1 minute: a few steps on the smoke model, checks it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# The trainer's workers wait passively at OpenMP barriers (anyorder_ray.roles.trial.local_env_vars): so does the
+# in-process loop here (it must be set before torch loads OpenMP).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from _common import Result, init_local_ray, load_average, print_results  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """What one loop measured: real tokens, wall seconds and the CPU seconds of its process."""
+
+    tokens: float
+    seconds: float
+    cpu_seconds: float
+
+    def __add__(self, other: Loop) -> Loop:
+        return Loop(self.tokens + other.tokens, self.seconds + other.seconds, self.cpu_seconds + other.cpu_seconds)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+    @property
+    def cores(self) -> float:
+        return self.cpu_seconds / self.seconds
+
+
+def step_loop(config: str, overrides: list[str], steps: int, warm: int) -> Loop:
+    """``steps`` training steps of the config's causal arm; the last ``steps - warm`` are measured."""
+    sys.path.insert(0, str(BENCH))  # in a Ray worker too: it imports _common
+    from _common import fixed_demos, recipe_batches
+
+    from anyorder_ray.config import load_config
+    from anyorder_ray.data.encoding import UnitEncoder
+    from anyorder_ray.models.factory import build_model, build_tokenizer
+    from anyorder_ray.training.optim import make_optimizer
+    from anyorder_ray.training.recipe import train_step
+
+    base = load_config(config, overrides)
+    cfg = base.trial({"arm": "causal", "seed": base.train.seed})
+    torch.set_num_threads(cfg.train.torch_threads)
+    tokenizer = build_tokenizer(cfg.model, cfg.env)
+    data = fixed_demos(cfg, cfg.data.num_demos)
+    model = build_model(cfg.model, tokenizer, seed=cfg.train.seed).train()
+    optimizer, scheduler = make_optimizer(model, dataclasses.replace(cfg.train, max_steps=steps + 8))
+    draw = recipe_batches(cfg, data, UnitEncoder(tokenizer), tokenizer.pad_token_id)
+    batches = [draw() for _ in range(steps)]  # made before the clock starts: the step alone is measured
+    process, device = psutil.Process(), torch.device("cpu")
+    tokens, start, cpu = 0, 0.0, 0.0
+    for i, micro in enumerate(batches):
+        if i == warm:
+            start, cpu = time.perf_counter(), sum(process.cpu_times()[:2])
+        train_step(model, optimizer, scheduler, micro, cfg.train.max_grad_norm, device, weighting=cfg.masking)
+        if i >= warm:
+            tokens += sum(int(mb["attention_mask"].sum()) for mb in micro)
+    return Loop(tokens, time.perf_counter() - start, sum(process.cpu_times()[:2]) - cpu)
+
+
+def in_ray_worker(config: str, overrides: list[str], steps: int, warm: int) -> Loop:
+    """``step_loop`` inside a one-worker ``TorchTrainer`` (this machine: the worker writes its figures to a file)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    root = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="aoray-idle-") as storage:
+        out = Path(storage, "loop.json")
+
+        def train_fn(_: dict) -> None:
+            os.chdir(root)  # the config path is relative to the repository
+            out.write_text(json.dumps(dataclasses.asdict(step_loop(config, overrides, steps, warm))))
+
+        trainer = TorchTrainer(
+            train_fn,
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name="idle_actors", storage_path=storage),
+        )
+        result = trainer.fit()
+        if result.error is not None or not out.is_file():
+            raise SystemExit(f"the Ray Train run failed: {result.error}")
+        return Loop(**json.loads(out.read_text()))
+
+
+def process_cpu(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def main(argv: list[str]) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps on the smoke model: checks it runs")
+    parser.add_argument("--config", default=None, help="default: tune_configs/imitation.yaml (smoke.yaml with --quick)")
+    parser.add_argument("--idle", type=int, default=10, help="idle Ray actors beside the third loop")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of the three loops (default 2, quick 1)")
+    parser.add_argument("--steps", type=int, default=None, help="steps per loop (default 160, quick 6)")
+    args = parser.parse_args(argv)
+    config = args.config or ("tune_configs/smoke.yaml" if args.quick else "tune_configs/imitation.yaml")
+    overrides = ["data.num_demos=32"] if args.quick else []
+    steps = args.steps or (6 if args.quick else 160)
+    warm = max(1, steps // 4)  # the first steps (allocator, optimizer state) are not measured
+    rounds = args.rounds or (1 if args.quick else 2)
+    if args.idle < 1 or steps <= warm:
+        parser.error("--idle must be >= 1 and --steps > its first quarter")
+    os.chdir(BENCH.parent)
+    print(f"{config}: {steps} steps per loop ({warm} warm-up), {rounds} round(s), {args.idle} idle actors, "
+          f"{load_average()}", flush=True)  # fmt: skip
+
+    import ray
+
+    init_local_ray(num_cpus=2)
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        def pid(self) -> int:
+            return os.getpid()
+
+    totals: dict[str, Loop] = {}
+    idle_cpu = idle_seconds = 0.0
+    try:
+        for r in range(rounds):
+            order = ["in_process", "ray_worker", "ray_worker_idle"]
+            for name in order if r % 2 == 0 else order[::-1]:  # interleaved: a drifting load shifts every loop
+                if name == "in_process":
+                    loop = step_loop(config, overrides, steps, warm)
+                elif name == "ray_worker":
+                    loop = in_ray_worker(config, overrides, steps, warm)
+                else:
+                    actors = [Idle.remote() for _ in range(args.idle)]
+                    pids = ray.get([a.pid.remote() for a in actors])
+                    time.sleep(2.0)  # past their start-up
+                    cpu0, t0 = process_cpu(pids), time.perf_counter()
+                    loop = in_ray_worker(config, overrides, steps, warm)
+                    idle_cpu += process_cpu(pids) - cpu0
+                    idle_seconds += time.perf_counter() - t0
+                    for a in actors:
+                        ray.kill(a)
+                print(f"[round {r}] {name}: {loop.tokens_per_s:,.0f} real tokens/s, {loop.cores:.2f} cores "
+                      f"({loop.seconds:.1f} s measured)", flush=True)  # fmt: skip
+                totals[name] = totals[name] + loop if name in totals else loop
+    finally:
+        ray.shutdown()
+    per_actor = idle_cpu / idle_seconds / args.idle
+    print(f"each idle actor used {100 * per_actor:.2f}% of a core while the third loop ran ({load_average()})")
+    t = totals
+    return [
+        Result("ray_worker_vs_in_process_tokens", t["ray_worker"].tokens_per_s / t["in_process"].tokens_per_s),
+        Result("idle_actors_vs_none_tokens", t["ray_worker_idle"].tokens_per_s / t["ray_worker"].tokens_per_s),
+        *[Result(f"{name}_tokens_per_s", loop.tokens_per_s) for name, loop in t.items()],
+        *[Result(f"{name}_cores", loop.cores) for name, loop in t.items()],
+        Result("idle_actor_core_share", per_actor),
+        Result("idle_actors", float(args.idle)),
+    ]
+
+
+if __name__ == "__main__":
+    print_results(main(sys.argv[1:]))
