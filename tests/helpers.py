@@ -36,6 +36,7 @@ def results_script(*parts: str) -> ModuleType:
     path = Path(__file__).resolve().parents[1].joinpath("docs", "results", *parts)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -443,3 +443,17 @@ def test_curves_prints_each_evaluation_of_each_trial_once_in_seed_order(tmp_path
                     ["1", "1000", "0.500", "32", "1.100 |"], ["1", "1000", "0.610", "200", "1.100 |"]]  # fmt: skip
     (run / "train" / "train-t0" / "metrics.jsonl").unlink()
     assert curves.main([str(run)]) == 2  # a trial's reports missing: said, not skipped
+
+
+def test_the_dagger_overview_is_the_committed_tables_and_refuses_unlike_pairs(capsys, monkeypatch):
+    """docs/results/dagger_overview.py prints docs/results/DAGGER.md's tables from the committed result folders (so
+    the page is regenerated, not retyped); a pair whose configs differ in more than the regime is refused."""
+    overview = results_script("dagger_overview.py")
+    assert overview.main() == 0
+    printed = capsys.readouterr().out
+    page = (Path(overview.__file__).parent / "DAGGER.md").read_text()
+    assert page.endswith(printed), "DAGGER.md's tables are not what dagger_overview.py prints: regenerate them"
+    unlike = ("dagger_gotolocal/scarce_demos/imitation", "dagger_gotolocal/block_12e12/dagger", ("causal",))
+    monkeypatch.setattr(overview, "SAME_DEMOS", [unlike])
+    with pytest.raises(SystemExit, match="configs differ in .*data.num_demos"):
+        overview.main()
