@@ -312,6 +312,11 @@ class MaskingConfig:
     """Share of training draws taken from the early-experience branches (``data.branches_per_state``), the rest from
     the demos (and on-policy data); 0: the arm never sees a branch and none are collected for it. A branch's
     alternative action is never a target (it is no label), only context; see ``data.masking``."""
+    onpolicy_mode: str | None = None
+    """The mode of the trajectories the policy acted in (the dagger regime's on-policy segments, relabelled by the
+    expert); None: the arm's ``mode``. ``causal`` trains them on DAgger's own objective, the policy query with the
+    expert's labels, while the demos and branches keep the arm's mode (any-order world-model queries on the expert's
+    states only). In the block layout it must be a block mode."""
     iwm_schedule: str = "two_stage"
     """Mode ``iwm`` (implicit world modelling, Zhang et al. 2025): ``two_stage``: next-observation prediction for the
     first ``iwm_world_model_fraction`` of the planned steps (a branch: its last observation; a demo: the observation
@@ -341,6 +346,13 @@ class MaskingConfig:
                    f"not {self.mode!r}")  # fmt: skip
             _check(p, self.causal_prob == 0, "causal_prob mixes in sequence-layout examples: use it with layout "
                    "sequence")  # fmt: skip
+        if self.onpolicy_mode is not None:
+            _check(p, self.onpolicy_mode in tuple(MaskMode), f"onpolicy_mode {self.onpolicy_mode!r} is unknown; "
+                   f"allowed: {', '.join(m.value for m in MaskMode)}")  # fmt: skip
+            _check(p, self.layout != "block" or self.onpolicy_mode in BLOCK_MODES, f"layout block serves the modes "
+                   f"{', '.join(BLOCK_MODES)}, not onpolicy_mode {self.onpolicy_mode!r}")  # fmt: skip
+            _check(p, self.onpolicy_mode != MaskMode.IWM, "onpolicy_mode iwm: on-policy segments have no branch (its "
+                   "world-model target); use causal or a world-model mode")  # fmt: skip
         _check(p, 0.0 <= self.branches <= 1.0, f"branches (a share of draws) must be in [0, 1], got {self.branches}")
         if self.branches > 0:
             _check(p, self.mode in BRANCH_MODES, f"mode {self.mode!r} trains only actions, and a branch's only "
@@ -381,6 +393,8 @@ class MaskingConfig:
             name += f"+act{self.act_weight:g}"
         if self.branches:
             name += f"+br{self.branches:g}"
+        if self.onpolicy_mode is not None and self.onpolicy_mode != self.mode:
+            name += f"+onpolicy_{self.onpolicy_mode}"
         return name
 
     def iwm_stage(self, step: int, planned_steps: int) -> str | None:
@@ -641,6 +655,9 @@ class ExperimentConfig:
         _check(p, self.rollout.weights_versions is None or self.train.time_budget_s is None, "rollout.weights_versions "
                "spreads the versions over the planned steps, but train.time_budget_s plans none: use a compute "
                "budget (train.flop_budget or token_budget) or max_steps, or rollout.weights_every_steps")  # fmt: skip
+        with_onpolicy = [arm.label() for arm in self.arms() if arm.onpolicy_mode is not None]
+        _check(p, not with_onpolicy or self.data.regime == "dagger", f"arms {with_onpolicy} set masking.onpolicy_mode, "
+               f"but only the dagger regime has on-policy data and data.regime is {self.data.regime!r}")  # fmt: skip
         _check(p, not self.rollout.sync or self.data.regime == "dagger", "rollout.sync paces the dagger regime's "
                f"on-policy batches, but data.regime is {self.data.regime!r}: set data.regime dagger or rollout.sync "
                "false")  # fmt: skip

@@ -149,3 +149,37 @@ def test_a_block_arm_trains_every_query_of_its_mode_and_is_evaluated_in_the_same
     torch.testing.assert_close(scored, expected, rtol=1e-5, atol=1e-5)
     stats = heldout_nll(model, encoder, episodes[:2], 3, 1024, layout="block")
     assert np.isfinite(stats.world_model_nll) and np.isfinite(stats.action_nll)
+
+
+@pytest.mark.parametrize("layout", ["block", "sequence"])
+def test_onpolicy_mode_trains_the_policy_query_on_on_policy_segments_and_the_arm_on_demos(encoder, episodes, layout):
+    """masking.onpolicy_mode causal: a dagger segment (provenance on_policy) gets only action targets, in either layout;
+    the demos keep the arm's world-model targets; without it both get the arm's."""
+    import dataclasses
+
+    from anyorder_ray.config import ConfigError, DataConfig, MaskingConfig
+    from anyorder_ray.data.batching import BatchMaker
+    from envs.trajectory import Provenance
+
+    mode = "cut_focus" if layout == "block" else "any_order"
+    arm = MaskingConfig(mode, 0.5, layout=layout, onpolicy_mode="causal")
+    assert arm.label().endswith("+onpolicy_causal")
+    demo = episodes[0]
+    segment = dataclasses.replace(demo, provenance=Provenance("on_policy", policy_version=3, beta=0.0))
+    data = DataConfig(window_steps=4, max_seq_len=1024)
+
+    def target_kinds(masking: MaskingConfig, traj: Trajectory, draws: int = 40) -> set[str]:
+        maker = BatchMaker(data, masking, encoder, 0, seed=0)
+        kinds = set()
+        for _ in range(draws):
+            ex = maker.example(traj)
+            kinds |= {traj.units[i].kind for i, r in enumerate(ex.roles) if r is UnitRole.TARGET}
+        return kinds
+
+    assert target_kinds(arm, segment) == {"act"}
+    assert target_kinds(arm, demo) == {"act", "obs"}
+    assert target_kinds(dataclasses.replace(arm, onpolicy_mode=None), segment) == {"act", "obs"}
+    with pytest.raises(ConfigError, match="layout block serves the modes"):
+        MaskingConfig("cut_focus", layout="block", onpolicy_mode="any_order")
+    with pytest.raises(ConfigError, match="onpolicy_mode 'nope' is unknown"):
+        MaskingConfig("any_order", onpolicy_mode="nope")

@@ -323,3 +323,12 @@ def test_the_block_dagger_study_differs_from_its_imitation_runs_in_the_regime_an
     assert cfg.train == imitation.train and cfg.eval == imitation.eval and cfg.model == imitation.model
     assert cfg.env == imitation.env and len(cfg.sweep.seeds) >= 3
     assert {arm.label() for arm in cfg.arms()} <= {arm.label() for arm in imitation.arms()}
+
+
+def test_onpolicy_mode_needs_the_dagger_regime():
+    arm = ["sweep.arms=[{mode: cut_focus, layout: block, loss_norm: unit, onpolicy_mode: causal}]"]
+    path = ROOT / "tune_configs" / "dagger_block_gotolocal.yaml"
+    cfg = load_config(path, arm)
+    assert [a.label() for a in cfg.arms()] == ["cut_focus+block+unit+onpolicy_causal"]
+    with pytest.raises(ConfigError, match="only the dagger regime has on-policy data"):
+        load_config(path, [*arm, "data.regime=fixed", "rollout.sync=false"])

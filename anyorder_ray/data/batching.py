@@ -177,6 +177,12 @@ class BatchMaker:
             mixture_range=masking.mixture_range,
             causal_prob=masking.causal_prob,
         )
+        self.onpolicy_sampler = None
+        """``masking.onpolicy_mode``'s sampler for the on-policy segments (sequence layout; None: ``sampler``'s)."""
+        if masking.onpolicy_mode is not None and masking.layout == "sequence":
+            self.onpolicy_sampler = AnyOrderMaskSampler(masking.onpolicy_mode, masking.mask_prob,
+                                                        seed=int(self.rng.integers(2**31)),
+                                                        mixture_range=masking.mixture_range)  # fmt: skip
         self._queue: list[list[EncodedExample]] = []
         self.stage: str | None = None
         """Mode ``iwm``: the stage the queued examples were drawn for (None: not set yet, or another mode)."""
@@ -209,10 +215,13 @@ class BatchMaker:
         # The one place the masking rule of unlabelled actions meets the data: a branch's alternative action is
         # never a target, in either layout (``data.masking``).
         unlabelled = unlabelled_units(window.labelled_actions)
+        on_policy = self.masking.onpolicy_mode is not None and window.provenance.on_policy
         if self.masking.layout == "block":
-            targets = block_targets(self.masking.mode, window.kinds, unlabelled, self.sampler.iwm_stage)
+            mode = self.masking.onpolicy_mode if on_policy else self.masking.mode
+            targets = block_targets(mode, window.kinds, unlabelled, self.sampler.iwm_stage)
             return encode_blocks(window.mission, window.units, targets, self.encoder, self.data.max_seq_len)
-        return process_any_order_sft_example(window, self.sampler, self.encoder, self.data.max_seq_len)
+        sampler = self.onpolicy_sampler if on_policy else self.sampler
+        return process_any_order_sft_example(window, sampler, self.encoder, self.data.max_seq_len)
 
     def micro_batch(self, trajectories: Sequence[Trajectory]) -> dict[str, torch.Tensor]:
         return collate([self.example(t) for t in trajectories], self.pad_id)
@@ -227,7 +236,10 @@ class BatchMaker:
         return collate(self._queue.pop(), self.pad_id)
 
     def generators(self) -> dict[str, np.random.Generator]:
-        return {"batch": self.rng, "sampler": self.sampler.rng}
+        out = {"batch": self.rng, "sampler": self.sampler.rng}
+        if self.onpolicy_sampler is not None:
+            out["onpolicy_sampler"] = self.onpolicy_sampler.rng
+        return out
 
     def pending(self) -> tuple[tuple[EncodedExample, ...], ...]:
         """The pre-bucketed micro-batches not yet used (part of the checkpoint: their masks are drawn)."""
