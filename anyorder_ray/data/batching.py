@@ -179,8 +179,10 @@ class BatchMaker:
         )
         self.onpolicy_sampler = None
         """``masking.onpolicy_mode``'s sampler for the on-policy segments (sequence layout; None: ``sampler``'s)."""
-        if masking.onpolicy_mode is not None and masking.layout == "sequence":
-            self.onpolicy_sampler = AnyOrderMaskSampler(masking.onpolicy_mode, masking.mask_prob,
+        self.onpolicy_mode = masking.onpolicy_mode if masking.onpolicy_mode != masking.mode else None
+        """The mode of on-policy segments when it is not the arm's (None: the arm's)."""
+        if self.onpolicy_mode is not None and masking.layout == "sequence":
+            self.onpolicy_sampler = AnyOrderMaskSampler(self.onpolicy_mode, masking.mask_prob,
                                                         seed=int(self.rng.integers(2**31)),
                                                         mixture_range=masking.mixture_range)  # fmt: skip
         self._queue: list[list[EncodedExample]] = []
@@ -215,9 +217,9 @@ class BatchMaker:
         # The one place the masking rule of unlabelled actions meets the data: a branch's alternative action is
         # never a target, in either layout (``data.masking``).
         unlabelled = unlabelled_units(window.labelled_actions)
-        on_policy = self.masking.onpolicy_mode is not None and window.provenance.on_policy
+        on_policy = self.onpolicy_mode is not None and window.provenance.on_policy
         if self.masking.layout == "block":
-            mode = self.masking.onpolicy_mode if on_policy else self.masking.mode
+            mode = self.onpolicy_mode if on_policy else self.masking.mode
             targets = block_targets(mode, window.kinds, unlabelled, self.sampler.iwm_stage)
             return encode_blocks(window.mission, window.units, targets, self.encoder, self.data.max_seq_len)
         sampler = self.onpolicy_sampler if on_policy else self.sampler
