@@ -9,7 +9,9 @@ step, the config's model and expert demos, bucketed as rank 0 draws them) runs:
 
 - ``in_process``: in this process, no Ray;
 - ``ray_worker``: in a Ray Train ``TorchTrainer`` worker (one worker, its controller alive beside it);
-- ``ray_worker_idle``: the same, with ``--idle`` idle Ray actors alive (``num_cpus=0``, never called while it trains).
+- ``ray_worker_idle``: the same, with ``--idle`` idle Ray actors alive (``num_cpus=0``, never called while it trains);
+- with ``--idle-nice N``, ``ray_worker_idle_niceN``: the same, the idle actors at niceness N (Ray starts its workers
+  at 15): whether the trainer suffers less from processes of a lower priority.
 
 Each loop runs ``--rounds`` times, interleaved, and its figures are the sums over its rounds. Printed: real tokens/s
 of each loop, the cores its process used while it trained (CPU time / wall time; 2 threads on 2 cores can use at most
@@ -130,7 +132,14 @@ def main(argv: list[str]) -> list[Result]:
     parser.add_argument("--quick", action="store_true", help="a few steps on the smoke model: checks it runs")
     parser.add_argument("--config", default=None, help="default: tune_configs/imitation.yaml (smoke.yaml with --quick)")
     parser.add_argument("--idle", type=int, default=10, help="idle Ray actors beside the third loop")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds of the three loops (default 2, quick 1)")
+    parser.add_argument(
+        "--idle-nice",
+        type=int,
+        default=None,
+        help="a fourth loop: the idle actors raise their "
+        "main thread's niceness to this (Ray starts workers at 15; 19 is the lowest priority)",
+    )
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of the loops (default 2, quick 1)")
     parser.add_argument("--steps", type=int, default=None, help="steps per loop (default 160, quick 6)")
     args = parser.parse_args(argv)
     config = args.config or ("tune_configs/smoke.yaml" if args.quick else "tune_configs/imitation.yaml")
@@ -150,6 +159,10 @@ def main(argv: list[str]) -> list[Result]:
 
     @ray.remote(num_cpus=0)
     class Idle:
+        def __init__(self, nice: int | None) -> None:
+            if nice is not None:  # this thread: the one Ray's 10 ms signal check runs on
+                os.nice(nice - os.nice(0))
+
         def pid(self) -> int:
             return os.getpid()
 
@@ -158,13 +171,15 @@ def main(argv: list[str]) -> list[Result]:
     try:
         for r in range(rounds):
             order = ["in_process", "ray_worker", "ray_worker_idle"]
+            if args.idle_nice is not None:
+                order.append(f"ray_worker_idle_nice{args.idle_nice}")
             for name in order if r % 2 == 0 else order[::-1]:  # interleaved: a drifting load shifts every loop
                 if name == "in_process":
                     loop = step_loop(config, overrides, steps, warm)
                 elif name == "ray_worker":
                     loop = in_ray_worker(config, overrides, steps, warm)
                 else:
-                    actors = [Idle.remote() for _ in range(args.idle)]
+                    actors = [Idle.remote(args.idle_nice if "nice" in name else None) for _ in range(args.idle)]
                     pids = ray.get([a.pid.remote() for a in actors])
                     time.sleep(2.0)  # past their start-up
                     cpu0, t0 = process_cpu(pids), time.perf_counter()
@@ -179,11 +194,16 @@ def main(argv: list[str]) -> list[Result]:
     finally:
         ray.shutdown()
     per_actor = idle_cpu / idle_seconds / args.idle
-    print(f"each idle actor used {100 * per_actor:.2f}% of a core while the third loop ran ({load_average()})")
+    print(f"each idle actor used {100 * per_actor:.2f}% of a core while it was beside the trainer ({load_average()})")
     t = totals
+    niced = [
+        Result(f"idle_actors_nice{args.idle_nice}_vs_none_tokens",
+               t[f"ray_worker_idle_nice{args.idle_nice}"].tokens_per_s / t["ray_worker"].tokens_per_s)
+    ] if args.idle_nice is not None else []  # fmt: skip
     return [
         Result("ray_worker_vs_in_process_tokens", t["ray_worker"].tokens_per_s / t["in_process"].tokens_per_s),
         Result("idle_actors_vs_none_tokens", t["ray_worker_idle"].tokens_per_s / t["ray_worker"].tokens_per_s),
+        *niced,
         *[Result(f"{name}_tokens_per_s", loop.tokens_per_s) for name, loop in t.items()],
         *[Result(f"{name}_cores", loop.cores) for name, loop in t.items()],
         Result("idle_actor_core_share", per_actor),
