@@ -13,7 +13,9 @@ step, the config's model and expert demos, bucketed as rank 0 draws them) runs:
 - with ``--idle-nice N``, ``ray_worker_idle_niceN``: the same, the idle actors at niceness N (Ray starts its workers
   at 15): whether the trainer suffers less from processes of a lower priority.
 
-Each loop runs ``--rounds`` times, interleaved, and its figures are the sums over its rounds. Printed: real tokens/s
+Each round runs the in-process loop and one ``TorchTrainer`` run hosting the other loops one after another (the worker
+starts the idle actors before a loop and kills them after it); every other round reverses the order, so a drifting
+load shifts every loop alike. A loop's figures are the sums over the rounds. Printed: real tokens/s
 of each loop, the cores its process used while it trained (CPU time / wall time; 2 threads on 2 cores can use at most
 2), the ratios ``ray_worker / in_process`` and ``ray_worker_idle / ray_worker`` from this one run, and the CPU each idle
 actor used meanwhile. The step and data are the same in every loop, so the ratios are the hosting's cost alone.
@@ -95,18 +97,50 @@ def step_loop(config: str, overrides: list[str], steps: int, warm: int) -> Loop:
     return Loop(tokens, time.perf_counter() - start, sum(process.cpu_times()[:2]) - cpu)
 
 
-def in_ray_worker(config: str, overrides: list[str], steps: int, warm: int) -> Loop:
-    """``step_loop`` inside a one-worker ``TorchTrainer`` (this machine: the worker writes its figures to a file)."""
+def idle_actors(count: int, nice: int | None) -> tuple[list, list[int]]:
+    """``count`` idle actors (``num_cpus=0``, at niceness ``nice`` or Ray's) and their pids, past their start-up."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        def __init__(self, nice: int | None) -> None:
+            if nice is not None:  # this thread: the one Ray's 10 ms signal check runs on
+                os.nice(nice - os.nice(0))
+
+        def pid(self) -> int:
+            return os.getpid()
+
+    actors = [Idle.remote(nice) for _ in range(count)]
+    pids = ray.get([a.pid.remote() for a in actors])
+    time.sleep(2.0)
+    return actors, pids
+
+
+def in_ray_worker(loops: list[tuple[str, int, int | None]], config: str, overrides: list[str], steps: int,
+                  warm: int) -> dict[str, tuple[Loop, float, float]]:  # fmt: skip
+    """``step_loop`` once per ``(name, idle actors, their niceness)`` inside one one-worker ``TorchTrainer``, the
+    worker starting the idle actors before a loop and killing them after it; per name the loop and the idle actors'
+    CPU and wall seconds meanwhile (this machine: the worker writes its figures to a file)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     root = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="aoray-idle-") as storage:
-        out = Path(storage, "loop.json")
+        out = Path(storage, "loops.json")
 
         def train_fn(_: dict) -> None:
+            import ray
+
             os.chdir(root)  # the config path is relative to the repository
-            out.write_text(json.dumps(dataclasses.asdict(step_loop(config, overrides, steps, warm))))
+            figures = {}
+            for name, count, nice in loops:
+                actors, pids = idle_actors(count, nice) if count else ([], [])
+                cpu, start = process_cpu(pids), time.perf_counter()
+                loop = step_loop(config, overrides, steps, warm)
+                figures[name] = (dataclasses.asdict(loop), process_cpu(pids) - cpu, time.perf_counter() - start)
+                for a in actors:
+                    ray.kill(a)
+            out.write_text(json.dumps(figures))
 
         trainer = TorchTrainer(
             train_fn,
@@ -116,7 +150,9 @@ def in_ray_worker(config: str, overrides: list[str], steps: int, warm: int) -> L
         result = trainer.fit()
         if result.error is not None or not out.is_file():
             raise SystemExit(f"the Ray Train run failed: {result.error}")
-        return Loop(**json.loads(out.read_text()))
+        return {
+            name: (Loop(**loop), cpu, seconds) for name, (loop, cpu, seconds) in json.loads(out.read_text()).items()
+        }
 
 
 def process_cpu(pids: list[int]) -> float:
@@ -156,41 +192,23 @@ def main(argv: list[str]) -> list[Result]:
     import ray
 
     init_local_ray(num_cpus=2)
-
-    @ray.remote(num_cpus=0)
-    class Idle:
-        def __init__(self, nice: int | None) -> None:
-            if nice is not None:  # this thread: the one Ray's 10 ms signal check runs on
-                os.nice(nice - os.nice(0))
-
-        def pid(self) -> int:
-            return os.getpid()
-
+    hosted = [("ray_worker", 0, None), ("ray_worker_idle", args.idle, None)]
+    if args.idle_nice is not None:
+        hosted.append((f"ray_worker_idle_nice{args.idle_nice}", args.idle, args.idle_nice))
     totals: dict[str, Loop] = {}
     idle_cpu = idle_seconds = 0.0
     try:
-        for r in range(rounds):
-            order = ["in_process", "ray_worker", "ray_worker_idle"]
-            if args.idle_nice is not None:
-                order.append(f"ray_worker_idle_nice{args.idle_nice}")
-            for name in order if r % 2 == 0 else order[::-1]:  # interleaved: a drifting load shifts every loop
-                if name == "in_process":
-                    loop = step_loop(config, overrides, steps, warm)
-                elif name == "ray_worker":
-                    loop = in_ray_worker(config, overrides, steps, warm)
-                else:
-                    actors = [Idle.remote(args.idle_nice if "nice" in name else None) for _ in range(args.idle)]
-                    pids = ray.get([a.pid.remote() for a in actors])
-                    time.sleep(2.0)  # past their start-up
-                    cpu0, t0 = process_cpu(pids), time.perf_counter()
-                    loop = in_ray_worker(config, overrides, steps, warm)
-                    idle_cpu += process_cpu(pids) - cpu0
-                    idle_seconds += time.perf_counter() - t0
-                    for a in actors:
-                        ray.kill(a)
+        for r in range(rounds):  # the in-process loop and the Ray-hosted ones alternate first and last
+            figures = {"in_process": (step_loop(config, overrides, steps, warm), 0.0, 0.0)} if r % 2 == 0 else {}
+            figures |= in_ray_worker(hosted if r % 2 == 0 else hosted[::-1], config, overrides, steps, warm)
+            if r % 2:
+                figures["in_process"] = (step_loop(config, overrides, steps, warm), 0.0, 0.0)
+            for name, (loop, cpu, seconds) in figures.items():
                 print(f"[round {r}] {name}: {loop.tokens_per_s:,.0f} real tokens/s, {loop.cores:.2f} cores "
                       f"({loop.seconds:.1f} s measured)", flush=True)  # fmt: skip
                 totals[name] = totals[name] + loop if name in totals else loop
+                if name.startswith("ray_worker_idle"):
+                    idle_cpu, idle_seconds = idle_cpu + cpu, idle_seconds + seconds
     finally:
         ray.shutdown()
     per_actor = idle_cpu / idle_seconds / args.idle

@@ -4,9 +4,10 @@ Each row pairs two committed result folders of one study (``results.csv`` as ``a
 it, ``experiment*.yaml`` beside it or, for a ``greedy/`` re-evaluation, in the folder above): the same level, model,
 demos, window and training FLOP budget, pure imitation against DAgger, one arm, all its seeds pooled. The setting
 columns are read from the configs, not typed here; the script refuses a pair whose configs differ in anything but the
-regime and the rollout settings, or whose seeds differ. Success is pooled over the seeds' held-out episodes; the
-difference has a two-sided two-proportion z-test p-value; "DAgger total / training FLOPs" counts the rollout actors'
-policy forwards as well.
+regime and the rollout settings, or whose seeds differ. A DAgger arm with ``masking.onpolicy_mode`` (label
+``+onpolicy_<mode>``) is paired with the same arm's pure imitation, which has no on-policy data for it to shape.
+Success is pooled over the seeds' held-out episodes; the difference has a two-sided two-proportion z-test p-value;
+"DAgger total / training FLOPs" counts the rollout actors' policy forwards as well.
 
 A second table holds the "same success with at most half the demos" route: DAgger with fewer demos against pure
 imitation with twice as many, at the same training budget (there the configs also differ in ``data.num_demos``). A
@@ -19,6 +20,7 @@ Run: python docs/results/dagger_overview.py   (prints the markdown tables of doc
 from __future__ import annotations
 
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +130,12 @@ def side(folder: str, arm: str) -> Side:
     )
 
 
+def without_onpolicy(arm: str) -> str:
+    """The pure-imitation counterpart of a DAgger arm: ``masking.onpolicy_mode`` (label ``+onpolicy_<mode>``) shapes
+    only on-policy data, which pure imitation has none of, so its imitation run is the arm without it."""
+    return re.sub(r"\+onpolicy_\w+$", "", arm)
+
+
 def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     out = []
     for section in sorted(set(a) | set(b)):
@@ -184,7 +192,7 @@ def main() -> int:
     print(HEADER)
     for imitation, dagger, arms in SAME_DEMOS:
         for arm in arms:
-            print(pair_row(side(imitation, arm), side(dagger, arm), arm))
+            print(pair_row(side(imitation, without_onpolicy(arm)), side(dagger, arm), arm))
     print("\n## DAgger with at most half the demos against pure imitation with all of them\n")
     print(HEADER)
     for imitation, dagger, arms in HALF_DEMOS:
