@@ -55,6 +55,8 @@ SAME_DEMOS: list[tuple[str, str, tuple[str, ...]]] = [
     ("dagger_gotolocal/scarce_demos/imitation", "dagger_gotolocal/scarce_demos/dagger", (CAUSAL,)),
     ("dagger_gotolocal/scarce_demos/cfblk/imitation", "dagger_gotolocal/scarce_demos/cfblk/dagger", (CFBLK,)),
     ("iwm_gotolocal/block_12e12", "dagger_gotolocal/block_12e12/dagger", (CAUSAL, CFBLK, CFBLK_BR)),
+    ("iwm_gotolocal/block_12e12", "dagger_gotolocal/block_12e12/dagger_onpolicy_causal",
+     (f"{CFBLK}+onpolicy_causal", f"{CFBLK_BR}+onpolicy_causal")),
 ]  # fmt: skip
 
 # (imitation with N demos, DAgger with at most N/2, arms).
