@@ -1,11 +1,11 @@
-"""What idle Ray processes cost the training step on a small machine (issue 12: the in-Ray trainer's idle cores).
+"""What hosting in Ray and idle Ray processes cost the training step on a small machine (issue 12).
 
 A trial of the sweep runs the trainer beside about a dozen other Ray processes (Tune's trial actor, Ray Train's
 controller and helper actors, the buffer, the rollout and eval actors, Ray's own agents), most of them idle while the
-trainer trains. Every Ray worker's main thread still wakes every 10 ms to check for signals (a fixed period in Ray's
-core worker), and on 2 cores each wake-up can land on a core one of the trainer's two OpenMP threads needs: its partner
-then waits at the next barrier. This bench measures that cost directly. The same ``train_step`` loop (the project's
-step, the config's model and expert demos, bucketed as rank 0 draws them) runs:
+trainer trains; every Ray worker's main thread still wakes every 10 ms to check for signals (a fixed period in Ray's
+core worker). On 2 cores such wake-ups could take a core one of the trainer's two OpenMP threads needs. This bench
+measures whether they do (docs/BENCHMARKS.md: 12% in two runs, 2% or nothing in two later ones). The same
+``train_step`` loop (the project's step, the config's model and expert demos, bucketed as rank 0 draws them) runs:
 
 - ``in_process``: in this process, no Ray;
 - ``ray_worker``: in a Ray Train ``TorchTrainer`` worker (one worker, its controller alive beside it);
