@@ -393,9 +393,13 @@ class MaskingConfig:
             name += f"+act{self.act_weight:g}"
         if self.branches:
             name += f"+br{self.branches:g}"
-        if self.onpolicy_mode is not None and self.onpolicy_mode != self.mode:
+        if self.onpolicy_override() is not None:
             name += f"+onpolicy_{self.onpolicy_mode}"
         return name
+
+    def onpolicy_override(self) -> str | None:
+        """The mode on-policy segments train on when it is not the arm's ``mode`` (None: they train as the demos)."""
+        return self.onpolicy_mode if self.onpolicy_mode != self.mode else None
 
     def iwm_stage(self, step: int, planned_steps: int) -> str | None:
         """What mode ``iwm`` trains at training step ``step`` of ``planned_steps``: ``world_model`` (two_stage, before

@@ -179,8 +179,7 @@ class BatchMaker:
         )
         self.onpolicy_sampler = None
         """``masking.onpolicy_mode``'s sampler for the on-policy segments (sequence layout; None: ``sampler``'s)."""
-        self.onpolicy_mode = masking.onpolicy_mode if masking.onpolicy_mode != masking.mode else None
-        """The mode of on-policy segments when it is not the arm's (None: the arm's)."""
+        self.onpolicy_mode = masking.onpolicy_override()
         if self.onpolicy_mode is not None and masking.layout == "sequence":
             self.onpolicy_sampler = AnyOrderMaskSampler(self.onpolicy_mode, masking.mask_prob,
                                                         seed=int(self.rng.integers(2**31)),
